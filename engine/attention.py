@@ -1,0 +1,93 @@
+"""Attention over the paged KV cache for a flat batch of decode and prefill tokens."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prompt chunk inside the flat batch.
+
+    Tokens `[start, end)` of the flat batch are positions
+    `[num_context, num_context + end - start)` of the sequence. With no earlier context
+    the chunk attends only to itself (plain causal attention on the fresh K/V); otherwise
+    it reads its whole context, `context_slots`, back from the cache.
+    """
+
+    start: int
+    end: int
+    num_context: int
+    context_slots: torch.Tensor | None  # [num_context + chunk] slots, None if num_context == 0
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat batch maps onto sequences and cache slots; built once per step.
+
+    The flat batch holds all decode tokens first (one per sequence), then the prefill
+    chunks. Decode sequences are batched into one padded attention call per layer.
+    """
+
+    slot_mapping: torch.Tensor           # [num_tokens] cache slot written by each new token
+    num_decode: int                      # the first num_decode tokens are decode steps
+    decode_slots: torch.Tensor | None    # [num_decode, max_context] slots (padding: slot 0)
+    decode_mask: torch.Tensor | None     # [num_decode, 1, 1, max_context] True = attend
+    prefills: list[PrefillSpan]
+
+
+def build_decode_tables(block_tables: list[list[int]], context_lens: list[int],
+                        block_size: int, device: torch.device):
+    """Padded slot table and mask for a group of decode sequences."""
+    max_blocks = max(len(t) for t in block_tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    tables = torch.tensor(padded, dtype=torch.long, device=device)
+    offsets = torch.arange(block_size, device=device)
+    max_context = max(context_lens)
+    slots = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :max_context]
+    lens = torch.tensor(context_lens, device=device)
+    mask = torch.arange(max_context, device=device)[None, :] < lens[:, None]
+    return slots.contiguous(), mask[:, None, None, :]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [N, H, D]; k, v: [N, KVH, D] for the new tokens; caches: [slots, KVH, D].
+
+    Writes the new K/V into the cache, then attends. Returns [N, H, D].
+    """
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        keys = k_cache[meta.decode_slots].transpose(1, 2)      # [B, KVH, L, D]
+        values = v_cache[meta.decode_slots].transpose(1, 2)
+        query = q[:nd].unsqueeze(2)                              # [B, H, 1, D]
+        attn = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[:nd] = attn.squeeze(2)
+    for span in meta.prefills:
+        out[span.start:span.end] = _prefill_attention(
+            q[span.start:span.end], k[span.start:span.end], v[span.start:span.end],
+            k_cache, v_cache, span, scale)
+    return out
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):
+    query = q.transpose(0, 1).unsqueeze(0)                       # [1, H, T, D]
+    if span.context_slots is None:
+        keys, values, mask, causal = k, v, None, True
+    else:
+        keys, values = k_cache[span.context_slots], v_cache[span.context_slots]
+        num_new, num_total = q.shape[0], span.context_slots.shape[0]
+        rows = torch.arange(num_new, device=q.device)[:, None] + span.num_context
+        mask = torch.arange(num_total, device=q.device)[None, :] <= rows
+        causal = False
+    keys = keys.transpose(0, 1).unsqueeze(0)                     # [1, KVH, S, D]
+    values = values.transpose(0, 1).unsqueeze(0)
+    attn = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    return attn.squeeze(0).transpose(0, 1)

@@ -1,0 +1,53 @@
+"""The paged KV cache: one preallocated tensor, viewed per layer as slots."""
+
+import torch
+
+from engine.model_config import ModelConfig
+
+
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return model.num_layers * block_size * model.kv_bytes_per_token_per_layer * element
+
+
+class KVCache:
+    """K and V for every layer in one tensor of shape
+    [2, num_layers, num_blocks * block_size, num_kv_heads, head_dim].
+
+    A token's "slot" is `block_id * block_size + offset`; a layer's K (or V) is the view
+    `[num_slots, num_kv_heads, head_dim]`, so writing new tokens is one index_copy_ and
+    reading a sequence's context is one gather by slot. Zero-filled so that padded
+    gathers (masked out in attention) never read NaN from uninitialised memory.
+    """
+
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.tensor = torch.zeros(
+            2, model.num_layers, num_blocks * block_size, model.num_kv_heads, model.head_dim,
+            dtype=dtype, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensor[0, index], self.tensor[1, index]
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` for one layer: each [len(slots), num_kv_heads, head_dim]."""
+        k, v = self.layer(layer)
+        return k.index_select(0, slots), v.index_select(0, slots)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_cache, v_cache = self.layer(layer)
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def slots_for_positions(block_table: list[int], start: int, end: int,
+                        block_size: int) -> list[int]:
+    """Cache slots of token positions [start, end) of a sequence with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size
+            for p in range(start, end)]

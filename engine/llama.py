@@ -1,0 +1,170 @@
+"""A Llama-family decoder written for serving: flat token batches over a paged KV cache.
+
+Covers Llama, Mistral, Qwen2 and SmolLM: RMSNorm, rotary embeddings, SwiGLU MLP,
+grouped-query attention, optional q/k/v bias, tied or untied embeddings. Weights load
+from Hugging Face names; q/k/v and gate/up are fused into one matmul each, since on a
+small batch the number of kernel launches, not FLOPs, dominates a decode step.
+"""
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.kv_cache import KVCache
+from engine.model_config import ModelConfig
+from engine.rotary import RotaryEmbedding, apply_rotary
+
+# Called after each layer with (layer index, K, V) of all new tokens in the batch.
+LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+# From this many rows on, MKL computes W @ X^T markedly faster than X @ W^T on CPU
+# (16 rows of SmolLM2: 70 vs 101 ms a step; bench/engine_throughput.py shows the effect).
+TRANSPOSED_MATMUL_MIN_ROWS = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """F.linear, in the GEMM orientation that is faster for this batch size on CPU."""
+    if x.device.type != "cpu" or x.shape[0] < TRANSPOSED_MATMUL_MIN_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.t()).t()
+    return out if bias is None else out + bias
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as Hugging Face, so that greedy outputs match token for token.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.scale = cfg.head_dim ** -0.5
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = Linear(cfg.hidden_size, sum(self.split), bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        n = hidden.shape[0]
+        q, k, v = self.qkv_proj(self.input_layernorm(hidden)).split(self.split, dim=-1)
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        hidden = hidden + self.o_proj(attn.reshape(n, -1))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        hidden = hidden + self.down_proj(F.silu(gate) * up)
+        return hidden, k, v
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg, max_positions)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, on_layer_kv: LayerKVCallback | None = None):
+        """Hidden states after the final norm for every token of the flat batch."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.tables(positions, hidden.dtype)
+        for index, layer in enumerate(self.layers):
+            k_cache, v_cache = kv_cache.layer(index)
+            hidden, k, v = layer(hidden, cos, sin, k_cache, v_cache, meta)
+            if on_layer_kv is not None:
+                on_layer_kv(index, k, v)
+        return self.norm(hidden)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named tensors, fusing q/k/v and gate/up on the way."""
+        params = dict(self.named_parameters())
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name, part = _our_name(hf_name)
+            if name not in params:
+                if _ignorable(name):
+                    continue
+                raise ValueError(f"unexpected weight {hf_name!r} in checkpoint")
+            if part is None:
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+                continue
+            parts = pending.setdefault(name, {})
+            parts[part] = tensor
+            order = _FUSED_ORDER[name.split(".")[2]]
+            if all(p in parts for p in order):
+                params[name].data.copy_(torch.cat([parts.pop(p) for p in order], dim=0))
+                loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+
+    def init_random(self, seed: int) -> None:
+        """Seeded random weights with the usual 0.02 std, norms at one."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+                param.data.copy_(noise)
+
+
+_FUSED_ORDER = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                "gate_up_proj": ("gate_proj", "up_proj")}
+_FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _our_name(hf_name: str) -> tuple[str, str | None]:
+    """Map an HF name to ours; for fused weights also say which part it is.
+
+    'model.layers.3.self_attn.k_proj.bias' -> ('layers.3.qkv_proj.bias', 'k_proj')
+    'model.layers.3.mlp.down_proj.weight'  -> ('layers.3.down_proj.weight', None)
+    """
+    name = hf_name.removeprefix("model.").replace(".self_attn.", ".").replace(".mlp.", ".")
+    pieces = name.split(".")
+    if len(pieces) == 4 and pieces[0] == "layers" and pieces[2] in _FUSED_INTO:
+        pieces[2], part = _FUSED_INTO[pieces[2]], pieces[2]
+        return ".".join(pieces), part
+    return name, None
+
+
+def _ignorable(name: str) -> bool:
+    # Tied checkpoints may still store the head; old ones store rotary buffers.
+    return name == "lm_head.weight" or "rotary_emb" in name

@@ -1,0 +1,224 @@
+"""The engine: requests in, tokens out, one `step()` at a time.
+
+A step is schedule -> run -> sample -> finish. The engine is synchronous and not
+thread-safe; a worker process owns one and drives it from a single thread.
+
+Disaggregation hooks:
+- export: a sequence added with `export_kv=True` hands each layer's K/V to
+  `engine.kv_export(seq, layer, first_position, k, v)` as soon as that layer finishes,
+  so a sender can stream it while later layers compute; `prefill_only=True` finishes
+  it once its first token is sampled.
+- import: `reserve()` holds blocks for a prompt whose KV another process computes,
+  `write_imported_kv()` fills them layer by layer, and `commit_imported()` joins the
+  sequence to the running batch with the first token sampled elsewhere.
+"""
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.kv_cache import slots_for_positions
+from engine.loader import ModelFiles, resolve_model
+from engine.model_runner import ModelRunner, sampling_order
+from engine.sampler import SampledToken, Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+
+log = logging.getLogger("pdserve.engine")
+
+KVExport = Callable[[Sequence, int, int, torch.Tensor, torch.Tensor], None]
+
+
+class NoCapacityError(RuntimeError):
+    """Not enough free KV blocks to reserve for an imported prompt right now."""
+
+
+@dataclass
+class StepOutput:
+    """One new token of one sample, or its end (token_id None when aborted/failed)."""
+
+    request_id: str
+    sample_index: int
+    token_id: int | None
+    logprob: TokenLogprob | None
+    finish_reason: FinishReason | None
+    seq: Sequence
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None):
+        self.config = config
+        self.files = files or resolve_model(config.model)
+        self.model_config = self.files.config
+        self.max_model_len = min(config.max_model_len or 1 << 62,
+                                 self.model_config.max_position_embeddings)
+        self.runner = ModelRunner(config, self.files, self.max_model_len)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
+        # A sequence never outgrows what fits alone in the cache, so it can always run.
+        self.max_seq_len = min(self.max_model_len, self.blocks.capacity_tokens)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.kv_export: KVExport | None = None
+        self._ids = itertools.count()
+
+    # ----- requests -------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, *, export_kv: bool = False,
+                    prefill_only: bool = False) -> list[Sequence]:
+        """Queue a request; one sequence per sample (`params.n`)."""
+        seqs = self._new_sequences(request_id, prompt_token_ids, params)
+        for seq in seqs:
+            seq.export_kv, seq.prefill_only = export_kv, prefill_only
+            self.scheduler.add(seq)
+        return seqs
+
+    def abort_request(self, request_id: str) -> list[StepOutput]:
+        """Cancel a request in any state and free its blocks at once."""
+        outputs = []
+        for seq in list(self.requests.get(request_id, ())):
+            if not seq.is_finished:
+                self._finish(seq, FinishReason.ABORT)
+                outputs.append(StepOutput(request_id, seq.sample_index, None, None,
+                                          FinishReason.ABORT, seq))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams]) -> list[list[Sequence]]:
+        """Run prompts to completion together; returns each request's samples."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        results = [self.add_request(f"generate-{next(self._ids)}", prompt, p)
+                   for prompt, p in zip(prompts, params_list, strict=True)]
+        while self.has_unfinished_requests():
+            self.step()
+        return results
+
+    # ----- the step -------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            logits = self.runner.run(batch, self.kv_export)
+        except Exception:
+            log.exception("model step failed; failing %d sequences", len(batch))
+            return [self._fail(item.seq) for item in batch]
+        sampling = [item.seq for item in sampling_order(batch) if item.samples]
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+        sampled = self.sampler(logits, sampling)
+        return [self._append(seq, token) for seq, token in zip(sampling, sampled, strict=True)]
+
+    def _append(self, seq: Sequence, token: SampledToken) -> StepOutput:
+        seq.output_token_ids.append(token.token_id)
+        if token.logprob is not None:
+            seq.output_logprobs.append(token.logprob)
+        reason = self._finish_reason(seq, token.token_id)
+        if reason is not None:
+            self._finish(seq, reason)
+        return StepOutput(seq.request_id, seq.sample_index, token.token_id, token.logprob,
+                          reason, seq)
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token_id in self.model_config.eos_token_ids:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            return FinishReason.LENGTH
+        if seq.prefill_only:
+            return FinishReason.PREFILLED
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        siblings = self.requests.get(seq.request_id, ())
+        if all(s.is_finished for s in siblings):
+            self.requests.pop(seq.request_id, None)
+
+    def _fail(self, seq: Sequence) -> StepOutput:
+        self._finish(seq, FinishReason.ERROR)
+        return StepOutput(seq.request_id, seq.sample_index, None, None, FinishReason.ERROR, seq)
+
+    # ----- validation -----------------------------------------------------------------
+
+    def _new_sequences(self, request_id: str, prompt: list[int],
+                       params: SamplingParams) -> list[Sequence]:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        self.validate_prompt(prompt)
+        now = time.monotonic()
+        seqs = [Sequence(request_id, prompt, params, i, now) for i in range(params.n)]
+        self.requests[request_id] = seqs
+        return seqs
+
+    def validate_prompt(self, prompt: list[int]) -> None:
+        if not isinstance(prompt, list | tuple) or not prompt:
+            raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        for index, token in enumerate(prompt):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise InvalidRequestError(
+                    "prompt_token_ids", f"token {token!r} at index {index} is outside the "
+                    f"vocabulary [0, {vocab})")
+        if len(prompt) > self.max_seq_len:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"the prompt has {len(prompt)} tokens but at most "
+                f"{self.max_seq_len} fit (model context {self.max_model_len}, KV cache "
+                f"{self.blocks.capacity_tokens} tokens)")
+
+    # ----- importing KV computed elsewhere --------------------------------------------
+
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Hold blocks for a prompt whose KV will be imported. Raises NoCapacityError."""
+        if params.n != 1:
+            raise InvalidRequestError("n", "imported prompts carry one sample; send n=1")
+        probe = Sequence(request_id, prompt, params)
+        self.validate_prompt(prompt)
+        if not self.blocks.can_allocate(probe, len(prompt)):
+            raise NoCapacityError(f"{self.blocks.blocks_for(len(prompt))} KV blocks needed, "
+                                  f"{self.blocks.num_free_blocks} free")
+        (seq,) = self._new_sequences(request_id, prompt, params)
+        self.blocks.allocate(seq, len(prompt))
+        seq.status = SequenceStatus.RESERVED
+        return seq
+
+    def write_imported_kv(self, seq: Sequence, layer: int, start: int,
+                          k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V [tokens, kv_heads, head_dim] for positions [start, start + tokens)."""
+        end = start + k.shape[0]
+        if seq.status != SequenceStatus.RESERVED or end > seq.num_prompt_tokens:
+            raise ValueError(f"cannot import positions [{start}, {end}) into {seq!r}")
+        slots = slots_for_positions(seq.block_table, start, end, self.blocks.block_size)
+        index = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
+        self.runner.kv_cache.write(layer, index, k.to(self.runner.device),
+                                   v.to(self.runner.device))
+
+    def commit_imported(self, seq: Sequence, first: SampledToken) -> StepOutput:
+        """The prompt's KV is complete: add the first token and join the batch."""
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.scheduler.add_running(seq)
+        return self._append(seq, first)

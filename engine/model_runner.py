@@ -1,0 +1,143 @@
+"""Runs the model for one scheduled step: batch tensors in, logits out. No policy here."""
+
+import logging
+import os
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan, build_decode_tables
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
+from engine.llama import LlamaModel
+from engine.loader import ModelFiles, iter_weights
+from engine.scheduler import ScheduledSeq
+from engine.sequence import Sequence
+
+log = logging.getLogger("pdserve.engine")
+
+# On CPU the cache takes this share of RAM unless told otherwise; on CUDA, of free memory.
+DEFAULT_CPU_KV_FRACTION = 0.05
+DEFAULT_CUDA_KV_FRACTION = 0.9
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 on GPUs; on CPUs without bf16 matmul units fp32 is several times faster
+        # (measured on the 2-core AVX2 machines this project targets: README).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, files: ModelFiles, max_model_len: int):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = config.block_size
+        self.model_config = files.config
+        self.model = self._build_model(config, files, max_model_len)
+        self.num_blocks = self._num_kv_blocks(config)
+        self.kv_cache = KVCache(files.config, self.num_blocks, self.block_size,
+                                self.dtype, self.device)
+        log.info("model %s on %s/%s, KV cache %d blocks x %d tokens", files.name,
+                 self.device, str(self.dtype).removeprefix("torch."), self.num_blocks,
+                 self.block_size)
+
+    def _build_model(self, config: EngineConfig, files: ModelFiles, max_len: int):
+        with torch.device(self.device):
+            model = LlamaModel(files.config, max_positions=max_len)
+        if files.path is None:
+            model.init_random(config.seed)
+        else:
+            model.load_weights(iter_weights(files.path))
+        return model.to(self.dtype).eval()
+
+    def _num_kv_blocks(self, config: EngineConfig) -> int:
+        if config.kv_cache_tokens is not None:
+            return config.kv_cache_tokens // self.block_size
+        per_block = bytes_per_block(self.model_config, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * (config.kv_cache_memory_fraction or DEFAULT_CUDA_KV_FRACTION)
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            budget = total * (config.kv_cache_memory_fraction or DEFAULT_CPU_KV_FRACTION)
+        return max(1, int(budget // per_block))
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq], export=None) -> torch.Tensor:
+        """Compute the scheduled tokens; return logits [num sampling seqs, vocab] in
+        the order of `sampling_order(batch)`. `export(seq, layer, pos, k, v)` receives
+        the new K/V of sequences flagged `export_kv` as each layer finishes."""
+        ordered = sampling_order(batch)
+        input_ids, positions, meta, spans = self._prepare(ordered)
+        callback = _export_callback(ordered, spans, export) if export else None
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, callback)
+        last = [end - 1 for item, (_, end, _) in zip(ordered, spans, strict=True)
+                if item.samples]
+        if not last:
+            return hidden.new_empty(0, self.model_config.vocab_size)
+        index = torch.tensor(last, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, index)).float()
+
+    def _prepare(self, ordered: list[ScheduledSeq]):
+        ids, pos, slots, spans, prefills = [], [], [], [], []
+        decode_tables, decode_lens = [], []
+        for item in ordered:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            flat_start = len(ids)
+            ids.extend(seq.token_ids(start, end))
+            pos.extend(range(start, end))
+            slots.extend(slots_for_positions(seq.block_table, start, end, self.block_size))
+            spans.append((flat_start, len(ids), start))
+            if item.num_tokens == 1:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            else:
+                prefills.append(self._prefill_span(seq, flat_start, len(ids), start, end))
+        to = dict(device=self.device, dtype=torch.long)
+        decode_slots = decode_mask = None
+        if decode_tables:
+            decode_slots, decode_mask = build_decode_tables(
+                decode_tables, decode_lens, self.block_size, self.device)
+        meta = AttentionMetadata(torch.tensor(slots, **to), len(decode_tables),
+                                 decode_slots, decode_mask, prefills)
+        return torch.tensor(ids, **to), torch.tensor(pos, **to), meta, spans
+
+    def _prefill_span(self, seq: Sequence, flat_start: int, flat_end: int,
+                      start: int, end: int) -> PrefillSpan:
+        context = None
+        if start > 0:
+            context = torch.tensor(slots_for_positions(seq.block_table, 0, end, self.block_size),
+                                   device=self.device, dtype=torch.long)
+        return PrefillSpan(flat_start, flat_end, start, context)
+
+
+def _export_callback(ordered: list[ScheduledSeq], spans, export):
+    """Split each layer's flat-batch K/V per exporting sequence."""
+    wanted = [(item.seq, span) for item, span in zip(ordered, spans, strict=True)
+              if item.seq.export_kv]
+    if not wanted:
+        return None
+
+    def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for seq, (flat_start, flat_end, pos) in wanted:
+            export(seq, layer, pos, k[flat_start:flat_end], v[flat_start:flat_end])
+
+    return on_layer_kv
+
+
+def sampling_order(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """Single-token steps first (they share one batched attention call), then chunks."""
+    return ([s for s in batch if s.num_tokens == 1]
+            + [s for s in batch if s.num_tokens != 1])

@@ -1,0 +1,50 @@
+"""The `pdserve` command."""
+
+import argparse
+import logging
+import sys
+
+from engine.cli_args import add_engine_args, engine_config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text for one prompt, streaming")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sample-seed", type=int, default=None,
+                     help="seed of this request's sampling (reproducible output)")
+    gen.set_defaults(func=_generate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.errors import InvalidRequestError
+    from engine.generate import stream_text
+
+    try:
+        for piece in stream_text(engine_config_from_args(args), args.prompt, chat=args.chat,
+                                 max_tokens=args.max_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed):
+            print(piece, end="", flush=True)
+    except InvalidRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
