@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import SampledToken, Sampler, noise_key
+from engine.sampler import SampledToken, Sampler, _apply_top_k, _apply_top_p, noise_key
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -69,6 +69,12 @@ def test_rejects_logits_that_do_not_match_the_batch():
 
 def test_empty_batch_gives_no_tokens():
     assert Sampler((EOS,))(torch.zeros(0, 8), []) == []
+
+
+def test_a_tiny_temperature_samples_like_greedy_without_nans():
+    logits = torch.randn(32, 16, generator=torch.Generator().manual_seed(14))
+    seqs = [make_seq(temperature=1e-30, seed=s) for s in range(32)]
+    assert [t.token_id for t in Sampler((EOS,))(logits, seqs)] == logits.argmax(-1).tolist()
 
 
 # ----- penalties -----------------------------------------------------------------------
@@ -174,6 +180,39 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass(top_p, kept):
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(1000, 1)
     seqs = [make_seq(temperature=1.0, top_p=top_p) for _ in range(1000)]
     assert {t.token_id for t in Sampler((EOS,), seed=4)(logits, seqs)} == kept
+
+
+def reference_top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Full-sort nucleus mask (True = dropped), the textbook way."""
+    probs = x.softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    dropped_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return torch.zeros_like(dropped_sorted).scatter(0, order, dropped_sorted)
+
+
+def test_top_p_matches_a_full_sort_for_small_medium_and_huge_nuclei():
+    # Peaky, flatter and flat rows: nuclei inside the first 256 candidates, inside
+    # 4096, and past both, so every widening step is exercised.
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(4, 8192, generator=gen) * torch.tensor([[4.0], [2.0], [0.2], [3.0]])
+    top_p = [0.9, 0.9, 0.9, 1.0]
+    expected = [reference_top_p(x[j], p) for j, p in enumerate(top_p[:3])]
+    kept = [int((~e).sum()) for e in expected]
+    assert kept[0] <= 256 < kept[1] <= 4096 < kept[2]
+    # top_p = 1 keeps everything, though a float32 cumsum reaches 1.0 before the tail.
+    expected.append(torch.zeros(8192, dtype=torch.bool))
+    out = x.clone()
+    _apply_top_p(out, top_p)
+    for j in range(4):
+        assert torch.equal(out[j].isinf(), expected[j])
+        assert torch.equal(out[j][~expected[j]], x[j][~expected[j]])
+
+
+def test_top_k_leaves_rows_without_top_k_alone():
+    x = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 3.0, 1.0, 2.0], [5.0, 4.0, 3.0, 2.0]])
+    _apply_top_k(x, [2, -1, 3])
+    inf = float("-inf")
+    assert x.tolist() == [[inf, 3.0, inf, 2.0], [0.0, 3.0, 1.0, 2.0], [5.0, 4.0, 3.0, inf]]
 
 
 def test_min_p_never_picks_a_token_below_the_threshold():
