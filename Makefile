@@ -25,6 +25,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	# The committed gRPC stubs must match proto/: regenerate with `python proto/generate.py`.
+	$(BIN)/python proto/generate.py --check
 	$(BIN)/python -m pytest -q tests
 
 test-unit: $(STAMP)
