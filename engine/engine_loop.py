@@ -1,0 +1,160 @@
+"""Drive an LLMEngine from its own thread for an asyncio server.
+
+gRPC servicers run on the event loop and must never run the model there: they submit
+commands (functions of the engine) that the engine thread runs between steps, and they
+read each request's outputs from an asyncio queue that the engine thread fills.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.llm_engine import LLMEngine, StepOutput
+
+log = logging.getLogger("pdserve.engine")
+
+# How long the idle engine thread sleeps waiting for a command before running its
+# periodic tasks (lease expiry) again.
+IDLE_POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, refreshed by the engine thread every iteration."""
+
+    free_blocks: int
+    total_blocks: int
+    running: int
+    waiting: int
+    queued_prompt_tokens: int
+
+
+class RequestFailed(Exception):
+    """Delivered on a request's queue when it fails outside the model step (a lease
+    expired, its KV was rejected). `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.loop = loop
+        self.periodic: list[Callable[[], None]] = []  # run on the engine thread each turn
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.stats = self._snapshot()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    # ----- the asyncio side -------------------------------------------------------------
+
+    def subscribe(self, request_id: str) -> asyncio.Queue:
+        """Outputs of this request: StepOutput items, or a RequestFailed."""
+        q = self._queues[request_id] = asyncio.Queue()
+        return q
+
+    def unsubscribe(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> asyncio.Future:
+        """Run fn(engine) on the engine thread; the future gets its result or exception."""
+        future = self.loop.create_future()
+        self._commands.put((fn, future))
+        return future
+
+    def submit(self, fn: Callable[[LLMEngine], object]) -> None:
+        """Fire and forget; for cleanup paths that must not wait (cancellation)."""
+        self._commands.put((fn, None))
+
+    # ----- the engine thread ------------------------------------------------------------
+
+    def deliver(self, outputs: list[StepOutput]) -> None:
+        """Hand outputs to their requests' queues (engine thread)."""
+        if outputs:
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def fail(self, request_id: str, error: RequestFailed) -> None:
+        self.loop.call_soon_threadsafe(self._dispatch_error, request_id, error)
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _dispatch_error(self, request_id: str, error: RequestFailed) -> None:
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait(error)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished_requests()
+            self._run_commands(block=not busy)
+            for task in self.periodic:
+                task()
+            if self.engine.has_unfinished_requests():
+                self.deliver(self.engine.step())
+            self.stats = self._snapshot()
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=IDLE_POLL_SECONDS) if block \
+                else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        deadline = time.monotonic() + 0.05  # bounded, so a flood cannot starve the batch
+        while item is not None:
+            self._run_command(*item)
+            if time.monotonic() > deadline:
+                return
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run_command(self, fn, future) -> None:
+        try:
+            result = fn(self.engine)
+        except Exception as exc:  # handed to the caller, which maps it to a status
+            if future is None:
+                log.exception("engine command failed")
+            else:
+                self.loop.call_soon_threadsafe(_set_exception, future, exc)
+            return
+        if future is not None:
+            self.loop.call_soon_threadsafe(_set_result, future, result)
+
+    def _snapshot(self) -> EngineStats:
+        engine = self.engine
+        sched = engine.scheduler
+        queued = sum(s.num_uncomputed_tokens for s in list(sched.waiting))
+        queued += sum(s.num_uncomputed_tokens for s in list(sched.running)
+                      if s.num_uncomputed_tokens > 1)
+        return EngineStats(engine.blocks.num_free_blocks, engine.blocks.num_blocks,
+                           len(sched.running), len(sched.waiting), queued)
+
+
+def _set_result(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,141 @@
+"""The KV wire format as pure functions: fingerprints, chunks, checksums, coverage.
+
+A chunk holds K then V for consecutive token positions of one layer, each laid out as
+[tokens, kv_heads, head_dim] in the sender's dtype. Nothing on the wire mentions
+blocks, so sender and receiver may use different block sizes.
+"""
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from pdserve_proto.v1 import kv_pb2
+
+LAYOUT_VERSION = 1
+# gRPC's default message limit is 4 MiB; staying well under it keeps every chunk small
+# enough to interleave with other streams and never needs the limit raised.
+DEFAULT_MAX_CHUNK_BYTES = 1 << 20
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KvFormatError(ValueError):
+    """The KV stream is malformed or does not fit the receiver; the message says how."""
+
+
+@dataclass(frozen=True)
+class KvShape:
+    """What one token of one layer looks like on the wire."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of K plus V for one token of one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def make_fingerprint(architecture: str, shape: KvShape, model_digest: str):
+    return kv_pb2.KvFingerprint(
+        architecture=architecture, num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        dtype=dtype_name(shape.dtype), layout_version=LAYOUT_VERSION,
+        model_digest=model_digest)
+
+
+def fingerprint_mismatch(ours, theirs) -> str | None:
+    """None when the sender's KV fits ours; else which fields differ, both values."""
+    fields = ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype",
+              "layout_version", "model_digest")
+    diffs = [f"{name}: sender {getattr(theirs, name)!r}, receiver {getattr(ours, name)!r}"
+             for name in fields if getattr(ours, name) != getattr(theirs, name)]
+    return "; ".join(diffs) if diffs else None
+
+
+def shape_of(fingerprint) -> KvShape:
+    if fingerprint.dtype not in _DTYPES:
+        raise KvFormatError(f"unknown KV dtype {fingerprint.dtype!r}")
+    return KvShape(fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim,
+                   _DTYPES[fingerprint.dtype])
+
+
+def tokens_per_chunk(shape: KvShape, max_chunk_bytes: int) -> int:
+    per_token = shape.token_bytes
+    if max_chunk_bytes < per_token:
+        raise ValueError(f"max_chunk_bytes {max_chunk_bytes} is below one token's KV "
+                         f"({per_token} bytes)")
+    return max_chunk_bytes // per_token
+
+
+def encode_layer(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list:
+    """Chunks for K/V [tokens, kv_heads, head_dim] (CPU) of positions start.. of a layer."""
+    if k.shape != v.shape or k.dim() != 3:
+        raise ValueError(f"K {tuple(k.shape)} and V {tuple(v.shape)} must both be "
+                         "[tokens, kv_heads, head_dim]")
+    shape = KvShape(0, k.shape[1], k.shape[2], k.dtype)
+    step = tokens_per_chunk(shape, max_chunk_bytes)
+    chunks = []
+    for offset in range(0, k.shape[0], step):
+        n = min(step, k.shape[0] - offset)
+        data = _to_bytes(k[offset:offset + n]) + _to_bytes(v[offset:offset + n])
+        chunks.append(kv_pb2.KvChunk(layer=layer, start=start + offset, num_tokens=n,
+                                     data=data, crc32=zlib.crc32(data)))
+    return chunks
+
+
+def decode_chunk(chunk, shape: KvShape, num_tokens: int):
+    """(layer, start, k, v) from a chunk, after checking it against the header."""
+    if not 0 <= chunk.layer < shape.num_layers:
+        raise KvFormatError(f"chunk for layer {chunk.layer}, but the model has "
+                            f"{shape.num_layers} layers")
+    if chunk.num_tokens <= 0 or chunk.start < 0 or chunk.start + chunk.num_tokens > num_tokens:
+        raise KvFormatError(f"chunk positions [{chunk.start}, {chunk.start + chunk.num_tokens})"
+                            f" of layer {chunk.layer} are outside the prompt's {num_tokens}")
+    expected = chunk.num_tokens * shape.token_bytes
+    if len(chunk.data) != expected:
+        raise KvFormatError(f"chunk of layer {chunk.layer} at {chunk.start} has "
+                            f"{len(chunk.data)} bytes, expected {expected}")
+    if zlib.crc32(chunk.data) != chunk.crc32:
+        raise KvFormatError(f"checksum mismatch in the chunk of layer {chunk.layer} at "
+                            f"position {chunk.start}")
+    flat = torch.frombuffer(bytearray(chunk.data), dtype=shape.dtype)
+    kv = flat.view(2, chunk.num_tokens, shape.num_kv_heads, shape.head_dim)
+    return chunk.layer, chunk.start, kv[0], kv[1]
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    # Through uint8 because numpy has no bfloat16.
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+class Coverage:
+    """Which positions of which layers have arrived; complete when all of them have.
+    Chunks may repeat (a preempted prefill recomputes and resends): that is harmless."""
+
+    def __init__(self, num_layers: int, num_tokens: int):
+        self.num_tokens = num_tokens
+        self._seen = [torch.zeros(num_tokens, dtype=torch.bool) for _ in range(num_layers)]
+        self.num_chunks = 0
+        self.num_bytes = 0
+
+    def add(self, layer: int, start: int, num_tokens: int, num_bytes: int) -> None:
+        self._seen[layer][start:start + num_tokens] = True
+        self.num_chunks += 1
+        self.num_bytes += num_bytes
+
+    def missing(self) -> str | None:
+        """None when complete; else the first layer with a gap and how big it is."""
+        for layer, seen in enumerate(self._seen):
+            if not bool(seen.all()):
+                return (f"layer {layer} is missing {int((~seen).sum())} of "
+                        f"{self.num_tokens} positions")
+        return None

@@ -1,0 +1,83 @@
+"""Between the wire's messages and the engine's types, for both workers.
+
+Both workers must turn the same SamplingParams message into the same engine params,
+and describe their model the same way, or a seeded request would draw different
+tokens (or KV would be read as another model's) depending on the path it took.
+"""
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from engine.llm_engine import LLMEngine
+from engine.sampler import SampledToken
+from engine.sampling_params import SamplingParams
+from engine.sequence import TokenLogprob
+from kvtransfer.codec import KvShape, make_fingerprint
+from pdserve_proto.v1 import common_pb2
+
+
+def params_from_proto(msg) -> SamplingParams:
+    """Engine params; raises InvalidRequestError naming the bad field."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens, min_tokens=msg.min_tokens, temperature=msg.temperature,
+        top_p=msg.top_p, top_k=msg.top_k if msg.top_k > 0 else -1, min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty, presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty, n=1,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+
+
+def params_to_proto(params: SamplingParams):
+    msg = common_pb2.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=max(params.top_k, 0),
+        min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def token_to_proto(token_id: int, index: int, logprob: TokenLogprob | None):
+    msg = common_pb2.Token(token_id=token_id, index=index)
+    if logprob is not None:
+        msg.logprob = logprob.logprob
+        msg.top_logprobs.extend(common_pb2.TopLogprob(token_id=t, logprob=lp)
+                                for t, lp in logprob.top.items())
+    return msg
+
+
+def token_from_proto(msg) -> SampledToken:
+    logprob = None
+    if msg.HasField("logprob"):
+        top = {alt.token_id: alt.logprob for alt in msg.top_logprobs}
+        logprob = TokenLogprob(msg.token_id, msg.logprob, top)
+    return SampledToken(msg.token_id, logprob)
+
+
+def model_digest(engine: LLMEngine) -> str:
+    """Equal for two engines only when they run the same model (config and weights).
+
+    Hashes the config and a sample of weights rounded to bfloat16, so one checkpoint
+    loaded in two dtypes has one digest; the dtype is compared on its own."""
+    model = engine.runner.model
+    sample = [model.embed_tokens.weight[:4], model.layers[-1].down_proj.weight[:4],
+              model.norm.weight]
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(engine.model_config),
+                                  sort_keys=True, default=str).encode())
+    for tensor in sample:
+        h.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def engine_fingerprint(engine: LLMEngine):
+    cfg = engine.model_config
+    shape = KvShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.runner.dtype)
+    return make_fingerprint(cfg.architecture, shape, model_digest(engine))
