@@ -24,6 +24,16 @@ def main(argv: list[str] | None = None) -> int:
                      help="seed of this request's sampling (reproducible output)")
     gen.set_defaults(func=_generate)
 
+    from decode_worker import server as decode_server
+    from prefill_worker import server as prefill_server
+
+    prefill = commands.add_parser("prefill", help="run a prefill worker (gRPC)")
+    prefill_server.add_arguments(prefill)
+    prefill.set_defaults(func=prefill_server.run)
+    decode = commands.add_parser("decode", help="run a decode worker (gRPC)")
+    decode_server.add_arguments(decode)
+    decode.set_defaults(func=decode_server.run)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,43 @@
+"""`pdserve decode`: a decode worker process."""
+
+import argparse
+import asyncio
+
+from engine.cli_args import add_engine_args, engine_config_from_args
+
+DEFAULT_PORT = 50052
+DEFAULT_LEASE_TIMEOUT = 30.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="gRPC port (0: any free port, printed at start)")
+    parser.add_argument("--lease-timeout", type=float, default=DEFAULT_LEASE_TIMEOUT,
+                        help="seconds a KV reservation waits for (more of) its KV")
+    add_engine_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(_serve(args))
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from decode_worker.service import DecodeService
+    from engine.engine_loop import EngineLoop
+    from engine.llm_engine import LLMEngine
+    from kvtransfer.convert import engine_fingerprint
+    from kvtransfer.serving import run_server
+    from pdserve_proto.v1 import decode_pb2_grpc
+
+    if args.lease_timeout <= 0:
+        raise SystemExit(f"--lease-timeout must be > 0, got {args.lease_timeout}")
+    engine = LLMEngine(engine_config_from_args(args))
+    engine_loop = EngineLoop(engine, asyncio.get_running_loop())
+    service = DecodeService(engine_loop, engine_fingerprint(engine), args.lease_timeout)
+    engine_loop.start()
+    await run_server(
+        "decode", args.host, args.port,
+        lambda server: decode_pb2_grpc.add_DecodeServiceServicer_to_server(service, server),
+        engine_loop.stop)

@@ -1,0 +1,155 @@
+"""The decode worker's gRPC service: leases, KV import and token streams.
+
+Handlers validate, hand work to the engine thread and await; the model never runs on
+the event loop. Every path out of Generate (finish, error, cancellation) leaves the
+request's blocks free.
+"""
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from decode_worker.leases import Lease, LeaseError, LeaseTable
+from engine.engine_loop import EngineLoop, RequestFailed
+from engine.errors import InvalidRequestError
+from engine.llm_engine import NoCapacityError
+from kvtransfer.convert import params_from_proto, token_from_proto, token_to_proto
+from kvtransfer.receiver import KvReceiver, KvRejected
+from kvtransfer.serving import health_response
+from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
+
+log = logging.getLogger("pdserve.decode")
+
+
+class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, engine_loop: EngineLoop, fingerprint, lease_timeout: float):
+        self.loop = engine_loop
+        self.engine = engine_loop.engine
+        self.fingerprint = fingerprint
+        self.leases = LeaseTable(engine_loop, lease_timeout)
+        engine_loop.periodic.append(self.leases.expire)
+
+    # ----- Generate ---------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        rid = request.request_id
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        try:
+            params = params_from_proto(request.params)
+            self.engine.validate_prompt(list(request.prompt_token_ids))
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        outputs = self.loop.subscribe(rid)
+        started = time.monotonic()
+        finished = False
+        try:
+            if request.remote_prefill:
+                lease = await self._reserve(request, params, context)
+                yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
+                    lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
+                    model_digest=self.fingerprint.model_digest))
+            else:
+                await self._call(lambda e: e.add_request(rid, list(request.prompt_token_ids),
+                                                         params), context)
+            async for message in self._stream(outputs, request, started, context):
+                finished = message.HasField("finished")
+                yield message
+        finally:
+            self.loop.unsubscribe(rid)
+            if not finished:  # cancelled or failed: free the blocks now
+                self.loop.submit(lambda e: self.leases.release(e, rid, None))
+
+    async def _reserve(self, request, params, context) -> Lease:
+        prompt = list(request.prompt_token_ids)
+        try:
+            return await self.loop.call(lambda e: self.leases.reserve(
+                e, request.request_id, prompt, params, request.lease_timeout_seconds or None))
+        except NoCapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"no room for {len(prompt)} prompt tokens: {exc}")
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _call(self, fn, context):
+        try:
+            return await self.loop.call(fn)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _stream(self, outputs: asyncio.Queue, request, started: float, context):
+        kv_wait = 0.0
+        while True:
+            out = await outputs.get()
+            if isinstance(out, RequestFailed):
+                await context.abort(getattr(grpc.StatusCode, out.code), str(out))
+            seq = out.seq
+            index = seq.num_output_tokens - 1
+            if out.token_id is not None and not (request.remote_prefill and index == 0):
+                yield decode_pb2.GenerateResponse(
+                    token=token_to_proto(out.token_id, index, out.logprob))
+            elif request.remote_prefill and index == 0:
+                kv_wait = time.monotonic() - started
+            if out.finished:
+                if out.finish_reason == "error":
+                    await context.abort(grpc.StatusCode.INTERNAL, "the model step failed")
+                yield decode_pb2.GenerateResponse(finished=decode_pb2.Finished(
+                    finish_reason=str(out.finish_reason), prompt_tokens=seq.num_prompt_tokens,
+                    completion_tokens=seq.num_output_tokens, kv_wait_seconds=kv_wait))
+                return
+
+    # ----- PushKv -----------------------------------------------------------------------
+
+    async def PushKv(self, request_iterator, context):
+        receiver = KvReceiver(self.fingerprint, self.engine.max_seq_len)
+        lease = None
+        try:
+            opening = await anext(request_iterator)
+            if opening.HasField("header"):
+                # Claim before checking the header, so that a rejected header (another
+                # model, dtype...) fails the lease and its Generate stream at once.
+                claimed = opening.header
+                lease = await self.loop.call(
+                    lambda e: self.leases.claim(claimed.lease_id, claimed.request_id))
+            receiver.on_header(opening)
+            header = receiver.header
+            if header.num_tokens != lease.seq.num_prompt_tokens:
+                raise KvRejected("INVALID_ARGUMENT", f"KV for {header.num_tokens} tokens, but "
+                                 f"the lease holds a {lease.seq.num_prompt_tokens}-token prompt")
+            async for msg in request_iterator:
+                if receiver.check_message(msg) == "trailer":
+                    receiver.on_trailer(msg.trailer)
+                    first = token_from_proto(msg.trailer.first_token)
+                    await self.loop.call(lambda e, first=first: self.leases.commit(e, lease, first))
+                    return kv_pb2.PushKvResponse(
+                        bytes_received=receiver.coverage.num_bytes,
+                        receive_seconds=time.monotonic() - receiver.started_at)
+                await asyncio.to_thread(self._write, receiver, lease, msg.chunk)
+            raise KvRejected("INVALID_ARGUMENT", "the KV stream ended without a trailer")
+        except (KvRejected, LeaseError) as exc:
+            self._fail_lease(lease, exc.code, str(exc))
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty KV stream")
+        except asyncio.CancelledError:
+            self._fail_lease(lease, "CANCELLED", "the KV sender went away mid-transfer")
+            raise
+
+    def _write(self, receiver: KvReceiver, lease: Lease, chunk) -> None:
+        layer, start, k, v = receiver.on_chunk(chunk)
+        self.leases.write(self.engine, lease, layer, start, k, v)
+
+    def _fail_lease(self, lease: Lease | None, code: str, message: str) -> None:
+        if lease is None:
+            return
+        log.warning("request %s: KV rejected: %s", lease.request_id, message)
+        error = RequestFailed(code, f"KV transfer failed: {message}")
+        self.loop.submit(lambda e: self.leases.release(e, lease.request_id, error))
+
+    # ----- Health -----------------------------------------------------------------------
+
+    async def Health(self, request, context):
+        return health_response("decode", self.loop, self.fingerprint.model_digest,
+                               leases=len(self.leases))

@@ -1,0 +1,171 @@
+"""The prefill worker's gRPC service: batched prompts, KV pushed layer by layer.
+
+A Prefill call opens the PushKv stream to the decode worker at once (so an unreachable
+worker or an unknown lease fails early), queues the prompt in the engine, and forwards
+each layer's K/V to the stream as the engine's export hook hands it over. It answers
+with the first token only after the decode worker acknowledged the whole KV; on any
+failure the prompt is aborted, its blocks freed, and the status says what failed.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from engine.engine_loop import EngineLoop
+from engine.errors import InvalidRequestError
+from kvtransfer.codec import DEFAULT_MAX_CHUNK_BYTES
+from kvtransfer.convert import params_from_proto, token_to_proto
+from kvtransfer.sender import KvSender, KvSendError
+from kvtransfer.serving import GRPC_OPTIONS, health_response
+from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger("pdserve.prefill")
+
+# Statuses of a failed PushKv that say the decode worker refused this KV, passed through.
+_REJECTIONS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+               grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT,
+               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class PrefillFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool = True,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                 transfer_timeout: float = 30.0):
+        self.loop = engine_loop
+        self.engine = engine_loop.engine
+        self.fingerprint = fingerprint
+        self.layerwise = layerwise
+        self.max_chunk_bytes = max_chunk_bytes
+        self.transfer_timeout = transfer_timeout
+        self._senders: dict[str, KvSender] = {}
+        self._compute_started: dict[str, float] = {}
+        self._channels: dict[str, tuple] = {}
+        self.engine.kv_export = self._export
+
+    def _export(self, seq, layer: int, start: int, k, v) -> None:
+        """The engine's hook, on the engine thread, as each layer finishes."""
+        sender = self._senders.get(seq.request_id)
+        if sender is not None:
+            self._compute_started.setdefault(seq.request_id, time.monotonic())
+            sender.put(layer, start, k, v)
+
+    async def Prefill(self, request, context):
+        try:
+            return await self._prefill(request, context)
+        except PrefillFailed as exc:
+            log.warning("request %s: prefill failed: %s", request.request_id, exc)
+            await context.abort(exc.code, str(exc))
+        except Exception as exc:  # a bug must still end the call with a status, not hang it
+            log.exception("request %s: prefill failed", request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc!r}")
+
+    async def _prefill(self, request, context):
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        params = self._validate(request)
+        header = kv_pb2.KvHeader(request_id=rid, lease_id=request.lease_id,
+                                 fingerprint=self.fingerprint, num_tokens=len(prompt))
+        sender = KvSender(self._stub(request.decode_address), header, asyncio.get_running_loop(),
+                          layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
+        arrived = time.monotonic()
+        outputs = self.loop.subscribe(rid)
+        self._senders[rid] = sender
+        sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))
+        done = False
+        try:
+            try:
+                await self.loop.call(lambda e: e.add_request(
+                    rid, prompt, params, export_kv=True, prefill_only=True))
+            except InvalidRequestError as exc:
+                raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            log.debug("request %s: queued %d prompt tokens", rid, len(prompt))
+            out = await self._first_output(outputs, sending, request.decode_address)
+            sampled_at = time.monotonic()
+            log.debug("request %s: first token %d, waiting for the KV ack", rid, out.token_id)
+            sender.finish(token_to_proto(out.token_id, 0, out.logprob))
+            ack = await self._ack(sending, request.decode_address)
+            done = True
+        finally:
+            self._senders.pop(rid, None)
+            started = self._compute_started.pop(rid, arrived)
+            self.loop.unsubscribe(rid)
+            if not done:
+                self.loop.submit(lambda e: e.abort_request(rid))
+                sending.cancel()
+        acked = time.monotonic()
+        log.debug("request %s: %d KV bytes acknowledged", rid, ack.bytes_received)
+        return prefill_pb2.PrefillResponse(
+            first_token=token_to_proto(out.token_id, 0, out.logprob),
+            queue_seconds=started - arrived, compute_seconds=sampled_at - started,
+            transfer_tail_seconds=acked - sampled_at,
+            transfer_seconds=acked - (sender.first_sent_at or sampled_at),
+            kv_bytes=sender.num_bytes)
+
+    def _validate(self, request):
+        if not request.request_id:
+            raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        if not request.decode_address or not request.lease_id:
+            raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                "decode_address and lease_id are both required")
+        try:
+            params = params_from_proto(request.params)
+            self.engine.validate_prompt(list(request.prompt_token_ids))
+        except InvalidRequestError as exc:
+            raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return params
+
+    async def _first_output(self, outputs: asyncio.Queue, sending: asyncio.Task, address):
+        """The first token, unless the KV stream fails first (then fail at once)."""
+        getting = asyncio.ensure_future(outputs.get())
+        try:
+            await asyncio.wait({getting, sending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getting.done():
+                getting.cancel()
+        if not getting.done() or getting.cancelled():
+            await self._ack(sending, address)  # raises the transfer's error
+            raise PrefillFailed(grpc.StatusCode.INTERNAL, "KV stream ended before the prompt")
+        out = getting.result()
+        if out.token_id is None:
+            raise PrefillFailed(grpc.StatusCode.INTERNAL,
+                                f"prefill ended without a token ({out.finish_reason})")
+        return out
+
+    async def _ack(self, sending: asyncio.Task, address: str):
+        try:
+            return await asyncio.wait_for(asyncio.shield(sending), self.transfer_timeout)
+        except KvSendError as exc:
+            raise PrefillFailed(grpc.StatusCode.INTERNAL, str(exc)) from None
+        except TimeoutError:
+            raise PrefillFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"decode worker {address} did not acknowledge the KV within "
+                                f"{self.transfer_timeout:g} s") from None
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in _REJECTIONS:
+                raise PrefillFailed(code, f"decode worker {address} rejected the KV: "
+                                    f"{exc.details()}") from None
+            raise PrefillFailed(grpc.StatusCode.UNAVAILABLE, f"decode worker {address} "
+                                f"unreachable ({code.name}): {exc.details()}") from None
+
+    def _stub(self, address: str):
+        if address not in self._channels:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = (channel, decode_pb2_grpc.DecodeServiceStub(channel))
+        return self._channels[address][1]
+
+    async def close(self) -> None:
+        for channel, _ in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def Health(self, request, context):
+        return health_response("prefill", self.loop, self.fingerprint.model_digest)
