@@ -1,0 +1,136 @@
+"""Real worker processes on loopback and the calls a gateway makes to them.
+
+Each worker is started as `python -m server.cli prefill|decode --port 0 ...` and its
+port is read from the line it prints once it listens.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from kvtransfer.convert import params_to_proto
+from pdserve_proto.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 120
+
+
+class Worker:
+    def __init__(self, role: str, *args: str):
+        self.role = role
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "--log-level",
+             os.environ.get("PDSERVE_TEST_LOG_LEVEL", "INFO"), role, "--port", "0",
+             "--num-threads", "1", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.address = self._wait_listening()
+        self.channel = grpc.insecure_channel(self.address)
+        stub = decode_pb2_grpc.DecodeServiceStub if role == "decode" else \
+            prefill_pb2_grpc.PrefillServiceStub
+        self.stub = stub(self.channel)
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def _wait_listening(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if "listening on" in line:
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                return line.rsplit(" ", 1)[1].strip()
+        self.proc.kill()
+        raise RuntimeError(f"{self.role} worker did not start:\n{''.join(self.stderr)[-3000:]}")
+
+    def health(self):
+        return self.stub.Health(common_pb2.HealthRequest(), timeout=10)
+
+    def wait_idle(self, timeout: float = 10.0):
+        """Health once every block is free again and nothing is queued or leased."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            idle = (h.free_kv_blocks == h.total_kv_blocks and h.running == 0
+                    and h.waiting == 0 and h.leases == 0)
+            if idle or time.monotonic() > deadline:
+                return h
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prefill: object = None
+    finished: object = None
+
+
+def gen_request(rid: str, prompt: list[int], params: SamplingParams, remote: bool,
+                lease_timeout: float = 0.0):
+    return decode_pb2.GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params),
+        remote_prefill=remote, lease_timeout_seconds=lease_timeout)
+
+
+def colocated(decode: Worker, rid: str, prompt: list[int], params: SamplingParams) -> Result:
+    result = Result()
+    for msg in decode.stub.Generate(gen_request(rid, prompt, params, False), timeout=300):
+        _collect(result, msg)
+    return result
+
+
+def disaggregated(prefill: Worker, decode: Worker, rid: str, prompt: list[int],
+                  params: SamplingParams) -> Result:
+    """The gateway's path: reserve on decode, prefill with the lease, then stream."""
+    stream = decode.stub.Generate(gen_request(rid, prompt, params, True), timeout=300)
+    reserved = next(stream).reserved
+    result = Result()
+    result.prefill = prefill.stub.Prefill(prefill_pb2.PrefillRequest(
+        request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params),
+        decode_address=decode.address, lease_id=reserved.lease_id), timeout=300)
+    result.tokens.append(result.prefill.first_token.token_id)
+    for msg in stream:
+        _collect(result, msg)
+    return result
+
+
+def _collect(result: Result, msg) -> None:
+    if msg.HasField("token"):
+        result.tokens.append(msg.token.token_id)
+    elif msg.HasField("finished"):
+        result.finished = msg.finished
+        result.finish_reason = msg.finished.finish_reason
