@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= Write a haiku about the sea.
 
-.PHONY: run test test-unit lint bench clean
+.PHONY: run generate test test-unit lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/pdserve up
+
+generate: $(STAMP)
 	$(BIN)/pdserve generate --chat --prompt "$(PROMPT)"
 
 test: $(STAMP)

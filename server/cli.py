@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from decode_worker import server as decode_server
     from prefill_worker import server as prefill_server
+    from server import gateway, stack
 
     prefill = commands.add_parser("prefill", help="run a prefill worker (gRPC)")
     prefill_server.add_arguments(prefill)
@@ -34,10 +35,27 @@ def main(argv: list[str] | None = None) -> int:
     decode_server.add_arguments(decode)
     decode.set_defaults(func=decode_server.run)
 
+    gw = commands.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    gateway.add_arguments(gw)
+    gw.set_defaults(func=gateway.run)
+    up = commands.add_parser("up", help="start gateway and workers on this machine")
+    stack.add_arguments(up)
+    up.set_defaults(func=stack.run)
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.log_level)
     return args.func(args)
+
+
+def _configure_logging(level: str) -> None:
+    """Every line carries the request id it belongs to ('-' outside a request)."""
+    from server.request_context import RequestIdFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _generate(args: argparse.Namespace) -> int:

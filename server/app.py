@@ -1,0 +1,167 @@
+"""The FastAPI application: lifespan (pools, tokenizer, metrics), middleware, endpoints.
+
+The gRPC channels open once in the lifespan and live in `app.state`; the request id
+(X-Request-Id, generated when absent) is set by middleware, returned in the response,
+sent to the workers in gRPC metadata and put on every log line of the request.
+"""
+
+import contextlib
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from server.admission import Admission
+from server.errors import APIError
+from server.gateway import GatewayConfig
+from server.metrics import GatewayMetrics
+from server.openai_api import router as openai_router
+from server.pool import WorkerPool
+from server.request_context import request_id_var
+from server.router import Router
+from server.tokenizer import GatewayTokenizer
+
+log = logging.getLogger("pdserve.gateway")
+
+
+def _model_folder(model: str):
+    """The folder whose tokenizer and chat template the gateway uses (no torch)."""
+    from pathlib import Path
+
+    from engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+    if model == "default" or model.startswith("random:"):
+        return ensure_default_model(), DEFAULT_MODEL_NAME if model == "default" else model
+    path = Path(model).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise SystemExit(f"pdserve gateway: --model {model}: no tokenizer.json in that folder")
+    return path, path.name
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    folder, name = _model_folder(config.model)
+    tokenizer = GatewayTokenizer.from_folder(folder)
+    metrics = GatewayMetrics()
+
+    def on_health(worker, removed: bool = False) -> None:
+        if removed:
+            metrics.forget_worker(worker.address, worker.role)
+            return
+        h = worker.health
+        metrics.worker_health(worker.address, worker.role, worker.healthy,
+                              h.free_kv_blocks if h else 0, h.total_kv_blocks if h else 0,
+                              h.running if h else 0, h.waiting if h else 0,
+                              h.queued_prompt_tokens if h else 0)
+
+    pool_args = dict(poll_interval=config.health_interval,
+                     resolve_interval=config.resolve_interval, on_health=on_health)
+    decode = WorkerPool("decode", list(config.decode), **pool_args)
+    prefill = WorkerPool("prefill", list(config.prefill), **pool_args) if config.prefill else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for pool in (decode, prefill):
+            if pool is not None:
+                await pool.start()
+        log.info("gateway up: decode %s, prefill %s", ",".join(config.decode),
+                 ",".join(config.prefill) or "none (colocated)")
+        yield
+        for pool in (decode, prefill):
+            if pool is not None:
+                await pool.close()
+
+    app = FastAPI(title="pdserve", lifespan=lifespan)
+    app.state.config = config
+    app.state.model_name = config.served_model_name or name
+    app.state.model_aliases = {app.state.model_name, config.model, name}
+    app.state.tokenizer = tokenizer
+    app.state.metrics = metrics
+    app.state.admission = Admission(config.max_inflight, config.max_queue)
+    app.state.decode, app.state.prefill = decode, prefill
+    app.state.router = Router(decode, prefill,
+                              local_prefill_max_tokens=config.local_prefill_max_tokens,
+                              request_timeout=config.request_timeout)
+    app.state.started = int(time.time())
+    app.include_router(openai_router)
+    _install_handlers(app, config)
+    return app
+
+
+def _install_handlers(app: FastAPI, config: GatewayConfig) -> None:
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
+        request.state.request_id = rid
+        token = request_id_var.set(rid)
+        try:
+            error = _check_request(request, config)
+            response = (JSONResponse(error.body(), error.status, headers=error.headers)
+                        if error else await call_next(request))
+            if error:
+                app.state.metrics.rejected(error.status)
+        finally:
+            request_id_var.reset(token)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        if exc.status >= 500:
+            log.warning("request %s: %s", getattr(request.state, "request_id", "-"), exc)
+        app.state.metrics.rejected(exc.status)
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return await api_error(request, APIError(400, f"invalid request: {exc.errors()[:1]}"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        pools = {"decode": app.state.decode}
+        if app.state.prefill is not None:
+            pools["prefill"] = app.state.prefill
+        counts = {role: len(pool.healthy()) for role, pool in pools.items()}
+        ok = all(counts.values())
+        body = {"status": "ready" if ok else "not ready",
+                "healthy_workers": counts}
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        admission = app.state.admission
+        app.state.metrics.set_running(admission.running)
+        app.state.metrics.set_waiting(admission.waiting)
+        body, content_type = app.state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": app.state.model_name, "object": "model", "created": app.state.started,
+             "owned_by": "pdserve", "max_model_len": _max_context(app)}]}
+
+
+def _check_request(request: Request, config: GatewayConfig) -> APIError | None:
+    """Auth and body size, before any body is read."""
+    if config.api_key and request.url.path.startswith("/v1/"):
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {config.api_key}":
+            return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                            code="invalid_api_key")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > config.max_body_bytes:
+        return APIError(413, f"request body of {length} bytes is over the limit of "
+                             f"{config.max_body_bytes} bytes", code="body_too_large")
+    return None
+
+
+def _max_context(app: FastAPI) -> int:
+    from_workers = app.state.decode.max_seq_len
+    return from_workers or app.state.tokenizer.max_context

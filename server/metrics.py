@@ -1,0 +1,143 @@
+"""The gateway's Prometheus metrics, measured where the client sees them.
+
+Names follow DESIGN.md: prefix `pdserve_`, base units, latency histograms starting at
+1 ms. Each request gets a recorder that turns its events (queued, each token, prefill
+report, finish) into observations exactly once.
+"""
+
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                   0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+WORKER_LABELS = ("worker", "role")
+
+
+class GatewayMetrics:
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.registry = r = CollectorRegistry()
+
+        def hist(name, doc, buckets=LATENCY_BUCKETS):
+            return Histogram(f"pdserve_{name}", doc, buckets=buckets, registry=r)
+
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first token sent.")
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens.")
+        self.tpot = hist("time_per_output_token_seconds",
+                         "(e2e - TTFT) / (output tokens - 1) per request.")
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to last token.")
+        self.queue = hist("request_queue_time_seconds", "Time waiting for admission.")
+        self.prefill_time = hist("prefill_time_seconds", "Prefill compute (prefill worker).")
+        self.kv_time = hist("kv_transfer_seconds", "KV transfer, first chunk to ack.")
+        self.prompt_hist = hist("request_prompt_tokens", "Prompt tokens per request.",
+                                TOKEN_BUCKETS)
+        self.gen_hist = hist("request_generation_tokens", "Output tokens per request.",
+                             TOKEN_BUCKETS)
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved.", registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens.", registry=r)
+        self.gen_tokens = Counter("pdserve_generation_tokens", "Output tokens.", registry=r)
+        self.requests = Counter("pdserve_requests", "Finished requests.", ["finish_reason"],
+                                registry=r)
+        self.errors = Counter("pdserve_request_errors", "Rejected or failed requests.",
+                              ["status"], registry=r)
+        self.running = Gauge("pdserve_requests_running", "Requests generating.", registry=r)
+        self.waiting = Gauge("pdserve_requests_waiting", "Requests waiting for admission.",
+                             registry=r)
+
+        def worker_gauge(name, doc):
+            return Gauge(f"pdserve_{name}", doc, WORKER_LABELS, registry=r)
+
+        self.worker_gauges = {
+            "usage": worker_gauge("kv_cache_usage_ratio", "Share of KV blocks in use."),
+            "free": worker_gauge("kv_blocks_free", "Free KV blocks."),
+            "batch": worker_gauge("batch_size", "Sequences in the running batch."),
+            "waiting": worker_gauge("worker_waiting", "Sequences waiting on the worker."),
+            "queued": worker_gauge("worker_queued_prompt_tokens", "Prompt tokens queued."),
+            "up": worker_gauge("worker_up", "1 when the worker answers Health."),
+        }
+
+    def request(self, prompt_tokens: int) -> "RequestRecorder":
+        return RequestRecorder(self, prompt_tokens)
+
+    def worker_health(self, address: str, role: str, up: bool, free_blocks: int,
+                      total_blocks: int, running: int, waiting: int,
+                      queued_prompt_tokens: int) -> None:
+        g = {k: v.labels(address, role) for k, v in self.worker_gauges.items()}
+        g["up"].set(1 if up else 0)
+        g["usage"].set(1 - free_blocks / total_blocks if total_blocks else 0)
+        g["free"].set(free_blocks)
+        g["batch"].set(running)
+        g["waiting"].set(waiting)
+        g["queued"].set(queued_prompt_tokens)
+
+    def forget_worker(self, address: str, role: str) -> None:
+        for gauge in self.worker_gauges.values():
+            try:
+                gauge.remove(address, role)
+            except KeyError:
+                pass
+
+    def set_running(self, n: int) -> None:
+        self.running.set(n)
+
+    def set_waiting(self, n: int) -> None:
+        self.waiting.set(n)
+
+    def rejected(self, status: int) -> None:
+        self.errors.labels(str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestRecorder:
+    def __init__(self, metrics: GatewayMetrics, prompt_tokens: int):
+        self.m = metrics
+        self.prompt_tokens = prompt_tokens
+        self.start = metrics.clock()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens = 0
+        self.done = False
+
+    def queued(self, seconds: float) -> None:
+        self.m.queue.observe(seconds)
+
+    def token(self) -> None:
+        now = self.m.clock()
+        if self.first is None:
+            self.first = now
+            self.m.ttft.observe(now - self.start)
+        else:
+            self.m.itl.observe(now - self.last)
+        self.last = now
+        self.tokens += 1
+        self.m.gen_tokens.inc()
+
+    def prefill(self, compute_seconds: float, transfer_seconds: float, kv_bytes: int) -> None:
+        self.m.prefill_time.observe(compute_seconds)
+        self.m.kv_time.observe(transfer_seconds)
+        self.m.kv_bytes.inc(kv_bytes)
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        now = self.m.clock()
+        self.m.requests.labels(reason).inc()
+        self.m.prompt_tokens.inc(self.prompt_tokens)
+        self.m.prompt_hist.observe(self.prompt_tokens)
+        self.m.gen_hist.observe(self.tokens)
+        if self.first is not None:
+            self.m.e2e.observe(now - self.start)
+            if self.tokens > 1:
+                self.m.tpot.observe((now - self.first) / (self.tokens - 1))

@@ -1,0 +1,171 @@
+"""POST /v1/completions and /v1/chat/completions: OpenAI's request and response shapes,
+streamed as server-sent events or answered whole."""
+
+import asyncio
+import json
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server import protocol
+from server.admission import QueueFull
+from server.errors import APIError
+from server.generation import Choice, Generation
+from server.streaming import ResponseView, collect, sse_events
+
+log = logging.getLogger("pdserve.gateway.api")
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body = await _json_body(request)
+    req = protocol.parse_completion_request(body)
+    state = request.app.state
+    _check_model(state, req.model)
+    prompts, texts = [], []
+    for item in protocol.prompt_inputs(req):
+        ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        protocol.check_token_ids(ids, state.tokenizer.vocab_size)
+        prompts.append(ids)
+        texts.append(item if isinstance(item, str) else state.tokenizer.decode(ids))
+    return await _serve(request, req, prompts, chat=False, echo_texts=texts if req.echo else None)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    body = await _json_body(request)
+    req = protocol.parse_chat_request(body)
+    state = request.app.state
+    _check_model(state, req.model)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    try:
+        prompt = state.tokenizer.apply_chat_template(protocol.template_messages(messages))
+    except ValueError as exc:
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+    return await _serve(request, req, [prompt], chat=True, echo_texts=None)
+
+
+async def _json_body(request: Request) -> dict:
+    limit = request.app.state.config.max_body_bytes
+    raw = await request.body()
+    if len(raw) > limit:
+        raise APIError(413, f"request body of {len(raw)} bytes is over the limit of {limit} "
+                            "bytes", code="body_too_large")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _check_model(state, model: str) -> None:
+    if model not in state.model_aliases:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                            f"{state.model_name!r}", param="model", code="model_not_found")
+
+
+def _check_pools(state, prompts: list[list[int]]) -> None:
+    """503 up front, so that a streaming request gets a status instead of a broken stream."""
+    needed = [state.decode]
+    if state.prefill is not None and any(state.router.remote(len(p)) for p in prompts):
+        needed.append(state.prefill)
+    for pool in needed:
+        if not pool.healthy():
+            raise APIError(503, f"no healthy {pool.role} worker", code="no_worker",
+                           headers={"Retry-After": "1"})
+
+
+def _context_check(state, prompts: list[list[int]], req) -> int | None:
+    """Each prompt must leave room for at least one token (and for max_tokens if asked)."""
+    limit = state.decode.max_seq_len or state.tokenizer.max_context
+    longest = max(len(p) for p in prompts)
+    param = "messages" if hasattr(req, "messages") else "prompt"
+    if longest >= limit:
+        raise APIError(400, f"the prompt has {longest} tokens, but the model's context is "
+                            f"{limit} tokens (prompt plus output)", param=param,
+                       code="context_length_exceeded")
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if asked is not None and longest + asked > limit:
+        raise APIError(400, f"the prompt has {longest} tokens and max_tokens is {asked}: "
+                            f"{longest + asked} is over the model's context of {limit} tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    return limit - longest
+
+
+async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
+    state = request.app.state
+    rid = request.state.request_id
+    _check_pools(state, prompts)
+    room = _context_check(state, prompts, req)
+    default_max = room if chat else min(16, room)
+    fields = protocol.sampling_fields(req, default_max_tokens=default_max,
+                                      eos_token_ids=state.tokenizer.eos_token_ids)
+    n = req.n or 1
+    choices = [Choice(i * n + j, prompt,
+                      _with_seed(fields, protocol.choice_seed(req.seed, j)))
+               for i, prompt in enumerate(prompts) for j in range(n)]
+    recorder = state.metrics.request(sum(len(p) for p in prompts))
+    slot = state.admission.slot()
+    try:
+        ticket = await slot.__aenter__()
+    except QueueFull as exc:
+        raise APIError(429, "too many requests: the admission queue is full",
+                       code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+    recorder.queued(ticket.queue_seconds)
+    gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
+                     want_logprobs=fields.get("logprobs") is not None,
+                     skip_special_tokens=req.skip_special_tokens, recorder=recorder)
+    view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts)
+    if req.stream:
+        events = sse_events(gen, view, recorder)
+
+        async def close() -> None:
+            await events.aclose()
+            recorder.finish("abort")  # ignored when the stream already finished
+            await slot.__aexit__(None, None, None)
+
+        return _StreamingResponse(events, close, media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache"})
+    work = asyncio.create_task(collect(gen, view, recorder))
+    watcher = asyncio.create_task(_watch_disconnect(request, work))
+    try:
+        return JSONResponse(await work)
+    finally:
+        watcher.cancel()
+        recorder.finish("abort")  # ignored when the request finished
+        await slot.__aexit__(None, None, None)
+
+
+class _StreamingResponse(StreamingResponse):
+    """Runs `on_close` however the response ends, even when the client left before the
+    body started (then the body generator never ran and its own cleanup would not)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+def _with_seed(fields: dict, seed: int | None) -> dict:
+    out = dict(fields)
+    if seed is not None:
+        out["seed"] = seed
+    return out
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.2)

@@ -1,0 +1,218 @@
+"""A pool of workers of one role: discovery, health polling and load-aware picking.
+
+Addresses are `host:port`. A host name is resolved to every address behind it and
+re-resolved periodically, so replicas behind a DNS name (compose `--scale`, a Kubernetes
+headless Service) join and leave the rotation without a restart. Each resolved worker
+is polled with `Health`; one that fails `fail_after` polls in a row (or a call) leaves
+the rotation until a poll succeeds again.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+log = logging.getLogger("pdserve.gateway.pool")
+
+_STUBS = {"prefill": prefill_pb2_grpc.PrefillServiceStub,
+          "decode": decode_pb2_grpc.DecodeServiceStub}
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.max_send_message_length", 8 << 20)]
+
+
+class NoWorkerError(Exception):
+    """No healthy worker of a role can take the request."""
+
+
+@dataclass
+class Worker:
+    address: str
+    role: str
+    channel: grpc.aio.Channel
+    stub: object
+    healthy: bool = False
+    health: common_pb2.HealthResponse | None = None
+    failures: int = 0
+    last_error: str = ""
+    inflight: int = 0
+    # What this gateway sent since the last report (which cannot include it yet); a
+    # report resets them, so nothing is counted twice.
+    pending_prompt_tokens: int = 0
+    pending_blocks: int = 0
+    epoch: int = 0
+    seen_at: float = field(default_factory=time.monotonic)
+
+    def free_blocks(self) -> int:
+        free = self.health.free_kv_blocks if self.health else 0
+        return free - self.pending_blocks
+
+    def queued_tokens(self) -> int:
+        queued = self.health.queued_prompt_tokens if self.health else 0
+        return queued + self.pending_prompt_tokens
+
+
+def split_address(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"worker address {spec!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve(spec: str) -> list[str]:
+    """Every `ip:port` behind `spec` (IPv4 preferred when a name has both)."""
+    host, port = split_address(spec)
+    if _is_ip(host) or host == "localhost":
+        return [spec.strip()]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET})
+    v6 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET6})
+    return [f"{ip}:{port}" for ip in v4] or [f"[{ip}]:{port}" for ip in v6]
+
+
+class WorkerPool:
+    def __init__(self, role: str, specs: list[str], *, poll_interval: float = 1.0,
+                 resolve_interval: float = 10.0, fail_after: int = 2,
+                 health_timeout: float = 2.0, on_health=None):
+        if role not in _STUBS:
+            raise ValueError(f"unknown worker role {role!r}")
+        for spec in specs:
+            split_address(spec)
+        self.role = role
+        self.specs = list(specs)
+        self.poll_interval = poll_interval
+        self.resolve_interval = resolve_interval
+        self.fail_after = fail_after
+        self.health_timeout = health_timeout
+        self.on_health = on_health  # callback(worker) after every poll, for metrics
+        self.workers: dict[str, Worker] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._resolved_at = 0.0
+
+    # ----- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._tasks.append(asyncio.create_task(self._poll_forever()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for worker in self.workers.values():
+            await worker.channel.close()
+        self.workers.clear()
+
+    async def refresh(self) -> None:
+        """Re-resolve the names (when due), then poll every worker once."""
+        if time.monotonic() - self._resolved_at >= self.resolve_interval:
+            await self._resolve()
+        await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.refresh()
+            except Exception:  # a bad DNS answer must not end polling for good
+                log.exception("%s pool: refresh failed", self.role)
+
+    async def _resolve(self) -> None:
+        addresses: set[str] = set()
+        for spec in self.specs:
+            try:
+                addresses.update(await asyncio.to_thread(resolve, spec))
+            except OSError as exc:
+                log.warning("%s pool: cannot resolve %s: %s", self.role, spec, exc)
+        self._resolved_at = time.monotonic()
+        for address in addresses - self.workers.keys():
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self.workers[address] = Worker(address, self.role, channel,
+                                           _STUBS[self.role](channel))
+            log.info("%s pool: %s joined", self.role, address)
+        for address in self.workers.keys() - addresses:
+            worker = self.workers.pop(address)
+            await worker.channel.close()
+            if self.on_health:
+                self.on_health(worker, removed=True)
+            log.info("%s pool: %s left (no longer behind its name)", self.role, address)
+
+    async def _poll(self, worker: Worker) -> None:
+        try:
+            worker.health = await worker.stub.Health(common_pb2.HealthRequest(),
+                                                     timeout=self.health_timeout)
+            if not worker.healthy:
+                log.info("%s worker %s is healthy", self.role, worker.address)
+            worker.healthy, worker.failures = True, 0
+            worker.pending_prompt_tokens = worker.pending_blocks = 0
+            worker.epoch += 1
+            worker.seen_at = time.monotonic()
+        except grpc.aio.AioRpcError as exc:
+            self.report_failure(worker, f"{exc.code().name}: {exc.details()}", poll=True)
+        if self.on_health:
+            self.on_health(worker, removed=False)
+
+    def report_failure(self, worker: Worker, error: str, *, poll: bool = False) -> None:
+        """A failed poll counts towards `fail_after`; a failed call takes it out at once."""
+        worker.failures += 1
+        worker.last_error = error
+        if worker.healthy and (not poll or worker.failures >= self.fail_after):
+            worker.healthy = False
+            log.warning("%s worker %s left the rotation: %s", self.role, worker.address, error)
+
+    # ----- picking ----------------------------------------------------------------------
+
+    def healthy(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.healthy]
+
+    def pick(self, exclude: set[str] = frozenset()) -> Worker:
+        """Decode: the most free KV blocks; prefill: the fewest queued prompt tokens.
+        Both count what this gateway sent since the last report; ties go to fewer
+        in-flight requests, so an idle pool is used round-robin-like."""
+        candidates = [w for w in self.healthy() if w.address not in exclude]
+        if not candidates:
+            known = ", ".join(f"{w.address} ({w.last_error or 'starting'})"
+                              for w in self.workers.values()) or "none resolved"
+            raise NoWorkerError(f"no healthy {self.role} worker (known: {known})")
+        if self.role == "decode":
+            return max(candidates, key=lambda w: (w.free_blocks(), -w.inflight))
+        return min(candidates, key=lambda w: (w.queued_tokens(), w.inflight))
+
+    @contextlib.contextmanager
+    def claim(self, worker: Worker, prompt_tokens: int):
+        """Count a request against a worker while the gateway has it in flight."""
+        blocks = 0
+        if worker.health and worker.health.block_size:
+            blocks = -(-prompt_tokens // worker.health.block_size)
+        epoch = worker.epoch
+        worker.inflight += 1
+        worker.pending_prompt_tokens += prompt_tokens
+        worker.pending_blocks += blocks
+        try:
+            yield worker
+        finally:
+            worker.inflight -= 1
+            if worker.epoch == epoch:  # no report since: take back what we added
+                worker.pending_prompt_tokens -= prompt_tokens
+                worker.pending_blocks -= blocks
+
+    @property
+    def max_seq_len(self) -> int | None:
+        lengths = [w.health.max_seq_len for w in self.healthy() if w.health]
+        return min(lengths) if lengths else None

@@ -1,0 +1,219 @@
+"""One generation (one choice of one prompt) across the worker pools.
+
+Disaggregated: the decode worker reserves KV blocks (Generate, remote_prefill), the
+prefill worker computes the prompt and streams its KV into that lease, the first token
+comes back from the prefill worker at once and the rest from the decode worker's stream.
+Prompts shorter than `local_prefill_max_tokens`, or every prompt without a prefill pool,
+run colocated on the decode worker. Leaving the generator early (client gone, stop
+string) cancels both gRPC calls, which frees the request's blocks on both workers.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve_proto.v1 import decode_pb2, prefill_pb2
+from server.errors import APIError
+from server.pool import NoWorkerError, Worker, WorkerPool
+
+log = logging.getLogger("pdserve.gateway.router")
+
+# Prefill failures worth one more try on another prefill worker: the worker (or the
+# path to the decode worker) failed, not the request.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND,
+              grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED}
+# Statuses that say the worker itself is gone: take it out of the rotation now.
+_WORKER_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class PrefillEvent:
+    """Where the first token's time went, as the prefill worker measured it."""
+
+    queue_seconds: float
+    compute_seconds: float
+    transfer_seconds: float
+    transfer_tail_seconds: float
+    kv_bytes: int
+    worker: str
+
+
+@dataclass
+class FinishEvent:
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def api_error(exc: grpc.aio.AioRpcError, what: str) -> APIError:
+    """A worker's gRPC status as the HTTP status a client can act on."""
+    code, details = exc.code(), exc.details() or ""
+    message = f"{what}: {details}" if details else f"{what} failed ({code.name})"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return APIError(400, details or message, code="invalid_value")
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        return APIError(503, message, code="worker_unavailable", headers={"Retry-After": "1"})
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, message, code="timeout")
+    return APIError(502, message, code=code.name.lower())
+
+
+def _token(msg) -> TokenEvent:
+    top = [(alt.token_id, alt.logprob) for alt in msg.top_logprobs]
+    return TokenEvent(msg.token_id, msg.logprob if msg.HasField("logprob") else None, top)
+
+
+class Router:
+    def __init__(self, decode: WorkerPool, prefill: WorkerPool | None, *,
+                 local_prefill_max_tokens: int = 32, request_timeout: float = 600.0):
+        self.decode = decode
+        self.prefill = prefill
+        self.local_prefill_max_tokens = local_prefill_max_tokens
+        self.request_timeout = request_timeout
+
+    def remote(self, num_prompt_tokens: int) -> bool:
+        return self.prefill is not None and num_prompt_tokens >= self.local_prefill_max_tokens
+
+    async def generate(self, request_id: str, prompt: list[int], params) -> AsyncIterator:
+        """TokenEvent..., (PrefillEvent before the first token when disaggregated),
+        then one FinishEvent. Raises APIError before the first event; after it, an
+        APIError means the stream broke (the caller reports it in-stream)."""
+        if self.remote(len(prompt)):
+            events = self._disaggregated(request_id, prompt, params)
+        else:
+            events = self._colocated(request_id, prompt, params)
+        async for event in events:
+            yield event
+
+    async def _open(self, request_id: str, prompt: list[int], params, remote: bool):
+        """A Generate call on the decode worker with the most room, trying the next one
+        when a worker is full; returns (worker, call, first message)."""
+        tried: set[str] = set()
+        last: APIError | None = None
+        while True:
+            try:
+                worker = self.decode.pick(exclude=tried)
+            except NoWorkerError as exc:
+                if last is not None:
+                    raise last from None
+                raise APIError(503, str(exc), code="no_worker",
+                               headers={"Retry-After": "1"}) from None
+            tried.add(worker.address)
+            call = worker.stub.Generate(
+                decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                           params=params, remote_prefill=remote),
+                metadata=(("x-request-id", request_id),), timeout=self.request_timeout)
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _WORKER_DOWN:
+                    self.decode.report_failure(worker, exc.details() or exc.code().name)
+                last = api_error(exc, f"decode worker {worker.address}")
+                if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  grpc.StatusCode.UNAVAILABLE):
+                    continue
+                raise last from None
+            if first is grpc.aio.EOF:
+                raise APIError(502, f"decode worker {worker.address} ended the stream "
+                                    "without an answer")
+            return worker, call, first
+
+    async def _colocated(self, request_id, prompt, params):
+        worker, call, first = await self._open(request_id, prompt, params, remote=False)
+        with self.decode.claim(worker, len(prompt)):
+            try:
+                yield self._event(first)
+                async for event in self._rest(worker, call):
+                    yield event
+            finally:
+                call.cancel()
+
+    async def _disaggregated(self, request_id, prompt, params):
+        failed_prefill: set[str] = set()
+        for attempt in (1, 2):
+            decode, call, first = await self._open(request_id, prompt, params, remote=True)
+            try:
+                with self.decode.claim(decode, len(prompt)):
+                    try:
+                        response, prefill_address = await self._prefill(
+                            request_id, prompt, params, decode, first.reserved.lease_id,
+                            failed_prefill)
+                    except _RetryPrefill as retry:
+                        call.cancel()
+                        if attempt == 2:
+                            raise retry.error from None
+                        log.warning("request %s: %s; retrying on another prefill worker",
+                                    request_id, retry.error.message)
+                        continue
+                    yield PrefillEvent(response.queue_seconds, response.compute_seconds,
+                                       response.transfer_seconds,
+                                       response.transfer_tail_seconds, response.kv_bytes,
+                                       prefill_address)
+                    yield _token(response.first_token)
+                    async for event in self._rest(decode, call):
+                        yield event
+                    return
+            finally:
+                call.cancel()
+
+    async def _prefill(self, request_id, prompt, params, decode: Worker, lease_id: str,
+                       failed: set[str]):
+        try:
+            worker = self.prefill.pick(exclude=failed)
+        except NoWorkerError as exc:
+            raise APIError(503, str(exc), code="no_worker",
+                           headers={"Retry-After": "1"}) from None
+        with self.prefill.claim(worker, len(prompt)):
+            try:
+                response = await worker.stub.Prefill(
+                    prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
+                                               params=params, decode_address=decode.address,
+                                               lease_id=lease_id),
+                    metadata=(("x-request-id", request_id),), timeout=self.request_timeout)
+            except grpc.aio.AioRpcError as exc:
+                error = api_error(exc, f"prefill worker {worker.address}")
+                if exc.code() in _RETRYABLE:
+                    failed.add(worker.address)
+                    if exc.code() in _WORKER_DOWN:
+                        self.prefill.report_failure(worker, exc.details() or exc.code().name)
+                    raise _RetryPrefill(error) from None
+                raise error from None
+        return response, worker.address
+
+    async def _rest(self, worker: Worker, call):
+        """Tokens 2..N and the finish from the decode worker's stream."""
+        try:
+            # read(), not iteration: the first message was taken with read() already,
+            # and grpc.aio refuses to mix the two on one call.
+            while (message := await call.read()) is not grpc.aio.EOF:
+                yield self._event(message)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _WORKER_DOWN:
+                self.decode.report_failure(worker, exc.details() or exc.code().name)
+            raise api_error(exc, f"decode worker {worker.address}") from None
+
+    @staticmethod
+    def _event(message):
+        kind = message.WhichOneof("item")
+        if kind == "token":
+            return _token(message.token)
+        if kind == "finished":
+            f = message.finished
+            return FinishEvent(f.finish_reason, f.prompt_tokens, f.completion_tokens)
+        raise APIError(502, f"decode worker sent an unexpected {kind!r} message")
+
+
+class _RetryPrefill(Exception):
+    def __init__(self, error: APIError):
+        super().__init__(error.message)
+        self.error = error

@@ -1,0 +1,132 @@
+"""Deltas of a Generation as OpenAI chunks over SSE, or gathered into one response.
+
+SSE framing: one `data: {json}` event per chunk, an error as an event of its own inside
+the stream (the status line has long been sent), and always `data: [DONE]` at the end.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from server import protocol
+from server.errors import APIError
+from server.generation import Delta, Generation, StreamBroken
+
+log = logging.getLogger("pdserve.gateway.stream")
+
+
+@dataclass
+class ResponseView:
+    """What the response builders need to know about the request."""
+
+    request_id: str
+    model: str
+    chat: bool
+    req: object
+    prompts: list[list[int]]
+    echo_texts: list[str] | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
+
+    @property
+    def n(self) -> int:
+        return self.req.n or 1
+
+    def echo(self, index: int) -> str:
+        return self.echo_texts[index // self.n] if self.echo_texts else ""
+
+    def logprobs(self, delta: Delta, offset: int = 0):
+        if not delta.logprobs:
+            return None
+        if self.chat:
+            return protocol.chat_logprobs(delta.logprobs)
+        return protocol.completion_logprobs(delta.logprobs, offset)
+
+    def chunk(self, delta: Delta, text: str, offset: int = 0) -> dict:
+        if self.chat:
+            return protocol.chat_chunk(self.id, self.model, self.created, delta.index,
+                                       {"content": text} if text else {},
+                                       delta.finish_reason, self.logprobs(delta))
+        return protocol.completion_chunk(self.id, self.model, self.created, delta.index, text,
+                                         delta.finish_reason, self.logprobs(delta, offset))
+
+    def usage(self, completion_tokens: int) -> dict:
+        return protocol.usage_dict(sum(len(p) for p in self.prompts), completion_tokens)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(gen: Generation, view: ResponseView, recorder):
+    started: set[int] = set()
+    offsets: dict[int, int] = {}
+    completion_tokens, reason = 0, "stop"
+    try:
+        async for delta in gen.deltas():
+            text = delta.text
+            if delta.index not in started:
+                started.add(delta.index)
+                if view.chat:  # OpenAI opens every chat choice with the role
+                    yield _sse(protocol.chat_chunk(view.id, view.model, view.created,
+                                                   delta.index,
+                                                   {"role": "assistant", "content": ""}, None))
+                text = view.echo(delta.index) + text
+            offset = offsets.get(delta.index, 0)
+            offsets[delta.index] = offset + len(text)
+            yield _sse(view.chunk(delta, text, offset))
+            if delta.finish_reason is not None:
+                completion_tokens += delta.completion_tokens
+                reason = delta.finish_reason
+        recorder.finish(reason)
+        options = view.req.stream_options
+        if options is not None and options.include_usage:
+            yield _sse({"id": view.id, "object": _chunk_object(view), "created": view.created,
+                        "model": view.model, "choices": [],
+                        "usage": view.usage(completion_tokens)})
+    except (APIError, StreamBroken) as exc:
+        error = exc.error if isinstance(exc, StreamBroken) else exc
+        log.warning("request %s: stream ended by an error: %s", view.request_id, error.message)
+        recorder.finish("error")
+        yield _sse(error.body())
+    yield "data: [DONE]\n\n"
+
+
+def _chunk_object(view: ResponseView) -> str:
+    return "chat.completion.chunk" if view.chat else "text_completion"
+
+
+async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
+    """The whole response at once. An error fails the request with its status."""
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list] = {}
+    finish: dict[int, str] = {}
+    completion_tokens, reason = 0, "stop"
+    try:
+        async for delta in gen.deltas():
+            texts.setdefault(delta.index, []).append(delta.text)
+            logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                finish[delta.index] = reason = delta.finish_reason
+                completion_tokens += delta.completion_tokens
+    except StreamBroken as exc:
+        recorder.finish("error")
+        raise exc.error from None
+    except APIError:
+        recorder.finish("error")
+        raise
+    recorder.finish(reason)
+    choices = []
+    for index in sorted(texts):
+        text = view.echo(index) + "".join(texts[index])
+        entries = Delta(index, logprobs=logprobs[index])
+        choices.append({"index": index, "text": text, "finish_reason": finish.get(index),
+                        "logprobs": view.logprobs(entries, len(view.echo(index)))})
+    usage = view.usage(completion_tokens)
+    if view.chat:
+        return protocol.chat_response(view.id, view.model, view.created, choices, usage)
+    return protocol.completion_response(view.id, view.model, view.created, choices, usage)
