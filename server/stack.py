@@ -159,12 +159,20 @@ def run(args: argparse.Namespace) -> int:
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, children, START_TIMEOUT)
         _announce(url, args, len(cores))
+        reported: set[str] = set()
         while not stop.wait(0.5):
             for child in children:
-                if child.proc.poll() is not None:
-                    print(f"pdserve up: {child.name} exited with code "
+                if child.proc.poll() is None or child.name in reported:
+                    continue
+                if child.name == "gateway":
+                    print(f"pdserve up: the gateway exited with code "
                           f"{child.proc.returncode}; stopping the stack", file=sys.stderr)
                     return 1
+                # The gateway takes a dead worker out of the rotation and serves on with
+                # the others (or answers 503); the stack stays up for them.
+                reported.add(child.name)
+                print(f"pdserve up: {child.name} exited with code {child.proc.returncode}",
+                      file=sys.stderr)
         return 0
     except RuntimeError as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
