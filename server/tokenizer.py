@@ -2,7 +2,8 @@
 
 `tokenizers` reads tokenizer.json; the chat template renders in a sandboxed jinja2
 environment set up the way Hugging Face sets up its own, so prompts come out token for
-token the same as `AutoTokenizer.apply_chat_template`.
+token the same as `AutoTokenizer.apply_chat_template`. The gateway must stay a light
+process, so nothing here may import torch or transformers.
 """
 
 import json
@@ -10,40 +11,90 @@ from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+_DEFAULT_CONTEXT = 2048  # used when config.json does not say how long a context can be
+
 
 def _token_text(value) -> str | None:
+    # tokenizer_config.json stores special tokens either as text or as an AddedToken dict.
     if isinstance(value, dict):
         return value.get("content")
     return value
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _raise(message: str):
+def _raise_exception(message: str):
+    # Templates call raise_exception() to reject conversations they cannot render
+    # (e.g. roles out of order); HF turns it into a TemplateError, and so do we.
     raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # HF replaces jinja's own tojson (which HTML-escapes) with plain json.dumps.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` renders its body unchanged.
+
+    HF templates use the tag to mark assistant tokens for training masks; without this
+    extension such templates would not even compile here.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _template_source(folder: Path, tcfg: dict) -> str | None:
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # older format: a list of named templates
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template or None
 
 
 class GatewayTokenizer:
     def __init__(self, tokenizer: Tokenizer, template: str | None, bos: str | None,
                  eos: str | None, eos_token_ids: tuple[int, ...], max_context: int):
         self._tok = tokenizer
-        self._template = None
-        if template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
-                x, ensure_ascii=False, indent=indent)
-            self._template = env.from_string(template)
         self.bos_token, self.eos_token = bos, eos
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # A broken template must not stop the gateway from serving plain completions,
+        # so a compile error is kept and reported only when a chat request comes in.
+        self._template: jinja2.Template | None = None
+        self._template_error = "the model has no chat template; use /v1/completions"
+        if template:
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True,
+                extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = _strftime_now
+            env.filters["tojson"] = _tojson
+            try:
+                self._template = env.from_string(template)
+            except jinja2.exceptions.TemplateError as exc:
+                self._template_error = f"the model's chat template does not compile: {exc}"
 
     @classmethod
     def from_folder(cls, folder) -> "GatewayTokenizer":
@@ -52,31 +103,43 @@ class GatewayTokenizer:
         tcfg = _read_json(folder / "tokenizer_config.json")
         config = _read_json(folder / "config.json")
         gen = _read_json(folder / "generation_config.json")
-        template_file = folder / "chat_template.jinja"
-        template = (template_file.read_text() if template_file.is_file()
-                    else tcfg.get("chat_template"))
         bos, eos = _token_text(tcfg.get("bos_token")), _token_text(tcfg.get("eos_token"))
-        ids: list[int] = []
+        # Any of these may end a generation: chat models often list several end tokens
+        # in generation_config.json that config.json does not know about.
+        ids: list = []
         for source in (config.get("eos_token_id"), gen.get("eos_token_id")):
             ids.extend(source if isinstance(source, list) else [source])
         if eos is not None:
             ids.append(tok.token_to_id(eos))
-        eos_ids = tuple(dict.fromkeys(i for i in ids if isinstance(i, int)))
-        return cls(tok, template, bos, eos, eos_ids,
-                   int(config.get("max_position_embeddings") or 2048))
+        eos_ids = tuple(dict.fromkeys(
+            i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
+        # Multimodal configs keep the language model's settings under text_config.
+        context = (config.get("max_position_embeddings")
+                   or config.get("text_config", {}).get("max_position_embeddings")
+                   or _DEFAULT_CONTEXT)
+        return cls(tok, _template_source(folder, tcfg), bos, eos, eos_ids, int(context))
 
     def encode(self, text: str) -> list[int]:
+        # add_special_tokens=True runs tokenizer.json's post-processor (BOS for models that
+        # want one), which is what calling an HF tokenizer on plain text does.
         return self._tok.encode(text).ids
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
-            raise ValueError("the model has no chat template; use /v1/completions")
+            raise ValueError(self._template_error)
         try:
-            return self._template.render(messages=messages, bos_token=self.bos_token,
-                                         eos_token=self.eos_token,
+            # tools/documents are passed as None, as HF does, so `is none` tests in
+            # templates behave the same.
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         bos_token=self.bos_token, eos_token=self.eos_token,
                                          add_generation_prompt=add_generation_prompt)
         except jinja2.exceptions.TemplateError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(f"chat template error: {exc}") from None
+        except (TypeError, KeyError, IndexError, AttributeError) as exc:
+            # Messages of an unexpected shape (content as a list, missing role, ...)
+            # fail inside the template; the client sent them, so it is a ValueError.
+            raise ValueError(f"chat template could not render these messages: "
+                             f"{type(exc).__name__}: {exc}") from None
 
     def apply_chat_template(self, messages: list[dict],
                             add_generation_prompt: bool = True) -> list[int]:
@@ -89,4 +152,5 @@ class GatewayTokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token_text(self, token_id: int) -> str:
+        # OpenAI logprobs show each token's own text, special tokens included.
         return self._tok.decode([token_id], skip_special_tokens=False)
