@@ -23,6 +23,8 @@ WORKER_LABELS = ("worker", "role")
 
 
 class GatewayMetrics:
+    """Owns its registry (not the global one) so tests and several apps never collide."""
+
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.registry = r = CollectorRegistry()
@@ -100,6 +102,8 @@ class GatewayMetrics:
 
 
 class RequestRecorder:
+    """One request's events, turned into observations; created when the request arrives."""
+
     def __init__(self, metrics: GatewayMetrics, prompt_tokens: int):
         self.m = metrics
         self.prompt_tokens = prompt_tokens
@@ -129,6 +133,7 @@ class RequestRecorder:
         self.m.kv_bytes.inc(kv_bytes)
 
     def finish(self, reason: str) -> None:
+        # Idempotent: callers finish from the stream and again from cleanup ("abort").
         if self.done:
             return
         self.done = True
@@ -137,7 +142,8 @@ class RequestRecorder:
         self.m.prompt_tokens.inc(self.prompt_tokens)
         self.m.prompt_hist.observe(self.prompt_tokens)
         self.m.gen_hist.observe(self.tokens)
-        if self.first is not None:
-            self.m.e2e.observe(now - self.start)
-            if self.tokens > 1:
-                self.m.tpot.observe((now - self.first) / (self.tokens - 1))
+        # Every finished request counts in e2e, even one that failed before its first token.
+        self.m.e2e.observe(now - self.start)
+        if self.tokens > 1:
+            # (e2e - ttft) / (tokens - 1): the first token's wait is TTFT's business.
+            self.m.tpot.observe((now - self.first) / (self.tokens - 1))

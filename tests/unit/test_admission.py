@@ -91,3 +91,46 @@ def test_an_exception_inside_releases_the_slot():
         return adm
 
     assert asyncio.run(main()).running == 0
+
+
+def test_waiter_cancelled_just_before_the_release_is_skipped():
+    # The cancelled future is still queued when the holder releases; the release must pass
+    # over it, and the waiter must see CancelledError (not a ValueError from its cleanup).
+    async def main():
+        adm = Admission(max_inflight=1, max_queue=5)
+        holder = adm.slot()
+        await holder.__aenter__()
+        cancelled = asyncio.create_task(adm.slot().__aenter__())
+        second = adm.slot()
+        behind = asyncio.create_task(second.__aenter__())
+        await asyncio.sleep(0)
+        assert adm.waiting == 2
+        cancelled.cancel()
+        await holder.__aexit__(None, None, None)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await behind  # got the slot the cancelled waiter would have had
+        assert (adm.running, adm.waiting) == (1, 0)
+        await second.__aexit__(None, None, None)
+        return adm
+
+    adm = asyncio.run(main())
+    assert (adm.running, adm.waiting) == (0, 0)
+
+
+def test_queue_seconds_measures_the_wait():
+    async def main():
+        adm = Admission(max_inflight=1, max_queue=1)
+        holder = adm.slot()
+        await holder.__aenter__()
+        waiter = asyncio.create_task(adm.slot().__aenter__())
+        await asyncio.sleep(0.05)
+        await holder.__aexit__(None, None, None)
+        return await waiter
+
+    assert asyncio.run(main()).queue_seconds >= 0.04
+
+
+def test_rejects_nonsense_limits():
+    with pytest.raises(ValueError):
+        Admission(max_inflight=0, max_queue=1)

@@ -69,3 +69,31 @@ def test_prefill_report_and_rejections():
     assert s[("pdserve_kv_transfer_bytes_total", ())] == 1000
     assert s[("pdserve_prefill_time_seconds_count", ())] == 1
     assert s[("pdserve_request_errors_total", (("status", "429"),))] == 1
+
+
+def test_request_without_tokens_counts_in_e2e_only():
+    clock = Clock()
+    m = GatewayMetrics(clock)
+    r = m.request(prompt_tokens=4)
+    r.queued(0.25)
+    clock.now += 2.0
+    r.finish("error")
+    s = samples(m)
+    assert s[("pdserve_e2e_request_latency_seconds_count", ())] == 1
+    assert abs(s[("pdserve_e2e_request_latency_seconds_sum", ())] - 2.0) < 1e-9
+    assert s[("pdserve_time_to_first_token_seconds_count", ())] == 0
+    assert s[("pdserve_time_per_output_token_seconds_count", ())] == 0
+    assert s[("pdserve_request_queue_time_seconds_sum", ())] == 0.25
+    assert s[("pdserve_request_generation_tokens_count", ())] == 1
+    assert s[("pdserve_request_generation_tokens_sum", ())] == 0
+    assert s[("pdserve_requests_total", (("finish_reason", "error"),))] == 1
+
+
+def test_running_and_waiting_gauges():
+    m = GatewayMetrics()
+    m.set_running(4)
+    m.set_waiting(2)
+    s = samples(m)
+    assert s[("pdserve_requests_running", ())] == 4
+    assert s[("pdserve_requests_waiting", ())] == 2
+    assert m.render()[1].startswith("text/plain")
