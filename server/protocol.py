@@ -1,191 +1,291 @@
-"""OpenAI's request shapes (validated with pydantic) and response shapes (plain dicts).
+"""OpenAI's request shapes, validated with pydantic, and their mapping onto SamplingParams.
 
-Validation errors become a 400 naming the field; OpenAI fields that pdserve does not
-implement are refused by name rather than silently ignored; unknown fields are ignored.
+Every bad request becomes a 400 naming the field at fault (a dotted path such as
+`messages.0.content`); OpenAI fields that pdserve does not implement are refused by name
+when set to anything but their "off" value; unknown fields are ignored; `null` means the
+default, as with OpenAI. The response builders live in server.responses and are
+re-exported here.
 """
 
 import hashlib
-import uuid
+import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import APIError, invalid
+from server.responses import (
+    chat_chunk,
+    chat_logprobs,
+    chat_response,
+    chat_role_chunk,
+    completion_chunk,
+    completion_logprobs,
+    completion_response,
+    new_id,
+    usage_chunk,
+    usage_dict,
+)
 
-MAX_LOGPROBS = 20
+__all__ = [
+    "ChatCompletionRequest", "CompletionRequest", "Message", "StreamOptions", "check_token_ids",
+    "chat_chunk", "chat_logprobs", "chat_response", "chat_role_chunk", "choice_seed",
+    "completion_chunk", "completion_logprobs", "completion_response", "new_id",
+    "parse_chat_request", "parse_completion_request", "prompt_inputs", "sampling_fields",
+    "template_messages", "usage_chunk", "usage_dict",
+]
+
+MAX_LOGPROBS = 20  # engine.sampling_params.MAX_LOGPROBS
+MAX_N = 16
+MAX_STOP = 4
+INT32_MAX = 2**31 - 1  # SamplingParams' int32 fields
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+_CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    model_config = _CONFIG
+    include_usage: bool | None = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _CONFIG
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]],
-                          Field(max_length=4)] | None = None
-    seed: int | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    stream: bool | None = False
+    max_tokens: Count | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Extensions (vLLM's names).
-    top_k: int | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
-    # OpenAI fields pdserve does not implement: accepted only at their "off" values.
-    logit_bias: dict[str, float] | None = None
-    tools: list[Any] | None = None
+    # Extensions, with vLLM's names.
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] = -1  # -1 or 0 disables
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    # OpenAI fields pdserve does not implement: refused unless at their "off" value.
+    logit_bias: Any = None
+    tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
+    service_tier: Any = None
     reasoning_effort: Any = None
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.stream_options is not None and not self.stream:
-            raise _FieldError("stream_options", "is only allowed when stream is true")
-        if self.top_k is not None and self.top_k < -1:
-            raise _FieldError("top_k", "must be -1 or 0 (disabled) or >= 1")
-        return self
 
     @property
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        """The stop strings, empty ones dropped (they would match at once)."""
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return [s for s in stops if s]
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
+    echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
-    best_of: int | None = None
-
-    @model_validator(mode="after")
-    def _completion_checks(self):
-        if self.echo and self.logprobs is not None:
-            raise _FieldError("echo", "with logprobs is not supported (no prompt logprobs)")
-        return self
+    best_of: Annotated[int, Field(ge=1)] | None = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    model_config = _CONFIG
+    type: str
+    text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _CONFIG
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool | None = False
+    max_completion_tokens: Count | None = None
+    logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
-    @model_validator(mode="after")
-    def _chat_checks(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise _FieldError("top_logprobs", "needs logprobs set to true")
-        for i, message in enumerate(self.messages):
-            if isinstance(message.content, list):
-                for part in message.content:
-                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise _FieldError(f"messages.{i}.content",
-                                          f"content part of type {part.get('type')!r} is "
-                                          "not supported (text only)")
-            elif message.content is None and message.role != "assistant":
-                raise _FieldError(f"messages.{i}.content", "is required")
-        return self
+
+# ----- parsing ---------------------------------------------------------------------------
+
+def parse_completion_request(body: dict) -> CompletionRequest:
+    req = _parse(CompletionRequest, body)
+    if req.suffix:
+        raise _unsupported("suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise _unsupported("best_of", f"best_of ({req.best_of}) other than n ({req.n}) is "
+                                      "not supported by pdserve")
+    if req.echo and req.logprobs is not None:
+        raise invalid("echo", "echo with logprobs is not supported (no prompt logprobs)")
+    return req
 
 
-class _FieldError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field = field
+def parse_chat_request(body: dict) -> ChatCompletionRequest:
+    req = _parse(ChatCompletionRequest, body)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+    for i, message in enumerate(req.messages):
+        param = f"messages.{i}.content"
+        if message.tool_calls:
+            raise _unsupported(f"messages.{i}.tool_calls",
+                               f"messages.{i}.tool_calls: tool calls are not supported by "
+                               "pdserve")
+        if message.content is None and message.role != "assistant":
+            raise invalid(param, f"{param} is required for a {message.role} message")
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if part.type != "text":
+                raise invalid(param, f"{param}.{j}: content parts of type {part.type!r} are "
+                                     "not supported (only 'text')")
+            if part.text is None:
+                raise invalid(param, f"{param}.{j}: a text part needs a 'text' string")
+    return req
 
 
 _UNSUPPORTED_OFF = {
-    "logit_bias": lambda v: not v, "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"), "functions": lambda v: not v,
-    "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v in (None, {"type": "text"}),
-    "audio": lambda v: v is None, "modalities": lambda v: v in (None, ["text"]),
-    "prediction": lambda v: v is None, "web_search_options": lambda v: v is None,
-    "reasoning_effort": lambda v: v is None,
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in ("none", "auto"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in ("none", "auto"),
+    "response_format": lambda v: v == {"type": "text"},
+    "audio": lambda v: False,
+    "modalities": lambda v: v == ["text"],
+    "prediction": lambda v: False,
+    "web_search_options": lambda v: False,
+    "service_tier": lambda v: v in ("auto", "default"),
+    "reasoning_effort": lambda v: v == "none",
 }
 
 
 def _parse(cls, body: dict):
+    if not isinstance(body, dict):
+        raise invalid(None, "the body must be a JSON object")
+    # null means "the default", as with OpenAI.
+    body = {k: v for k, v in body.items() if v is not None}
     try:
         req = cls.model_validate(body)
     except ValidationError as exc:
         raise _as_api_error(exc) from None
     for name, is_off in _UNSUPPORTED_OFF.items():
-        if not is_off(getattr(req, name)):
-            raise APIError(400, f"{name} is not supported by pdserve", param=name,
-                           code="unsupported_parameter")
+        value = getattr(req, name)
+        if value is not None and not is_off(value):
+            raise _unsupported(name)
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options", "stream_options is only allowed when stream is true")
     return req
+
+
+def _unsupported(param: str, message: str | None = None) -> APIError:
+    return APIError(400, message or f"{param} is not supported by pdserve", param=param,
+                    code="unsupported_parameter")
+
+
+# Pydantic names the union branch in the error's location ("stop.list[str]"): such parts
+# are not field names and never reach the client.
+_BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_ROOT_TYPE_ERRORS = {"string_type", "int_type", "float_type", "bool_type", "list_type",
+                     "dict_type", "model_type", "model_attributes_type", "literal_error"}
+_UNION_TYPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of "
+              "token ids",
+    "stop": f"a string or a list of at most {MAX_STOP} strings",
+    "content": "a string or a list of content parts",
+}
+
+
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and (part in _BRANCH_NAMES or not _FIELD_NAME.fullmatch(part))
+
+
+def _root(loc: tuple) -> tuple[tuple, Any]:
+    """The location up to the union branch, and the branch (None outside unions)."""
+    for i, part in enumerate(loc):
+        if _is_branch(part):
+            return loc[:i], part
+    return loc, None
 
 
 def _as_api_error(exc: ValidationError) -> APIError:
-    error = exc.errors()[0]
-    ctx_error = (error.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _FieldError):
-        return invalid(ctx_error.field, str(ctx_error))
-    # Unions report the branch in the path (e.g. "prompt.str"): keep the field names.
-    loc = [str(p) for p in error["loc"] if isinstance(p, int) or not _is_type_tag(p)]
-    param = ".".join(loc) or None
-    value = error.get("input")
-    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-    message = f"{param}: {error['msg'].lower()}" if param else error["msg"]
-    if error["type"] != "missing":
-        message += f" (got {shown})"
-    return invalid(param, message)
+    errors = exc.errors(include_url=False)
+    error = errors[0]
+    root, branch = _root(error["loc"])
+    if branch is not None:
+        # A union failed: report the one branch the input has the shape of, if there is
+        # exactly one; else say what shapes the field takes.
+        branches: dict[Any, list[dict]] = {}
+        for e in errors:
+            r, b = _root(e["loc"])
+            if b is not None and r == root:
+                branches.setdefault(b, []).append(e)
+        matched = [errs for errs in branches.values()
+                   if not any(len(e["loc"]) == len(root) + 1 and e["type"] in _ROOT_TYPE_ERRORS
+                              for e in errs)]
+        if len(matched) != 1:
+            param = _dotted(root)
+            shape = _UNION_TYPES.get(str(root[-1]) if root else "", "another type")
+            return invalid(param, f"{param} must be {shape} (got {_show(error['input'])})")
+        error = matched[0][0]
+    param = _dotted(error["loc"])
+    return invalid(param or None, _describe(param, error))
 
 
-def _is_type_tag(part: str) -> bool:
-    return part in ("str", "int", "float", "bool", "list", "dict") or "[" in part \
-        or part.startswith("function-") or part.startswith("constrained-")
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not _is_branch(p))
 
 
-def parse_completion_request(body: dict) -> CompletionRequest:
-    req = _parse(CompletionRequest, body)
-    if req.suffix is not None:
-        raise APIError(400, "suffix is not supported by pdserve", param="suffix",
-                       code="unsupported_parameter")
-    if req.best_of is not None and req.best_of != (req.n or 1):
-        raise APIError(400, "best_of other than n is not supported by pdserve",
-                       param="best_of", code="unsupported_parameter")
-    return req
+_PLAIN = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+          "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
+          "model_type": "an object", "model_attributes_type": "an object"}
 
 
-def parse_chat_request(body: dict) -> ChatCompletionRequest:
-    return _parse(ChatCompletionRequest, body)
+def _describe(param: str, error: dict) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return f"{param} is required"
+    msg = error["msg"]
+    if kind in _PLAIN:
+        text = f"{param} must be {_PLAIN[kind]}"
+    elif kind == "too_long":
+        text = f"{param} must have at most {ctx['max_length']} items"
+    elif kind == "too_short":
+        text = f"{param} must have at least {ctx['min_length']} item(s)"
+    elif msg.startswith("Input should be "):
+        text = f"{param} must be {msg.removeprefix('Input should be ')}"
+    else:
+        text = f"{param}: {msg[:1].lower()}{msg[1:]}" if param else msg
+    return f"{text} (got {_show(error['input'])})"
 
+
+def _show(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----- prompts ---------------------------------------------------------------------------
 
 def prompt_inputs(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completions request, one per entry: text, or token ids."""
     p = req.prompt
     if isinstance(p, str):
         prompts = [p]
@@ -193,19 +293,24 @@ def prompt_inputs(req: CompletionRequest) -> list[str | list[int]]:
         prompts = [list(p)]
     else:
         prompts = list(p)
-    if not prompts or any(len(x) == 0 for x in prompts):
+    if not prompts:
         raise invalid("prompt", "prompt must not be empty")
+    for i, item in enumerate(prompts):
+        if len(item) == 0:
+            where = "prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise invalid("prompt", f"{where} must not be empty")
     return prompts
 
 
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
+def check_token_ids(ids: list[int], vocab_size: int, *, param: str = "prompt") -> None:
     for t in ids:
         if not 0 <= t < vocab_size:
-            raise invalid("prompt", f"token id {t} is outside the vocabulary "
-                                    f"[0, {vocab_size})")
+            raise invalid(param, f"token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as the chat template takes them: role and text content ("developer" is
+    the newer name of "system")."""
     out = []
     for m in messages:
         content = m.get("content") or ""
@@ -216,95 +321,50 @@ def template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def sampling_fields(req, *, default_max_tokens: int, eos_token_ids=()) -> dict:
+# ----- sampling --------------------------------------------------------------------------
+
+def sampling_fields(req: CompletionRequest | ChatCompletionRequest, *,
+                    default_max_tokens: int | None, eos_token_ids=()) -> dict:
+    """The proto SamplingParams fields of one choice (the seed is choice 0's; see
+    choice_seed). The tokenizer's end tokens stop generation unless ignore_eos is set."""
     chat = isinstance(req, ChatCompletionRequest)
-    max_tokens = (req.max_completion_tokens if chat else None) or req.max_tokens
-    max_tokens = max_tokens or default_max_tokens
+    if chat and req.max_completion_tokens is not None:
+        param, max_tokens = "max_completion_tokens", req.max_completion_tokens
+    else:
+        param = "max_tokens"
+        max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens
+    if max_tokens is None:
+        raise invalid(param, f"{param} is required")
     if max_tokens < 1:
-        raise invalid("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
-    min_tokens = req.min_tokens or 0
-    if min_tokens > max_tokens:
-        raise invalid("min_tokens", f"min_tokens ({min_tokens}) is over max_tokens "
+        raise invalid(param, f"{param} must be >= 1, got {max_tokens}")
+    if req.min_tokens > max_tokens:
+        raise invalid("min_tokens", f"min_tokens ({req.min_tokens}) is over {param} "
                                     f"({max_tokens})")
-    fields = dict(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=-1 if not req.top_k else req.top_k,
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        max_tokens=max_tokens, min_tokens=min_tokens, ignore_eos=bool(req.ignore_eos))
+    fields = {
+        "temperature": float(req.temperature), "top_p": float(req.top_p),
+        "top_k": req.top_k or -1, "min_p": float(req.min_p),
+        "repetition_penalty": float(req.repetition_penalty),
+        "presence_penalty": float(req.presence_penalty),
+        "frequency_penalty": float(req.frequency_penalty),
+        "max_tokens": max_tokens, "min_tokens": req.min_tokens, "ignore_eos": req.ignore_eos,
+        "stop_token_ids": [] if req.ignore_eos else sorted({
+            int(t) for t in eos_token_ids if 0 <= t <= INT32_MAX}),
+    }
     if req.seed is not None:
         fields["seed"] = req.seed
-    if chat and req.logprobs:
-        fields["logprobs"] = req.top_logprobs or 0
-    elif not chat and req.logprobs is not None:
+    if chat:
+        if req.logprobs:
+            fields["logprobs"] = req.top_logprobs or 0
+    elif req.logprobs is not None:
         fields["logprobs"] = req.logprobs
     return fields
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
-    """Choice 0 keeps the seed; the others get their own, derived from it, so a seeded
-    request with n > 1 is reproducible and its choices differ."""
+    """The seed of choice `index` when n > 1 runs each choice as its own request: choice 0
+    keeps the seed, the others get a 63-bit one derived from (seed, index), so a seeded
+    request is reproducible and its choices differ."""
     if seed is None or index == 0:
         return seed
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"pdserve-choice:{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex[:24]
-
-
-# ----- responses ------------------------------------------------------------------------
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_response(id, model, created, choices, usage) -> dict:
-    return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": c["index"], "text": c["text"], "logprobs": c["logprobs"],
-                         "finish_reason": c["finish_reason"]} for c in choices],
-            "usage": usage}
-
-
-def chat_response(id, model, created, choices, usage) -> dict:
-    return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c["index"], "logprobs": c["logprobs"],
-                         "finish_reason": c["finish_reason"],
-                         "message": {"role": "assistant", "content": c["text"]}}
-                        for c in choices],
-            "usage": usage}
-
-
-def completion_chunk(id, model, created, index, text, finish_reason, logprobs=None) -> dict:
-    return {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
-
-
-def chat_chunk(id, model, created, index, delta, finish_reason, logprobs=None) -> dict:
-    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
-
-
-def completion_logprobs(entries, offset: int = 0) -> dict:
-    offsets = []
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e.token)
-    return {"tokens": [e.token for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
-
-
-def chat_logprobs(entries) -> dict:
-    def item(token, logprob):
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    return {"content": [{**item(e.token, e.logprob),
-                         "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]}
