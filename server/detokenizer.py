@@ -26,9 +26,13 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = list(prompt_ids or [])[-_CONTEXT:]
+        self._prefix_text: str | None = self._decode(self.ids)  # emitted part; cached
+        if self._prefix_text.endswith("\ufffd"):
+            # A prompt given as token ids may end inside a character; the output's first
+            # bytes would then complete it and decode differently from the output alone.
+            self.ids, self._prefix_text = [], ""
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self._prefix_text: str | None = None  # decode of the emitted part; cached
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -62,6 +66,10 @@ class IncrementalDetokenizer:
             return ""
         prefix = self._prefix()
         full = self._decode(self.ids[self.prefix_offset:])
+        if not full.startswith(prefix):
+            # The context never settled (see push); the held tokens' own text is the
+            # best answer and loses nothing.
+            full, prefix = self._decode(self.ids[self.read_offset:]), ""
         self.prefix_offset = self.read_offset = len(self.ids)
         self._prefix_text = None
         return full[len(prefix):]

@@ -17,6 +17,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 _DEFAULT_CONTEXT = 2048  # used when config.json does not say how long a context can be
+# The named special tokens HF hands to every chat template (its special_tokens_map).
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                        "cls_token", "mask_token")
 
 
 def _token_text(value) -> str | None:
@@ -73,10 +76,12 @@ def _template_source(folder: Path, tcfg: dict) -> str | None:
 
 
 class GatewayTokenizer:
-    def __init__(self, tokenizer: Tokenizer, template: str | None, bos: str | None,
-                 eos: str | None, eos_token_ids: tuple[int, ...], max_context: int):
+    def __init__(self, tokenizer: Tokenizer, template: str | None, special_tokens: dict,
+                 eos_token_ids: tuple[int, ...], max_context: int):
         self._tok = tokenizer
-        self.bos_token, self.eos_token = bos, eos
+        self.special_tokens = special_tokens  # name -> text, e.g. "eos_token" -> "<|im_end|>"
+        self.bos_token = special_tokens.get("bos_token")
+        self.eos_token = special_tokens.get("eos_token")
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -103,7 +108,9 @@ class GatewayTokenizer:
         tcfg = _read_json(folder / "tokenizer_config.json")
         config = _read_json(folder / "config.json")
         gen = _read_json(folder / "generation_config.json")
-        bos, eos = _token_text(tcfg.get("bos_token")), _token_text(tcfg.get("eos_token"))
+        special = {name: text for name in _SPECIAL_TOKEN_NAMES
+                   if (text := _token_text(tcfg.get(name))) is not None}
+        eos = special.get("eos_token")
         # Any of these may end a generation: chat models often list several end tokens
         # in generation_config.json that config.json does not know about.
         ids: list = []
@@ -117,7 +124,7 @@ class GatewayTokenizer:
         context = (config.get("max_position_embeddings")
                    or config.get("text_config", {}).get("max_position_embeddings")
                    or _DEFAULT_CONTEXT)
-        return cls(tok, _template_source(folder, tcfg), bos, eos, eos_ids, int(context))
+        return cls(tok, _template_source(folder, tcfg), special, eos_ids, int(context))
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=True runs tokenizer.json's post-processor (BOS for models that
@@ -127,12 +134,17 @@ class GatewayTokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise ValueError(self._template_error)
+        # HF drops keys whose value is None (OpenAI clients send "name": null and the
+        # like) because templates test `is defined`, not `is none`; do the same.
+        if isinstance(messages, list):
+            messages = [{k: v for k, v in m.items() if v is not None}
+                        if isinstance(m, dict) else m for m in messages]
         try:
             # tools/documents are passed as None, as HF does, so `is none` tests in
             # templates behave the same.
             return self._template.render(messages=messages, tools=None, documents=None,
-                                         bos_token=self.bos_token, eos_token=self.eos_token,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from None
         except (TypeError, KeyError, IndexError, AttributeError) as exc:

@@ -18,17 +18,17 @@ TEXTS = ["Hello, world! How are you today?", " The answer is 42.\n\nNext line.",
          "mixed: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑∫√ and \U0001f9ea\U0001f9ec end", "   spaces   everywhere   "]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folder():
     return ensure_default_model()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours(folder):
     return GatewayTokenizer.from_folder(folder)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf(folder):
     return AutoTokenizer.from_pretrained(folder)
 
@@ -77,6 +77,15 @@ def test_leading_space_of_first_token_comes_out(ours):
     assert detok.push(ids[0]) == " world" and detok.flush() == ""
 
 
+def test_prompt_ids_ending_inside_a_character(ours):
+    # A completions prompt may be raw token ids that stop halfway through an emoji; the
+    # output's bytes must not complete the prompt's character.
+    emoji = ours.encode("x🎉")
+    prompt, output = emoji[:-1], emoji[-1:] + ours.encode(" ok é")
+    joined = run(ours, output, prompt)[1]
+    assert joined == ours.decode(output) and joined.endswith(" ok é")
+
+
 def test_random_ids_match_whole_decode(ours, hf):
     rng = random.Random(1234)
     # Single-byte tokens combine into valid, partial and invalid UTF-8 sequences, the
@@ -85,7 +94,7 @@ def test_random_ids_match_whole_decode(ours, hf):
     for trial in range(200):
         pool = byte_ids if trial % 2 else range(ours.vocab_size)
         ids = [rng.choice(pool) for _ in range(rng.randrange(1, 30))]
-        prompt = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(0, 8))]
+        prompt = [rng.choice(pool) for _ in range(rng.randrange(0, 8))]
         skip = trial % 3 != 0
         assert run(ours, ids, prompt, skip)[1] == ours.decode(ids, skip)
     ids = [rng.randrange(ours.vocab_size) for _ in range(60)]

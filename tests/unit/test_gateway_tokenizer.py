@@ -28,17 +28,17 @@ CHATS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folder():
     return ensure_default_model()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours(folder):
     return GatewayTokenizer.from_folder(folder)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf(folder):
     return AutoTokenizer.from_pretrained(folder)
 
@@ -142,6 +142,23 @@ def test_template_environment_like_hf(tmp_path, folder):
     tok = make_folder(tmp_path, folder, template=template)
     text = tok.render_chat([{"role": "user", "content": "é<b>"}, {"role": "skip"}])
     assert text == '{"role": "user", "content": "é<b>"}<|im_start|><|im_end|>True4'
+
+
+def test_none_keys_dropped_and_special_tokens_passed_like_hf(tmp_path, folder):
+    # OpenAI clients send "name": null; HF drops such keys before rendering, so a
+    # template testing `is defined` must not print "None".
+    template = ("{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }})"
+                "{% endif %}:{{ m.content }}|{% endfor %}{{ unk_token }}{{ pad_token }}"
+                "{{ bos_token }}{% if add_generation_prompt %}>{% endif %}")
+    tok = make_folder(tmp_path, folder, template=template)
+    chat = [{"role": "user", "content": "hi", "name": None},
+            {"role": "assistant", "content": "yo", "name": "bot"}]
+    expected = "user:hi|assistant(bot):yo|<|endoftext|><|im_end|><|im_start|>>"
+    assert tok.render_chat(chat) == expected
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == expected
+    assert tok.apply_chat_template(chat) == list(hf.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
 
 def test_gateway_modules_do_not_import_torch():
