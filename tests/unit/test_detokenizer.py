@@ -5,6 +5,7 @@ text from a stop string on ever leaks, however the text arrives."""
 import random
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from engine.default_model import ensure_default_model
@@ -75,6 +76,18 @@ def test_leading_space_of_first_token_comes_out(ours):
     ids = ours.encode(" world")
     detok = IncrementalDetokenizer(ours, prompt_ids=ours.encode("Hello"))
     assert detok.push(ids[0]) == " world" and detok.flush() == ""
+
+
+def test_prompt_context_keeps_sentencepiece_leading_space(tmp_path):
+    # SentencePiece-style decoders drop the space of a text's first word, so decoding the
+    # first output token alone would glue it to the prompt; the prompt context keeps it.
+    sp = Tokenizer(models.WordLevel({"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2},
+                                    unk_token="<unk>"))
+    sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    sp.save(str(tmp_path / "tokenizer.json"))
+    tok = GatewayTokenizer.from_folder(tmp_path)
+    assert tok.decode([2]) == "world"
+    assert run(tok, [2, 2], prompt=[1])[1] == " world world"
 
 
 def test_prompt_ids_ending_inside_a_character(ours):
