@@ -4,15 +4,14 @@ import argparse
 import asyncio
 
 from engine.cli_args import add_engine_args, engine_config_from_args
+from kvtransfer.serving import add_worker_arguments
 
 DEFAULT_PORT = 50052
 DEFAULT_LEASE_TIMEOUT = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="gRPC port (0: any free port, printed at start)")
+    add_worker_arguments(parser, DEFAULT_PORT)
     parser.add_argument("--lease-timeout", type=float, default=DEFAULT_LEASE_TIMEOUT,
                         help="seconds a KV reservation waits for (more of) its KV")
     add_engine_args(parser)
@@ -29,6 +28,7 @@ async def _serve(args: argparse.Namespace) -> None:
     from engine.llm_engine import LLMEngine
     from kvtransfer.convert import engine_fingerprint
     from kvtransfer.serving import run_server
+    from kvtransfer.worker_metrics import WorkerMetrics
     from pdserve_proto.v1 import decode_pb2_grpc
 
     if args.lease_timeout <= 0:
@@ -36,8 +36,11 @@ async def _serve(args: argparse.Namespace) -> None:
     engine = LLMEngine(engine_config_from_args(args))
     engine_loop = EngineLoop(engine, asyncio.get_running_loop())
     service = DecodeService(engine_loop, engine_fingerprint(engine), args.lease_timeout)
+    if args.metrics_port is not None:
+        metrics = WorkerMetrics("decode", engine_loop, engine.config.model)
+        metrics.serve(args.host, args.metrics_port)
     engine_loop.start()
     await run_server(
         "decode", args.host, args.port,
         lambda server: decode_pb2_grpc.add_DecodeServiceServicer_to_server(service, server),
-        engine_loop.stop)
+        engine_loop.stop, service_name="pdserve.v1.DecodeService")

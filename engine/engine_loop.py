@@ -47,6 +47,9 @@ class EngineLoop:
         self.engine = engine
         self.loop = loop
         self.periodic: list[Callable[[], None]] = []  # run on the engine thread each turn
+        # Called on the engine thread after every model step with (seconds, outputs); the
+        # workers' Prometheus metrics hang here so the engine itself knows nothing of them.
+        self.step_observers: list[Callable[[float, list[StepOutput]], None]] = []
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._stop = threading.Event()
@@ -109,7 +112,12 @@ class EngineLoop:
             for task in self.periodic:
                 task()
             if self.engine.has_unfinished_requests():
-                self.deliver(self.engine.step())
+                start = time.perf_counter()
+                outputs = self.engine.step()
+                elapsed = time.perf_counter() - start
+                self.deliver(outputs)
+                for observe in self.step_observers:
+                    observe(elapsed, outputs)
             self.stats = self._snapshot()
 
     def _run_commands(self, block: bool) -> None:

@@ -6,6 +6,7 @@ import signal
 import sys
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdserve_proto.v1 import common_pb2
 
@@ -29,15 +30,34 @@ def health_response(role: str, engine_loop, model_digest: str, leases: int = 0):
         leases=leases, max_seq_len=engine.max_seq_len)
 
 
-async def run_server(role: str, host: str, port: int, add_services, on_stop) -> None:
+def add_worker_arguments(parser, default_port: int) -> None:
+    """Flags every worker has: where it listens for gRPC and for Prometheus."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=default_port,
+                        help="gRPC port (0: any free port, printed at start)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics over HTTP on this port "
+                             "(0: any free port; default: off)")
+
+
+async def run_server(role: str, host: str, port: int, add_services, on_stop,
+                     service_name: str = "") -> None:
     """Serve until SIGTERM/SIGINT. `add_services(server)` registers the servicers;
-    `on_stop()` runs after the server has stopped taking calls."""
+    `on_stop()` runs after the server has stopped taking calls.
+
+    The standard grpc.health.v1 service is served beside them, so Kubernetes' native
+    gRPC probes and `pdserve health grpc://...` work without knowing pdserve's protos;
+    it says SERVING only once the model is loaded (this function runs after that)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     add_services(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"{role} worker: cannot listen on {host}:{port}")
     await server.start()
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Tests and `pdserve up` read this line to learn the port (with --port 0).
     print(f"pdserve {role} worker listening on {host}:{bound}", flush=True)
     stop = asyncio.Event()
@@ -46,6 +66,7 @@ async def run_server(role: str, host: str, port: int, add_services, on_stop) -> 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s worker stopping", role)
+    await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2)
     on_stop()
 

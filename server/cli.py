@@ -2,14 +2,17 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from engine.cli_args import add_engine_args, engine_config_from_args
+from server.env_flags import apply_env_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (env PDSERVE_LOG_LEVEL)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text for one prompt, streaming")
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from decode_worker import server as decode_server
     from prefill_worker import server as prefill_server
-    from server import gateway, stack
+    from server import gateway, healthcheck, stack
 
     prefill = commands.add_parser("prefill", help="run a prefill worker (gRPC)")
     prefill_server.add_arguments(prefill)
@@ -41,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start gateway and workers on this machine")
     stack.add_arguments(up)
     up.set_defaults(func=stack.run)
+    health = commands.add_parser("health", help="probe a gateway or worker once "
+                                 "(exit 0 when healthy), for container health checks")
+    healthcheck.add_arguments(health)
+    health.set_defaults(func=healthcheck.run)
 
+    apply_env_defaults(parser)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
     return args.func(args)
