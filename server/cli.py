@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(exit 0 when healthy), for container health checks")
     healthcheck.add_arguments(health)
     health.set_defaults(func=healthcheck.run)
+    from bench import cli as bench_cli
+    # No abbreviations: `bench sweep --out` must not be taken for bench's --output.
+    bench = commands.add_parser(
+        "bench", allow_abbrev=False, help="load-test any OpenAI-compatible server "
+        "(`pdserve bench sweep`: configurations x rates, plots)")
+    bench_cli.add_arguments(bench)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""Open-loop load: requests leave at their arrival times whether or not earlier ones
+have finished (only `max_concurrency`, when set, holds them back)."""
+
+import asyncio
+import math
+import random
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from bench.client import send
+from bench.stats import RequestResult
+from bench.workload import BenchRequest
+
+# Gateway histograms whose mean per request is the phase breakdown (pdserve only).
+PHASES = {"queue": "pdserve_request_queue_time_seconds",
+          "prefill": "pdserve_prefill_time_seconds",
+          "kv_transfer": "pdserve_kv_transfer_seconds",
+          "ttft": "pdserve_time_to_first_token_seconds",
+          "tpot": "pdserve_time_per_output_token_seconds"}
+
+
+def arrival_times(num: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
+    """Send times (seconds from start) of `num` requests: a Poisson process when
+    burstiness is 1, gamma-distributed gaps otherwise (lower is burstier); all at
+    once when rate is infinite."""
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError("request rate and burstiness must be > 0")
+    if math.isinf(rate):
+        return [0.0] * num
+    scale = 1.0 / (rate * burstiness)  # mean gap = shape * scale = 1 / rate
+    times, now = [], 0.0
+    for _ in range(num):
+        times.append(now)
+        now += rng.gammavariate(burstiness, scale)
+    return times
+
+
+async def run_load(url: str, model: str, requests: list[BenchRequest], *,
+                   rate: float = math.inf, burstiness: float = 1.0,
+                   max_concurrency: int | None = None, duration: float | None = None,
+                   api_key: str | None = None, seed: int = 0, ignore_eos: bool = True,
+                   progress: bool = True) -> tuple[list[RequestResult], float]:
+    """Send `requests` (cycled when `duration` asks for more time than they last);
+    returns the results and the wall time from the first send to the last answer."""
+    rng = random.Random(seed)
+    count = len(requests)
+    if duration is not None and not math.isinf(rate):
+        count = max(count, math.ceil(duration * rate * 1.5))
+    times = arrival_times(count, rate, burstiness, rng)
+    if duration is not None:
+        times = [t for t in times if t < duration] or [0.0]
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(times), disable=not progress, unit="req", leave=False)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30),
+                                 limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(i: int, at: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            if gate is None:
+                result = await send(client, url, model, requests[i % len(requests)],
+                                    api_key=api_key, run_start=start, ignore_eos=ignore_eos)
+            else:
+                async with gate:
+                    result = await send(client, url, model, requests[i % len(requests)],
+                                        api_key=api_key, run_start=start,
+                                        ignore_eos=ignore_eos)
+            bar.update(1)
+            return result
+
+        results = await asyncio.gather(*(one(i, t) for i, t in enumerate(times)))
+        elapsed = time.perf_counter() - start
+    bar.close()
+    return list(results), elapsed
+
+
+def scrape_histograms(metrics_url: str) -> dict[str, tuple[float, float]] | None:
+    """(sum, count) of each phase histogram, or None when the server is not pdserve."""
+    try:
+        response = httpx.get(metrics_url, timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    found = {}
+    try:
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                for phase, name in PHASES.items():
+                    if sample.name == f"{name}_sum":
+                        found.setdefault(phase, [0.0, 0.0])[0] = sample.value
+                    elif sample.name == f"{name}_count":
+                        found.setdefault(phase, [0.0, 0.0])[1] = sample.value
+    except ValueError:  # not Prometheus text
+        return None
+    return {k: tuple(v) for k, v in found.items()} or None
+
+
+def phase_means(before, after) -> dict[str, float] | None:
+    """Mean seconds per request of each phase between two scrapes."""
+    if not before or not after:
+        return None
+    means = {}
+    for phase, (total, count) in after.items():
+        total0, count0 = before.get(phase, (0.0, 0.0))
+        n = count - count0
+        means[phase] = (total - total0) / n if n > 0 else math.nan
+    return means

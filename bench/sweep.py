@@ -1,0 +1,149 @@
+"""`pdserve bench sweep --spec FILE --out DIR`: every configuration of the spec, each
+started as its own server process, under every workload and request rate; then tables
+(results.md), plots (one PNG per workload) and summary.json in DIR.
+
+The spec is JSON: workloads, rates, num_prompts, slo, seed, and configs, each with a
+name, the command that starts it (`{python}` and `{port}` are filled in) and its URL.
+Every configuration gets exactly the same requests at the same arrival times.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+READY_TIMEOUT = 300
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", type=Path, required=True, help="sweep spec (JSON)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for results")
+    parser.add_argument("--configs", default=None, help="comma list: run only these")
+    parser.add_argument("--workloads", default=None, help="comma list: override the spec")
+    parser.add_argument("--rates", default=None, help="comma list: override the spec")
+    parser.add_argument("--num-prompts", type=int, default=None, help="override the spec")
+    parser.add_argument("--port", type=int, default=8300, help="port the servers use")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw tables and plots from the runs already in --out")
+
+
+def load_spec(args) -> dict:
+    spec = json.loads(args.spec.read_text())
+    if args.workloads:
+        spec["workloads"] = args.workloads.split(",")
+    if args.rates:
+        spec["rates"] = [float(r) for r in args.rates.split(",")]
+    if args.num_prompts:
+        spec["num_prompts"] = args.num_prompts
+    if args.configs:
+        wanted = args.configs.split(",")
+        unknown = set(wanted) - {c["name"] for c in spec["configs"]}
+        if unknown:
+            raise ValueError(f"--configs: not in the spec: {', '.join(sorted(unknown))}")
+        spec["configs"] = [c for c in spec["configs"] if c["name"] in wanted]
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.plots import write_plots, write_tables
+
+    try:
+        spec = load_spec(args)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"pdserve bench sweep: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.plot_only:
+        for config in spec["configs"]:
+            run_config(config, spec, args)
+    runs = collect_runs(args.out / "runs", spec["slo"])
+    (args.out / "summary.json").write_text(json.dumps(runs, indent=1))
+    write_tables(runs, spec, args.out / "results.md")
+    write_plots(runs, spec, args.out)
+    print(f"results in {args.out}")
+    return 0
+
+
+def run_config(config: dict, spec: dict, args) -> None:
+    from bench.cli import load_tokenizer, measure
+    from bench.stats import SLO
+    from bench.workload import build_requests
+
+    fill = {"python": sys.executable, "port": str(args.port)}
+    command = [part.format(**fill) for part in config["command"]]
+    url = config["url"].format(**fill)
+    print(f"== {config['name']}: {' '.join(command)}", flush=True)
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_ready(url, proc)
+        tokenizer = load_tokenizer("default")
+        slo = SLO.parse(spec["slo"])
+        for workload in spec["workloads"]:
+            requests = build_requests(tokenizer, spec["num_prompts"], workload=workload,
+                                      seed=spec.get("seed", 0))
+            warm = argparse.Namespace(request_rate=math.inf, burstiness=1.0,
+                                      max_concurrency=None, duration=None, api_key=None,
+                                      seed=0)
+            measure(url, "default", requests[:2], warm, slo, progress=False)
+            for rate in spec["rates"]:
+                load = argparse.Namespace(request_rate=rate, burstiness=1.0,
+                                          max_concurrency=None, duration=None,
+                                          api_key=None, seed=spec.get("seed", 0))
+                report = measure(url, "default", requests, load, slo, progress=False)
+                report |= {"config": config["name"], "workload": workload}
+                path = args.out / "runs" / workload / config["name"] / f"rate-{rate:g}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(report, indent=1))
+                print(f"   {workload:<6} rate {rate:<5g} done {report['completed']:>3} "
+                      f"failed {report['failed']:>2}  p99 TTFT "
+                      f"{report['ttft_s']['p99'] * 1000:8.0f} ms  p99 TPOT "
+                      f"{report['tpot_s']['p99'] * 1000:6.0f} ms  goodput "
+                      f"{report['goodput']:.3f}/s", flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} was not ready within {READY_TIMEOUT} s")
+
+
+def collect_runs(root: Path, slo_text: str) -> list[dict]:
+    """Every saved run's report, recomputed from its per-request timings under the
+    spec's SLO (so --plot-only can judge saved runs by another SLO)."""
+    from bench.stats import SLO, RequestResult, summarize
+
+    slo = SLO.parse(slo_text)
+    runs = []
+    for path in sorted(root.glob("*/*/rate-*.json")):
+        saved = json.loads(path.read_text())
+        results = [RequestResult(**{k: v for k, v in r.items() if k != "tpot"})
+                   for r in saved.pop("requests")]
+        report = summarize(results, saved["duration_s"], slo)
+        for key in ("config", "workload", "request_rate", "phases", "errors"):
+            if key in saved:
+                report[key] = saved[key]
+        runs.append(report)
+    return runs

@@ -1,0 +1,102 @@
+"""Requests to send: prompts of real language with exact token counts, and output lengths.
+
+Prompts are windows of the bundled public-domain corpus (bench/data/corpus.txt) at
+seeded offsets, made exact for the target model's tokenizer: the window's text is
+re-encoded and trimmed or extended until it encodes to exactly the asked length.
+Output lengths are enforced with `max_tokens` plus `ignore_eos`.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+
+
+@dataclass(frozen=True)
+class Lengths:
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Lengths":
+        """'128' (fixed) or '32:256' (uniform, inclusive)."""
+        low, _, high = text.partition(":")
+        try:
+            lo, hi = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"length {text!r}: expected N or LOW:HIGH") from None
+        if lo < 1 or hi < lo:
+            raise ValueError(f"length {text!r}: need 1 <= LOW <= HIGH")
+        return cls(lo, hi)
+
+    def draw(self, rng: random.Random) -> int:
+        return rng.randint(self.low, self.high)
+
+
+# Named mixes: (weight, prompt lengths, output lengths). Sized so that a 2-core CPU
+# running the default model (about 200 prompt tokens/s and 13 output tokens/s per
+# core) finishes a sweep in minutes; scale with --input-len/--output-len elsewhere.
+MIXES: dict[str, list[tuple[float, Lengths, Lengths]]] = {
+    # Short prompts, medium outputs: decode-heavy.
+    "chat": [(1.0, Lengths(32, 128), Lengths(32, 64))],
+    # Long prompts, short outputs: prefill-heavy.
+    "rag": [(1.0, Lengths(256, 512), Lengths(8, 24))],
+    # Both at once: long prefills land in the middle of other requests' decoding.
+    "mixed": [(0.5, Lengths(32, 128), Lengths(32, 64)),
+              (0.5, Lengths(256, 512), Lengths(8, 24))],
+}
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+class PromptMaker:
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids = tokenizer.encode(CORPUS.read_text())
+
+    def make(self, length: int, offset: int) -> tuple[str, int]:
+        """Text that encodes to exactly `length` tokens (or the closest found)."""
+        ids = [self.ids[(offset + i) % len(self.ids)] for i in range(length)]
+        extra = offset + length
+        best = None
+        for _ in range(8):
+            text = self.tok.decode(ids)
+            n = len(self.tok.encode(text))
+            if n == length:
+                return text, n
+            if best is None or abs(n - length) < abs(best[1] - length):
+                best = (text, n)
+            if n > length:
+                ids = self.tok.encode(text)[:length]
+            else:
+                ids = self.tok.encode(text) + \
+                    [self.ids[(extra + i) % len(self.ids)] for i in range(length - n)]
+                extra += length - n
+        return best
+
+
+def build_requests(tokenizer, num: int, *, workload: str | None = None,
+                   input_len: Lengths | None = None, output_len: Lengths | None = None,
+                   seed: int = 0) -> list[BenchRequest]:
+    """`num` requests from a named mix, or from explicit length ranges."""
+    if workload is not None:
+        if workload not in MIXES:
+            raise ValueError(f"workload {workload!r}: choose from {', '.join(MIXES)}")
+        mix = MIXES[workload]
+    else:
+        mix = [(1.0, input_len or Lengths(128, 128), output_len or Lengths(64, 64))]
+    rng = random.Random(seed)
+    maker = PromptMaker(tokenizer)
+    weights = [w for w, _, _ in mix]
+    requests = []
+    for _ in range(num):
+        _, prompt_len, out_len = rng.choices(mix, weights)[0]
+        text, n = maker.make(prompt_len.draw(rng), rng.randrange(len(maker.ids)))
+        requests.append(BenchRequest(text, n, out_len.draw(rng)))
+    return requests
