@@ -118,15 +118,25 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             if header.num_tokens != lease.seq.num_prompt_tokens:
                 raise KvRejected("INVALID_ARGUMENT", f"KV for {header.num_tokens} tokens, but "
                                  f"the lease holds a {lease.seq.num_prompt_tokens}-token prompt")
+            # One chunk is written (in a thread) while the next message is read, so the
+            # network and the cache writes overlap; its errors surface at the next await.
+            writing = None
             async for msg in request_iterator:
-                if receiver.check_message(msg) == "trailer":
+                kind = receiver.check_message(msg)
+                if writing is not None:
+                    await writing
+                    writing = None
+                if kind == "trailer":
                     receiver.on_trailer(msg.trailer)
                     first = token_from_proto(msg.trailer.first_token)
                     await self.loop.call(lambda e, first=first: self.leases.commit(e, lease, first))
                     return kv_pb2.PushKvResponse(
                         bytes_received=receiver.coverage.num_bytes,
                         receive_seconds=time.monotonic() - receiver.started_at)
-                await asyncio.to_thread(self._write, receiver, lease, msg.chunk)
+                writing = asyncio.ensure_future(
+                    asyncio.to_thread(self._write, receiver, lease, msg.chunk))
+            if writing is not None:
+                await writing
             raise KvRejected("INVALID_ARGUMENT", "the KV stream ended without a trailer")
         except (KvRejected, LeaseError) as exc:
             self._fail_lease(lease, exc.code, str(exc))
