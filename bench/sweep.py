@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8300, help="port the servers use")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw tables and plots from the runs already in --out")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also put the tables into this markdown file, between the "
+                             "lines <!-- results:start --> and <!-- results:end -->")
 
 
 def load_spec(args) -> dict:
@@ -66,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     (args.out / "summary.json").write_text(json.dumps(runs, indent=1))
     write_tables(runs, spec, args.out / "results.md")
     write_plots(runs, spec, args.out)
+    if args.report:
+        insert_tables(args.report, (args.out / "results.md").read_text())
     print(f"results in {args.out}")
     return 0
 
@@ -128,6 +133,19 @@ def wait_ready(url: str, proc: subprocess.Popen) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} was not ready within {READY_TIMEOUT} s")
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def insert_tables(report: Path, tables: str) -> None:
+    """Replace what lies between the markers in `report` with `tables`."""
+    text = report.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{report} has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    report.write_text(f"{head}{START}\n{tables}{END}{tail}")
 
 
 def collect_runs(root: Path, slo_text: str) -> list[dict]:

@@ -143,3 +143,15 @@ def test_tables_plots_and_the_highest_rate_meeting_the_slo(tmp_path):
     assert "a 1.0, b none" in table
     write_plots(runs, spec, tmp_path)
     assert (tmp_path / "chat.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_tables_replace_only_the_marked_block(tmp_path):
+    from bench.sweep import END, START, insert_tables
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Intro\n\n{START}\nold table\n{END}\n\n## Analysis\n")
+    insert_tables(doc, "| new | table |\n")
+    assert doc.read_text() == f"# Intro\n\n{START}\n| new | table |\n{END}\n\n## Analysis\n"
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- results:start -->"):
+        insert_tables(tmp_path / "plain.md", "x")
