@@ -3,7 +3,8 @@ started as its own server process, under every workload and request rate; then t
 (results.md), plots (one PNG per workload) and summary.json in DIR.
 
 The spec is JSON: workloads, rates, num_prompts, slo, seed, and configs, each with a
-name, the command that starts it (`{python}` and `{port}` are filled in) and its URL.
+name, the command that starts it (`{python}` and `{port}` are filled in), its URL and
+optionally the model name to send (default: the first of its /v1/models).
 Every configuration gets exactly the same requests at the same arrival times.
 """
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_config(config: dict, spec: dict, args) -> None:
-    from bench.cli import load_tokenizer, measure
+    from bench.cli import first_model, load_tokenizer, measure
     from bench.stats import SLO
     from bench.workload import build_requests
 
@@ -88,6 +89,7 @@ def run_config(config: dict, spec: dict, args) -> None:
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         wait_ready(url, proc)
+        model = config.get("model") or first_model(url, None)
         tokenizer = load_tokenizer("default")
         slo = SLO.parse(spec["slo"])
         for workload in spec["workloads"]:
@@ -96,12 +98,12 @@ def run_config(config: dict, spec: dict, args) -> None:
             warm = argparse.Namespace(request_rate=math.inf, burstiness=1.0,
                                       max_concurrency=None, duration=None, api_key=None,
                                       seed=0)
-            measure(url, "default", requests[:2], warm, slo, progress=False)
+            measure(url, model, requests[:2], warm, slo, progress=False)
             for rate in spec["rates"]:
                 load = argparse.Namespace(request_rate=rate, burstiness=1.0,
                                           max_concurrency=None, duration=None,
                                           api_key=None, seed=spec.get("seed", 0))
-                report = measure(url, "default", requests, load, slo, progress=False)
+                report = measure(url, model, requests, load, slo, progress=False)
                 report |= {"config": config["name"], "workload": workload}
                 path = args.out / "runs" / workload / config["name"] / f"rate-{rate:g}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
