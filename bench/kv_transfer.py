@@ -89,7 +89,7 @@ async def kv_rate(decode: Worker, tokens: int, chunk_bytes: int) -> float:
                                  fingerprint=make_fingerprint("llama", shape,
                                                               reserved.model_digest),
                                  num_tokens=tokens)
-        sender = KvSender(stub, header, asyncio.get_running_loop(),
+        sender = KvSender(channel, header, asyncio.get_running_loop(),
                           max_chunk_bytes=chunk_bytes)
         layers = [torch.randn(2, tokens, KV_HEADS, HEAD_DIM) for _ in range(LAYERS)]
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 A lease lives from Generate's reservation until its KV is committed, the request is
 cancelled, or it expires. Everything here runs on the engine thread except `write`,
-which the PushKv handler calls from worker threads so that importing KV never waits
+which the PushKv handler calls on the event loop so that importing KV never waits
 for a decode step; a per-lease lock makes sure a write never lands in blocks that a
 concurrent release has already handed to another sequence.
 """

@@ -28,8 +28,8 @@ async def _serve(args: argparse.Namespace) -> None:
     from engine.llm_engine import LLMEngine
     from kvtransfer.convert import engine_fingerprint
     from kvtransfer.serving import run_server
+    from kvtransfer.wire import add_decode_service
     from kvtransfer.worker_metrics import WorkerMetrics
-    from pdserve_proto.v1 import decode_pb2_grpc
 
     if args.lease_timeout <= 0:
         raise SystemExit(f"--lease-timeout must be > 0, got {args.lease_timeout}")
@@ -42,5 +42,5 @@ async def _serve(args: argparse.Namespace) -> None:
     engine_loop.start()
     await run_server(
         "decode", args.host, args.port,
-        lambda server: decode_pb2_grpc.add_DecodeServiceServicer_to_server(service, server),
+        lambda server: add_decode_service(service, server),
         engine_loop.stop, service_name="pdserve.v1.DecodeService")

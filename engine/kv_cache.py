@@ -45,9 +45,37 @@ class KVCache:
         k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
         v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
 
+    def write_range(self, layer: int, first_slot: int, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """Like `write` for the consecutive slots first_slot.. : a plain slice copy,
+        several times faster than index_copy_ on CPU for an imported KV chunk."""
+        k_cache, v_cache = self.layer(layer)
+        end = first_slot + k.shape[0]
+        k_cache[first_slot:end].copy_(k)
+        v_cache[first_slot:end].copy_(v)
+
 
 def slots_for_positions(block_table: list[int], start: int, end: int,
                         block_size: int) -> list[int]:
     """Cache slots of token positions [start, end) of a sequence with this block table."""
-    return [block_table[p // block_size] * block_size + p % block_size
-            for p in range(start, end)]
+    slots: list[int] = []
+    if end <= start:
+        return slots
+    # A range per block rather than a division per position: prompts are thousands long.
+    for index in range(start // block_size, (end - 1) // block_size + 1):
+        base = block_table[index] * block_size
+        lo = max(start, index * block_size) - index * block_size
+        hi = min(end, (index + 1) * block_size) - index * block_size
+        slots.extend(range(base + lo, base + hi))
+    return slots
+
+
+def contiguous_slots(block_table: list[int], start: int, end: int,
+                     block_size: int) -> int | None:
+    """The first slot when positions [start, end) sit in consecutive blocks (as a fresh
+    allocation usually gives), so that they can be written as one slice; else None."""
+    first, last = start // block_size, (end - 1) // block_size
+    blocks = block_table[first:last + 1]
+    if any(b - a != 1 for a, b in zip(blocks, blocks[1:], strict=False)):
+        return None
+    return blocks[0] * block_size + start % block_size

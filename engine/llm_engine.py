@@ -24,7 +24,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.kv_cache import slots_for_positions
+from engine.kv_cache import contiguous_slots, slots_for_positions
 from engine.loader import ModelFiles, resolve_model
 from engine.model_runner import ModelRunner, sampling_order
 from engine.sampler import SampledToken, Sampler
@@ -212,10 +212,15 @@ class LLMEngine:
         end = start + k.shape[0]
         if seq.status != SequenceStatus.RESERVED or end > seq.num_prompt_tokens:
             raise ValueError(f"cannot import positions [{start}, {end}) into {seq!r}")
-        slots = slots_for_positions(seq.block_table, start, end, self.blocks.block_size)
-        index = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
-        self.runner.kv_cache.write(layer, index, k.to(self.runner.device),
-                                   v.to(self.runner.device))
+        block_size, cache = self.blocks.block_size, self.runner.kv_cache
+        k, v = k.to(self.runner.device), v.to(self.runner.device)
+        first = contiguous_slots(seq.block_table, start, end, block_size)
+        if first is not None:
+            cache.write_range(layer, first, k, v)
+            return
+        slots = slots_for_positions(seq.block_table, start, end, block_size)
+        cache.write(layer, torch.tensor(slots, dtype=torch.long, device=self.runner.device),
+                    k, v)
 
     def commit_imported(self, seq: Sequence, first: SampledToken) -> StepOutput:
         """The prompt's KV is complete: add the first token and join the batch."""

@@ -15,6 +15,7 @@ try:  # ISA-L's CRC32: the same checksum as zlib's, about 3x faster
 except ImportError:  # pragma: no cover - isal has wheels for the usual platforms
     from zlib import crc32
 
+from kvtransfer.wire import encode_chunk_request
 from pdserve_proto.v1 import kv_pb2
 
 LAYOUT_VERSION = 1
@@ -82,7 +83,30 @@ def tokens_per_chunk(shape: KvShape, max_chunk_bytes: int) -> int:
 
 def encode_layer(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list:
-    """Chunks for K/V [tokens, kv_heads, head_dim] (CPU) of positions start.. of a layer."""
+    """KvChunk messages for K/V [tokens, kv_heads, head_dim] (CPU) of positions start..
+    of a layer: the reference encoding (tests, tools); senders use encode_layer_wire."""
+    chunks = []
+    for offset, n, k_part, v_part in _slices(k, v, max_chunk_bytes):
+        data = b"".join((k_part, v_part))
+        chunks.append(kv_pb2.KvChunk(layer=layer, start=start + offset, num_tokens=n,
+                                     data=data, crc32=crc32(data)))
+    return chunks
+
+
+def encode_layer_wire(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
+                      max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[tuple[bytes, int]]:
+    """The same chunks as encode_layer, each already serialized as a PushKvRequest, with
+    its payload size: one copy of the KV in all (see kvtransfer.wire)."""
+    requests = []
+    for offset, n, k_part, v_part in _slices(k, v, max_chunk_bytes):
+        checksum = crc32(v_part, crc32(k_part))
+        message = encode_chunk_request(layer, start + offset, n, (k_part, v_part), checksum)
+        requests.append((message, len(k_part) + len(v_part)))
+    return requests
+
+
+def _slices(k: torch.Tensor, v: torch.Tensor, max_chunk_bytes: int):
+    """(offset, tokens, K bytes, V bytes) per chunk, the bytes as views of the tensors."""
     if k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"K {tuple(k.shape)} and V {tuple(v.shape)} must both be "
                          "[tokens, kv_heads, head_dim]")
@@ -90,15 +114,10 @@ def encode_layer(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
     step = tokens_per_chunk(shape, max_chunk_bytes)
     k_bytes, v_bytes = _byte_view(k), _byte_view(v)
     per_token = k_bytes.shape[0] // max(k.shape[0], 1)
-    chunks = []
     for offset in range(0, k.shape[0], step):
         n = min(step, k.shape[0] - offset)
         lo, hi = offset * per_token, (offset + n) * per_token
-        # One copy: join reads both slices through the buffer protocol.
-        data = b"".join((k_bytes[lo:hi], v_bytes[lo:hi]))
-        chunks.append(kv_pb2.KvChunk(layer=layer, start=start + offset, num_tokens=n,
-                                     data=data, crc32=crc32(data)))
-    return chunks
+        yield offset, n, k_bytes[lo:hi], v_bytes[lo:hi]
 
 
 def decode_chunk(chunk, shape: KvShape, num_tokens: int):

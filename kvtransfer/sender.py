@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from kvtransfer.codec import DEFAULT_MAX_CHUNK_BYTES, encode_layer
+from kvtransfer.codec import DEFAULT_MAX_CHUNK_BYTES, encode_layer_wire
+from kvtransfer.wire import accepted, push_kv_callable
 from pdserve_proto.v1 import kv_pb2
 
 _copy_streams: dict = {}
@@ -52,9 +53,9 @@ class StagedKv:
 
 
 class KvSender:
-    def __init__(self, stub, header, loop: asyncio.AbstractEventLoop, *,
+    def __init__(self, channel, header, loop: asyncio.AbstractEventLoop, *,
                  layerwise: bool = True, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES):
-        self.stub = stub
+        self.push_kv = push_kv_callable(channel)
         self.header = header
         self.loop = loop
         self.layerwise = layerwise
@@ -77,7 +78,7 @@ class KvSender:
     async def send(self, metadata=(), timeout: float | None = None):
         """Open PushKv and stream until `finish`; returns the decode worker's ack.
         Raises grpc.aio.AioRpcError when the decode worker rejects or is unreachable."""
-        self._call = self.stub.PushKv(self._messages(), metadata=metadata, timeout=timeout)
+        self._call = self.push_kv(self._messages(), metadata=metadata, timeout=timeout)
         try:
             return await self._call
         except asyncio.CancelledError:
@@ -106,6 +107,11 @@ class KvSender:
 
     async def _stream(self):
         yield kv_pb2.PushKvRequest(header=self.header)
+        # Wait until the decode worker accepts the header (see decode.proto): a chunk
+        # written while it rejects the stream would fail with a bare INTERNAL error from
+        # gRPC core that hides the worker's status and message.
+        if not accepted(await self._call.initial_metadata()):
+            return  # rejected: the call ends with the worker's status
         held = []
         while True:
             item = await self._items.get()
@@ -125,17 +131,22 @@ class KvSender:
 
     async def _encode(self, item) -> list:
         layer, start, staged = item
+        if staged.event is None:
+            # Host memory already: encoding (~0.15 ms per MiB) costs less than a thread
+            # hand-off. A device copy is waited for in a thread, off the event loop.
+            return _encode_staged(layer, start, staged, self.max_chunk_bytes)
         return await asyncio.to_thread(_encode_staged, layer, start, staged,
                                        self.max_chunk_bytes)
 
-    def _chunk(self, chunk):
+    def _chunk(self, encoded: tuple[bytes, int]) -> bytes:
         if self.first_sent_at is None:
             self.first_sent_at = time.monotonic()
+        message, payload_bytes = encoded
         self.num_chunks += 1
-        self.num_bytes += len(chunk.data)
-        return kv_pb2.PushKvRequest(chunk=chunk)
+        self.num_bytes += payload_bytes
+        return message
 
 
 def _encode_staged(layer: int, start: int, staged: StagedKv, max_chunk_bytes: int) -> list:
     k, v = staged.host()
-    return encode_layer(layer, start, k, v, max_chunk_bytes)
+    return encode_layer_wire(layer, start, k, v, max_chunk_bytes)

@@ -20,7 +20,7 @@ from kvtransfer.codec import DEFAULT_MAX_CHUNK_BYTES
 from kvtransfer.convert import params_from_proto, token_to_proto
 from kvtransfer.sender import KvSender, KvSendError
 from kvtransfer.serving import GRPC_OPTIONS, health_response
-from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
+from pdserve_proto.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -48,7 +48,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         self.transfer_timeout = transfer_timeout
         self._senders: dict[str, KvSender] = {}
         self._compute_started: dict[str, float] = {}
-        self._channels: dict[str, tuple] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self.engine.kv_export = self._export
 
     def _export(self, seq, layer: int, start: int, k, v) -> None:
@@ -73,7 +73,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         params = self._validate(request)
         header = kv_pb2.KvHeader(request_id=rid, lease_id=request.lease_id,
                                  fingerprint=self.fingerprint, num_tokens=len(prompt))
-        sender = KvSender(self._stub(request.decode_address), header, asyncio.get_running_loop(),
+        sender = KvSender(self._channel(request.decode_address), header, asyncio.get_running_loop(),
                           layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
         arrived = time.monotonic()
         outputs = self.loop.subscribe(rid)
@@ -156,14 +156,13 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             raise PrefillFailed(grpc.StatusCode.UNAVAILABLE, f"decode worker {address} "
                                 f"unreachable ({code.name}): {exc.details()}") from None
 
-    def _stub(self, address: str):
+    def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-            self._channels[address] = (channel, decode_pb2_grpc.DecodeServiceStub(channel))
-        return self._channels[address][1]
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
 
     async def close(self) -> None:
-        for channel, _ in self._channels.values():
+        for channel in self._channels.values():
             with contextlib.suppress(Exception):
                 await channel.close()
 

@@ -71,6 +71,9 @@ class DecodeServiceServicer:
     def PushKv(self, request_iterator, context):
         """Receive a prompt's KV for a lease granted by Generate, written straight into the
         reserved blocks. Any error fails this call and the request's Generate stream.
+        Once the header is accepted (lease claimed, fingerprint matching) the worker sends
+        initial metadata; a sender waits for it before streaming chunks, so that a rejected
+        header reaches it as the worker's status rather than a failed write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

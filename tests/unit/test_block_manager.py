@@ -80,3 +80,16 @@ def test_freeing_a_block_owned_by_another_sequence_is_refused():
     b.block_table = list(a.block_table)
     with pytest.raises(RuntimeError, match="not owned"):
         bm.free(b)
+
+
+def test_slots_for_positions_and_contiguous_runs():
+    from engine.kv_cache import contiguous_slots, slots_for_positions
+
+    table = [5, 6, 2, 3]
+    assert slots_for_positions(table, 0, 0, 4) == []
+    assert slots_for_positions(table, 2, 7, 4) == [22, 23, 24, 25, 26]
+    assert slots_for_positions(table, 3, 13, 4) == [23, 24, 25, 26, 27, 8, 9, 10, 11, 12]
+    assert slots_for_positions(table, 15, 16, 4) == [15]
+    assert contiguous_slots(table, 2, 7, 4) == 22
+    assert contiguous_slots(table, 9, 16, 4) == 9
+    assert contiguous_slots(table, 3, 13, 4) is None

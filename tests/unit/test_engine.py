@@ -204,9 +204,11 @@ def test_duplicate_request_id_is_refused():
         engine.add_request("same", [1, 2, 3], GREEDY)
 
 
-def test_kv_export_then_import_continues_exactly(reference):
+@pytest.mark.parametrize("scattered", [False, True])
+def test_kv_export_then_import_continues_exactly(reference, scattered):
     """The disaggregation hooks: a prefill-only engine exports KV layer by layer; a
-    second engine imports it and decodes; tokens equal the colocated run."""
+    second engine imports it and decodes; tokens equal the colocated run. Consecutive
+    blocks are written as slices, scattered ones slot by slot: both must be exact."""
     prompt = prompts(8)[2]
     prefill = make_engine(max_num_batched_tokens=16)  # chunked: several exports per layer
     exported: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
@@ -222,6 +224,8 @@ def test_kv_export_then_import_continues_exactly(reference):
     decode = make_engine(block_size=8)  # block size differs: KV layout is per token
     seq = decode.reserve("d", prompt, GREEDY)
     assert decode.blocks.num_used_blocks == -(-len(prompt) // 8)
+    if scattered:
+        seq.block_table.reverse()  # still its own blocks, no longer consecutive
     for layer, chunks in exported.items():
         for pos, k, v in chunks:
             decode.write_imported_kv(seq, layer, pos, k, v)

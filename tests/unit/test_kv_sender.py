@@ -8,6 +8,7 @@ import torch
 
 from kvtransfer.codec import KvShape, decode_chunk, make_fingerprint
 from kvtransfer.sender import KvSender, KvSendError
+from kvtransfer.wire import KV_ACCEPTED
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, kv_pb2
 
 SHAPE = KvShape(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -21,21 +22,29 @@ class RecordingDecode(decode_pb2_grpc.DecodeServiceServicer):
     async def PushKv(self, request_iterator, context):
         async for message in request_iterator:
             self.messages.append(message)
+            if message.HasField("header"):
+                await context.send_initial_metadata(KV_ACCEPTED)
         return kv_pb2.PushKvResponse(bytes_received=7)
+
+
+async def start_server(servicer):
+    """A real gRPC server on loopback serving `servicer` as the decode service."""
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
 
 
 async def run_sender(put, *, layerwise=True):
     """Start a server, stream one request with `put(sender)`, return (ack or error, log)."""
     servicer = RecordingDecode()
-    server = grpc.aio.server()
-    decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, address = await start_server(servicer)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(address) as channel:
             header = kv_pb2.KvHeader(request_id="r", lease_id="l", num_tokens=TOKENS,
                                      fingerprint=make_fingerprint("llama", SHAPE, "d"))
-            sender = KvSender(decode_pb2_grpc.DecodeServiceStub(channel), header,
+            sender = KvSender(channel, header,
                               asyncio.get_running_loop(), layerwise=layerwise,
                               max_chunk_bytes=2 * SHAPE.token_bytes)
             sending = asyncio.create_task(sender.send())
@@ -88,3 +97,42 @@ def test_an_encoding_error_ends_the_call_at_once_with_the_cause():
     error, messages, _ = asyncio.run(run_sender(put))
     assert isinstance(error, KvSendError)
     assert "must both be [tokens, kv_heads, head_dim]" in str(error)
+
+
+class RejectingDecode(decode_pb2_grpc.DecodeServiceServicer):
+    """Rejects the header the way a decode worker rejects an expired lease."""
+
+    def __init__(self):
+        self.messages = []
+
+    async def PushKv(self, request_iterator, context):
+        self.messages.append(await anext(request_iterator))
+        await context.abort(grpc.StatusCode.NOT_FOUND, "lease l expired")
+
+
+def test_a_rejected_header_reaches_the_sender_as_the_workers_status():
+    async def run():
+        servicer = RejectingDecode()
+        server, address = await start_server(servicer)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                header = kv_pb2.KvHeader(request_id="r", lease_id="l", num_tokens=4096,
+                                         fingerprint=make_fingerprint("llama", SHAPE, "d"))
+                sender = KvSender(channel, header, asyncio.get_running_loop(),
+                                  max_chunk_bytes=64 * SHAPE.token_bytes)
+                # Plenty of chunks ready at once, so that without waiting for the worker
+                # to accept the header the sender would be writing when it is rejected.
+                for layer in range(SHAPE.num_layers):
+                    sender.put(layer, 0, torch.randn(4096, 2, 4), torch.randn(4096, 2, 4))
+                sender.finish(common_pb2.Token(token_id=1))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await asyncio.wait_for(sender.send(), 10)
+                return caught.value, servicer.messages, sender
+        finally:
+            await server.stop(None)
+
+    error, messages, sender = asyncio.run(run())
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    assert error.details() == "lease l expired"
+    assert [m.WhichOneof("item") for m in messages] == ["header"]
+    assert sender.num_chunks == 0
