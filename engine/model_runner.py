@@ -109,7 +109,7 @@ class ModelRunner:
         decode_slots = decode_mask = None
         if decode_tables:
             decode_slots, decode_mask = build_decode_tables(
-                decode_tables, decode_lens, self.block_size, self.device)
+                decode_tables, decode_lens, self.block_size, self.device, self.dtype)
         meta = AttentionMetadata(torch.tensor(slots, **to), len(decode_tables),
                                  decode_slots, decode_mask, prefills)
         return torch.tensor(ids, **to), torch.tensor(pos, **to), meta, spans
