@@ -87,7 +87,7 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             if isinstance(out, RequestFailed):
                 await context.abort(getattr(grpc.StatusCode, out.code), str(out))
             seq = out.seq
-            index = seq.num_output_tokens - 1
+            index = out.index  # not seq.num_output_tokens: later steps may have run already
             if out.token_id is not None and not (request.remote_prefill and index == 0):
                 yield decode_pb2.GenerateResponse(
                     token=token_to_proto(out.token_id, index, out.logprob))

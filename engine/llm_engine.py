@@ -51,6 +51,10 @@ class StepOutput:
     logprob: TokenLogprob | None
     finish_reason: FinishReason | None
     seq: Sequence
+    # Where token_id stands among the sample's output tokens (for an end without a token:
+    # how many it has). Fixed when the output is made: the sequence itself may have grown
+    # by the time a consumer on another task reads this output from a queue.
+    index: int
 
     @property
     def finished(self) -> bool:
@@ -94,7 +98,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self._finish(seq, FinishReason.ABORT)
                 outputs.append(StepOutput(request_id, seq.sample_index, None, None,
-                                          FinishReason.ABORT, seq))
+                                          FinishReason.ABORT, seq, seq.num_output_tokens))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -135,7 +139,7 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
         return StepOutput(seq.request_id, seq.sample_index, token.token_id, token.logprob,
-                          reason, seq)
+                          reason, seq, seq.num_output_tokens - 1)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.params
@@ -159,7 +163,8 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence) -> StepOutput:
         self._finish(seq, FinishReason.ERROR)
-        return StepOutput(seq.request_id, seq.sample_index, None, None, FinishReason.ERROR, seq)
+        return StepOutput(seq.request_id, seq.sample_index, None, None, FinishReason.ERROR, seq,
+                          seq.num_output_tokens)
 
     # ----- validation -----------------------------------------------------------------
 
