@@ -89,16 +89,19 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     kv_heads = k_cache.shape[1]
     keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)     # [B, KVH, L, D]
     values = _gather(v_cache, meta.decode_slots).transpose(1, 2)
-    query = q.view(batch, kv_heads, heads // kv_heads, dim)        # [B, KVH, G, D]
+    # SDPA's fused CPU kernel needs a unit last-dim stride, and q arrives column-major
+    # from the transposed GEMM (engine.llama.linear); without it SDPA falls back to math.
+    query = q.contiguous().view(batch, kv_heads, heads // kv_heads, dim)  # [B, KVH, G, D]
     attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask,
                                           scale=scale)
     return attn.reshape(batch, heads, dim)
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):
-    query = q.transpose(0, 1).unsqueeze(0)                       # [1, H, T, D]
+    # Contiguous for the same reason as in _decode_attention: the fused kernel or math.
+    query = q.contiguous().transpose(0, 1).unsqueeze(0)          # [1, H, T, D]
     if span.context_slots is None:
-        keys, values, mask, causal = k, v, None, True
+        keys, values, mask, causal = k.contiguous(), v.contiguous(), None, True
     else:
         keys = _gather(k_cache, span.context_slots)
         values = _gather(v_cache, span.context_slots)
