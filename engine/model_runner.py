@@ -30,10 +30,27 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        # bf16 on GPUs; on CPUs without bf16 matmul units fp32 is several times faster
-        # (measured on the 2-core AVX2 machines this project targets: README).
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or cpu_has_bf16_matmul():
+            return torch.bfloat16
+        return torch.float32
     return getattr(torch, name)
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this x86 CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16).
+
+    With it, a 2-core machine runs the default model's decode step about 1.6x faster in
+    bf16 than in fp32 (half the weight bytes, twice the dot products per instruction);
+    without it oneDNN emulates bf16 and fp32 is 1.2-4x faster (README, Models).
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split()))
+    except OSError:
+        pass
+    return False
 
 
 class ModelRunner:

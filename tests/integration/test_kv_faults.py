@@ -22,7 +22,9 @@ from tests.integration.workers import Worker, gen_request
 
 pytestmark = pytest.mark.timeout(180)
 
-TINY = ("--model", "random:tiny")
+# float32 pinned: `auto` is bf16 on CPUs with bf16 units, and the dtype-mismatch test
+# needs the workers' dtype to differ from prefill_bf16's whatever the machine.
+TINY = ("--model", "random:tiny", "--dtype", "float32")
 TINY_CFG = random_hf_config("tiny")
 CALL_TIMEOUT = 30  # seconds; any call that hangs fails its test instead of blocking it
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
