@@ -20,19 +20,28 @@ from engine.rotary import RotaryEmbedding, apply_rotary
 # Called after each layer with (layer index, K, V) of all new tokens in the batch.
 LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-# From this many rows on, the CPU GEMM libraries compute W @ X^T faster than X @ W^T,
-# with bit-identical results (all 30 layers of SmolLM2, 2 cores, 16 to 256 rows: fp32
-# 1.2-1.9x, bf16 1.1-1.4x; equal from about 1024 rows). Below 16 rows fp32 is faster
-# still, but its results differ from F.linear in the last bits, so that is left alone.
-TRANSPOSED_MATMUL_MIN_ROWS = 16
+# From this many rows on, the CPU GEMM libraries compute W @ X^T faster than X @ W^T
+# (all 30 layers of SmolLM2 on 2 cores: fp32 1.2-4.7x from 2 to 256 rows; bf16 1.1-1.4x
+# from 16 rows and slightly slower below; both even from about 1024 rows). For fp32 a
+# single row is doubled: MKL's GEMV reads the weights at a third of a 2-row GEMM's speed
+# (layers 38 vs 16 ms). Orders and batch sizes round differently in the last bits, which
+# is why the golden tests compare tokens, one by one and batched.
+TRANSPOSED_MATMUL_MIN_ROWS = {torch.float32: 1}
+TRANSPOSED_MATMUL_MIN_ROWS_OTHER = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """F.linear, in the GEMM orientation that is faster for this batch size on CPU."""
-    if x.device.type != "cpu" or x.shape[0] < TRANSPOSED_MATMUL_MIN_ROWS:
+    """F.linear on [rows, in] inputs, in the GEMM form that is fastest on CPU."""
+    rows = x.shape[0]
+    if x.device.type != "cpu" or rows < TRANSPOSED_MATMUL_MIN_ROWS.get(
+            x.dtype, TRANSPOSED_MATMUL_MIN_ROWS_OTHER):
         return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.t()).t()
-    return out if bias is None else out + bias
+    columns = x.repeat(2, 1).t() if rows == 1 else x.t()
+    # The bias goes into the GEMM, as in F.linear: added after a bf16 result is rounded,
+    # it would round twice.
+    out = (torch.mm(weight, columns) if bias is None
+           else torch.addmm(bias[:, None], weight, columns))
+    return out[:, :rows].t()
 
 
 class Linear(nn.Linear):

@@ -14,7 +14,7 @@ HIDDEN = 32
 
 def _column_major_qkv(rows: int, gen: torch.Generator):
     """q, k, v as the model has them: split from the output of a transposed GEMM
-    (engine.llama.linear from 16 rows on), so their last dimension is not contiguous."""
+    (engine.llama.linear from a few rows on), so their last dimension is not contiguous."""
     x = torch.randn(rows, HIDDEN, generator=gen)
     weight = torch.randn((HEADS + 2 * KV_HEADS) * DIM, HIDDEN, generator=gen)
     q, k, v = linear(x, weight).split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), -1)
