@@ -26,15 +26,16 @@ LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # single row is doubled: MKL's GEMV reads the weights at a third of a 2-row GEMM's speed
 # (layers 38 vs 16 ms). Orders and batch sizes round differently in the last bits, which
 # is why the golden tests compare tokens, one by one and batched.
-TRANSPOSED_MATMUL_MIN_ROWS = {torch.float32: 1}
-TRANSPOSED_MATMUL_MIN_ROWS_OTHER = 16
+TRANSPOSED_MATMUL_MIN_ROWS = 16
+TRANSPOSED_MATMUL_MIN_ROWS_FP32 = 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """F.linear on [rows, in] inputs, in the GEMM form that is fastest on CPU."""
     rows = x.shape[0]
-    if x.device.type != "cpu" or rows < TRANSPOSED_MATMUL_MIN_ROWS.get(
-            x.dtype, TRANSPOSED_MATMUL_MIN_ROWS_OTHER):
+    min_rows = (TRANSPOSED_MATMUL_MIN_ROWS_FP32 if x.dtype == torch.float32
+                else TRANSPOSED_MATMUL_MIN_ROWS)
+    if x.device.type != "cpu" or rows < min_rows:
         return F.linear(x, weight, bias)
     columns = x.repeat(2, 1).t() if rows == 1 else x.t()
     # The bias goes into the GEMM, as in F.linear: added after a bf16 result is rounded,
