@@ -90,7 +90,7 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)     # [B, KVH, L, D]
     values = _gather(v_cache, meta.decode_slots).transpose(1, 2)
     # SDPA's fused CPU kernel needs a unit last-dim stride, and q arrives column-major
-    # from the transposed GEMM (engine.llama.linear); without it SDPA falls back to math.
+    # from the transposed GEMM (engine.cpu_linear.linear); without it SDPA falls back to math.
     query = q.contiguous().view(batch, kv_heads, heads // kv_heads, dim)  # [B, KVH, G, D]
     attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask,
                                           scale=scale)

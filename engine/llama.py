@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.cpu_linear import linear, prepack
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig
 from engine.rotary import RotaryEmbedding, apply_rotary
@@ -20,34 +21,18 @@ from engine.rotary import RotaryEmbedding, apply_rotary
 # Called after each layer with (layer index, K, V) of all new tokens in the batch.
 LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-# From this many rows on, the CPU GEMM libraries compute W @ X^T faster than X @ W^T
-# (all 30 layers of SmolLM2 on 2 cores: fp32 1.2-4.7x from 2 to 256 rows; bf16 1.1-1.4x
-# from 16 rows and slightly slower below; both even from about 1024 rows). For fp32 a
-# single row is doubled: MKL's GEMV reads the weights at a third of a 2-row GEMM's speed
-# (layers 38 vs 16 ms). Orders and batch sizes round differently in the last bits, which
-# is why the golden tests compare tokens, one by one and batched.
-TRANSPOSED_MATMUL_MIN_ROWS = 16
-TRANSPOSED_MATMUL_MIN_ROWS_FP32 = 1
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """F.linear on [rows, in] inputs, in the GEMM form that is fastest on CPU."""
-    rows = x.shape[0]
-    min_rows = (TRANSPOSED_MATMUL_MIN_ROWS_FP32 if x.dtype == torch.float32
-                else TRANSPOSED_MATMUL_MIN_ROWS)
-    if x.device.type != "cpu" or rows < min_rows:
-        return F.linear(x, weight, bias)
-    columns = x.repeat(2, 1).t() if rows == 1 else x.t()
-    # The bias goes into the GEMM, as in F.linear: added after a bf16 result is rounded,
-    # it would round twice.
-    out = (torch.mm(weight, columns) if bias is None
-           else torch.addmm(bias[:, None], weight, columns))
-    return out[:, :rows].t()
-
 
 class Linear(nn.Linear):
+    # A oneDNN copy of the weight for CPU GEMMs (engine.cpu_linear), set by prepack().
+    # A plain attribute rather than a buffer: it is derived, never saved or loaded.
+    packed: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
+
+    def prepack(self) -> bool:
+        self.packed = prepack(self.weight)
+        return self.packed is not None
 
 
 class RMSNorm(nn.Module):
@@ -119,7 +104,19 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        return linear(hidden, weight, packed=self._packed_head)
+
+    _packed_head: torch.Tensor | None = None
+
+    def prepack(self) -> int:
+        """Pack every GEMM weight for the CPU (see engine.cpu_linear); call once the
+        weights are loaded and in their final dtype. Costs a second copy of them in RAM.
+        Returns how many were packed."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
+        count = sum(m.prepack() for m in linears)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self._packed_head = prepack(head)
+        return count + (self._packed_head is not None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors, fusing q/k/v and gate/up on the way."""

@@ -76,7 +76,10 @@ class ModelRunner:
             model.init_random(config.seed)
         else:
             model.load_weights(iter_weights(files.path))
-        return model.to(self.dtype).eval()
+        model = model.to(self.dtype).eval()
+        if self.device.type == "cpu":
+            log.debug("prepacked %d CPU GEMM weights", model.prepack())
+        return model
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:
         if config.kv_cache_tokens is not None:

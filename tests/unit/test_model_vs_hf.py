@@ -45,17 +45,30 @@ def random_pair(preset: str):
     return hf, cfg, ours, ids
 
 
+def prepacked(model: LlamaModel) -> LlamaModel:
+    """The model with oneDNN GEMM weights, as ModelRunner builds it on CPU."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    # Every q/k/v, o, gate/up and down projection, and the head.
+    assert model.prepack() == 4 * model.cfg.num_layers + 1
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "prepacked"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2", "tiny-llama3"])
-def test_logits_match_transformers(preset):
+def test_logits_match_transformers(preset, packed):
     hf, cfg, ours, ids = random_pair(preset)
+    if packed:
+        ours = prepacked(ours)
     with torch.no_grad():
         expected = hf(ids[None]).logits[0]
     got = engine_logits(ours, cfg, ids)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "prepacked"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
-def test_bfloat16_logits_are_as_close_to_float32_as_transformers_own(preset):
+def test_bfloat16_logits_are_as_close_to_float32_as_transformers_own(preset, packed):
     """bf16 is `--dtype auto` on CPUs with bf16 units. Rounding differs between the two
     implementations, so the check is against the float32 reference: the engine's bf16
     error must be of the same size as transformers' bf16 error."""
@@ -63,7 +76,10 @@ def test_bfloat16_logits_are_as_close_to_float32_as_transformers_own(preset):
     with torch.no_grad():
         reference = hf(ids[None]).logits[0]
         theirs = hf.to(torch.bfloat16)(ids[None]).logits[0].float()
-    got = engine_logits(ours.to(torch.bfloat16), cfg, ids, torch.bfloat16).float()
+    ours = ours.to(torch.bfloat16)
+    if packed:
+        ours = prepacked(ours)
+    got = engine_logits(ours, cfg, ids, torch.bfloat16).float()
     their_error = (theirs - reference).abs().max().item()
     our_error = (got - reference).abs().max().item()
     assert 0 < our_error <= 2 * their_error, (our_error, their_error)

@@ -6,7 +6,7 @@ import torch
 from torch.profiler import profile
 
 from engine.attention import AttentionMetadata, PrefillSpan, build_decode_tables, paged_attention
-from engine.llama import linear
+from engine.cpu_linear import linear
 
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 16, 4
 HIDDEN = 32
@@ -14,7 +14,7 @@ HIDDEN = 32
 
 def _column_major_qkv(rows: int, gen: torch.Generator):
     """q, k, v as the model has them: split from the output of a transposed GEMM
-    (engine.llama.linear from a few rows on), so their last dimension is not contiguous."""
+    (engine.cpu_linear.linear from a few rows on), so their last dimension is not contiguous."""
     x = torch.randn(rows, HIDDEN, generator=gen)
     weight = torch.randn((HEADS + 2 * KV_HEADS) * DIM, HIDDEN, generator=gen)
     q, k, v = linear(x, weight).split((HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM), -1)
