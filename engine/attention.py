@@ -65,8 +65,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
     nd = meta.num_decode
+    if not meta.prefills:  # a pure decode step, the common case: no copy into `out`
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    out = q.new_empty(q.shape)
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     for span in meta.prefills:
@@ -74,6 +76,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q[span.start:span.end], k[span.start:span.end], v[span.start:span.end],
             k_cache, v_cache, span, scale)
     return out
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dimension is contiguous, else a contiguous copy. SDPA's
+    fused CPU kernel needs that stride; without it, it falls back to the slow math path.
+    q arrives column-major from the transposed GEMM (engine.cpu_linear.linear) and as a
+    strided view of the rotated q/k heads otherwise, which is fine as it is."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -89,19 +99,16 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     kv_heads = k_cache.shape[1]
     keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)     # [B, KVH, L, D]
     values = _gather(v_cache, meta.decode_slots).transpose(1, 2)
-    # SDPA's fused CPU kernel needs a unit last-dim stride, and q arrives column-major
-    # from the transposed GEMM (engine.cpu_linear.linear); without it SDPA falls back to math.
-    query = q.contiguous().view(batch, kv_heads, heads // kv_heads, dim)  # [B, KVH, G, D]
+    query = _unit_stride(q).reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, KVH, G, D]
     attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask,
                                           scale=scale)
     return attn.reshape(batch, heads, dim)
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):
-    # Contiguous for the same reason as in _decode_attention: the fused kernel or math.
-    query = q.contiguous().transpose(0, 1).unsqueeze(0)          # [1, H, T, D]
+    query = _unit_stride(q).transpose(0, 1).unsqueeze(0)         # [1, H, T, D]
     if span.context_slots is None:
-        keys, values, mask, causal = k.contiguous(), v.contiguous(), None, True
+        keys, values, mask, causal = _unit_stride(k), _unit_stride(v), None, True
     else:
         keys = _gather(k_cache, span.context_slots)
         values = _gather(v_cache, span.context_slots)

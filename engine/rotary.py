@@ -42,15 +42,20 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # The sign of rotate-half folded into the table: (-a) * s and a * (-s) are the
+        # same float, so this saves a negation per call and changes no bit.
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        self.register_buffer("signed_sin", signed_sin, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin for these positions, shaped [N, 1, head_dim] to broadcast over heads."""
+        """cos and signed sin for these positions, [N, 1, head_dim] to broadcast over
+        heads, for apply_rotary."""
         return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
+                self.signed_sin[positions].unsqueeze(1).to(dtype))
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's `x * cos + rotate_half(x) * sin`, op for op in the same rounding."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * signed_sin
