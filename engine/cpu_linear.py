@@ -65,7 +65,10 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     except (RuntimeError, AttributeError) as error:
         log.info("no prepacked CPU weights (%s); using plain GEMMs", error)
         return None
-    tolerance = dict(rtol=1e-4, atol=1e-4) if weight.dtype == torch.float32 else {}
+    # bf16 packed GEMMs are bit-identical to F.linear on the machines measured, but
+    # another CPU may round differently; a mistake is far larger than either tolerance.
+    tolerance = (dict(rtol=1e-4, atol=1e-4) if weight.dtype == torch.float32
+                 else dict(rtol=1.6e-2, atol=1e-2))
     if not torch.allclose(got, F.linear(probe, weight.detach()), **tolerance):
         log.warning("prepacked CPU weights disagree with F.linear; using plain GEMMs")
         return None

@@ -89,6 +89,7 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg, max_positions)
+        self._packed_head: torch.Tensor | None = None  # set by prepack()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
@@ -108,12 +109,11 @@ class LlamaModel(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(hidden, weight, packed=self._packed_head)
 
-    _packed_head: torch.Tensor | None = None
-
     def prepack(self) -> int:
         """Pack every GEMM weight for the CPU (see engine.cpu_linear); call once the
-        weights are loaded and in their final dtype. Costs a second copy of them in RAM.
-        Returns how many were packed."""
+        weights are loaded and in their final dtype (a later `.to()` would leave the
+        packed copies behind). Costs a second copy of the weights in RAM. Returns how
+        many were packed."""
         linears = [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
         count = sum(m.prepack() for m in linears)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

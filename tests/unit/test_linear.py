@@ -55,3 +55,15 @@ def test_bfloat16_packed_linear_is_bit_identical_to_f_linear():
     assert layer.prepack()
     with torch.inference_mode():
         assert torch.equal(layer(x), expected)
+
+
+@needs_onednn
+def test_prepack_falls_back_when_the_packed_gemm_disagrees(monkeypatch):
+    # The probe at pack time compares with F.linear; a library computing something else
+    # must cost speed, never correctness.
+    import types
+
+    import engine.cpu_linear as cpu_linear
+    wrong = types.SimpleNamespace(linear=lambda x, w, b=None: F.linear(x, w, b) + 1)
+    monkeypatch.setattr(cpu_linear, "F", wrong)
+    assert cpu_linear.prepack(torch.randn(64, 32)) is None
