@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,9 @@ log = logging.getLogger("pdserve.engine")
 # On CPU the cache takes this share of RAM unless told otherwise; on CUDA, of free memory.
 DEFAULT_CPU_KV_FRACTION = 0.05
 DEFAULT_CUDA_KV_FRACTION = 0.9
+# A container's memory limit, which sysconf does not see: cgroup v2, then v1.
+CGROUP_MEMORY_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",
+                             "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +55,21 @@ def cpu_has_bf16_matmul() -> bool:
     except OSError:
         pass
     return False
+
+
+def usable_ram_bytes(limit_files: tuple[str, ...] = CGROUP_MEMORY_LIMIT_FILES) -> int:
+    """Physical RAM, or the container's memory limit where that is lower. A worker in a
+    4 GiB pod on a 512 GiB node must size its KV cache from the 4 GiB: the cache is
+    zero-filled at start, and sized from the node it would be killed before it serves."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in limit_files:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        # v2 writes "max" for no limit, v1 a number near 2**63; either leaves `total`.
+        return min(total, int(text)) if text.isdigit() else total
+    return total
 
 
 class ModelRunner:
@@ -89,8 +108,8 @@ class ModelRunner:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * (config.kv_cache_memory_fraction or DEFAULT_CUDA_KV_FRACTION)
         else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            budget = total * (config.kv_cache_memory_fraction or DEFAULT_CPU_KV_FRACTION)
+            budget = usable_ram_bytes() * (config.kv_cache_memory_fraction
+                                           or DEFAULT_CPU_KV_FRACTION)
         return max(1, int(budget // per_block))
 
     @torch.inference_mode()
