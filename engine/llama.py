@@ -104,10 +104,14 @@ class LlamaModel(nn.Module):
                 on_layer_kv(index, k, v)
         return self.norm(hidden)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight: the embedding's when the two are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight, packed=self._packed_head)
+        return linear(hidden, self.head_weight, packed=self._packed_head)
 
     def prepack(self) -> int:
         """Pack every GEMM weight for the CPU (see engine.cpu_linear); call once the
@@ -116,8 +120,7 @@ class LlamaModel(nn.Module):
         many were packed."""
         linears = [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
         count = sum(m.prepack() for m in linears)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self._packed_head = prepack(head)
+        self._packed_head = prepack(self.head_weight)
         return count + (self._packed_head is not None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -44,7 +44,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         # The sign of rotate-half folded into the table: (-a) * s and a * (-s) are the
         # same float, so this saves a negation per call and changes no bit.
-        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        sin = freqs.sin()
+        signed_sin = torch.cat((-sin, sin), dim=-1)
         self.register_buffer("signed_sin", signed_sin, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
