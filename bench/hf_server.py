@@ -118,7 +118,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_dir = args.model
     if model_dir == "default":
-        from engine.default_model import ensure_default_model
+        from model_store.default_model import ensure_default_model
         model_dir = str(ensure_default_model())
     uvicorn.run(create_app(model_dir, "default"), host=args.host, port=args.port,
                 log_level="warning")

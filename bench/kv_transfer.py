@@ -27,17 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kvtransfer.codec import KvShape, make_fingerprint  # noqa: E402
-from kvtransfer.convert import params_to_proto  # noqa: E402
 from kvtransfer.sender import KvSender  # noqa: E402
-from kvtransfer.serving import GRPC_OPTIONS  # noqa: E402
+from pdserve.launch import ChildProcess, pdserve_argv  # noqa: E402
+from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS as GRPC_OPTIONS  # noqa: E402
 from pdserve_proto.v1 import common_pb2, decode_pb2, kv_pb2  # noqa: E402
-from tests.integration.workers import Worker  # noqa: E402
+from worker.convert import params_to_proto  # noqa: E402
 
 RAW_METHOD = "/bench.Sink/Push"
 # SmolLM2-135M: what one token of one layer weighs on the wire in float32.
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--kv-cache-tokens", "8192",
                "--max-num-batched-tokens", "512")
+START_TIMEOUT = 300
+
+
+def start_worker(role: str, *args: str) -> ChildProcess:
+    """A worker with one thread on a free port; its address is `.address`."""
+    child = ChildProcess(role, pdserve_argv("--log-level", "WARNING", role, "--port", "0",
+                                            "--num-threads", "1", *args))
+    child.wait_listening(START_TIMEOUT)
+    return child
 
 
 async def raw_sink(port: int) -> None:
@@ -73,7 +82,7 @@ async def raw_rate(address: str, total: int, chunk_bytes: int) -> float:
     return total / elapsed
 
 
-async def kv_rate(decode: Worker, tokens: int, chunk_bytes: int) -> float:
+async def kv_rate(decode: ChildProcess, tokens: int, chunk_bytes: int) -> float:
     from pdserve_proto.v1 import decode_pb2_grpc
 
     params = SamplingParams(max_tokens=1, temperature=0)
@@ -104,7 +113,7 @@ async def kv_rate(decode: Worker, tokens: int, chunk_bytes: int) -> float:
     return ack.bytes_received / elapsed
 
 
-async def tail(prefill: Worker, decode: Worker, prompt: list[int], rid: str):
+async def tail(prefill: ChildProcess, decode: ChildProcess, prompt: list[int], rid: str):
     """The gateway's path over grpc.aio; returns the prefill worker's timings."""
     from pdserve_proto.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -123,8 +132,8 @@ async def tail(prefill: Worker, decode: Worker, prompt: list[int], rid: str):
     return response
 
 
-async def measure(args, sink_address: str, decode: Worker, streaming: Worker,
-                  batched: Worker, total: int):
+async def measure(args, sink_address: str, decode: ChildProcess, streaming: ChildProcess,
+                  batched: ChildProcess, total: int):
     """Everything in one event loop: grpc.aio and sync gRPC do not mix in one process."""
     raw = kv = 0.0
     for _ in range(args.rounds):
@@ -154,17 +163,17 @@ def main() -> None:
 
     total = args.prompt_tokens * LAYERS * 2 * KV_HEADS * HEAD_DIM * 4
     chunk = ("--kv-chunk-bytes", str(args.chunk_bytes))
-    sink = _start_sink()
-    decode = Worker("decode", *ENGINE_ARGS)
-    streaming = Worker("prefill", *ENGINE_ARGS, *chunk)
-    batched = Worker("prefill", *ENGINE_ARGS, *chunk, "--no-layerwise")
+    sink = ChildProcess("sink", [sys.executable, __file__, "--raw-sink-server", "0"])
+    sink.wait_listening(START_TIMEOUT)
+    decode = start_worker("decode", *ENGINE_ARGS)
+    streaming = start_worker("prefill", *ENGINE_ARGS, *chunk)
+    batched = start_worker("prefill", *ENGINE_ARGS, *chunk, "--no-layerwise")
     try:
-        raw, kv, on, off = asyncio.run(measure(args, sink[1], decode, streaming, batched,
+        raw, kv, on, off = asyncio.run(measure(args, sink.address, decode, streaming, batched,
                                                total))
     finally:
-        sink[0].kill()
-        for worker in (decode, streaming, batched):
-            worker.stop()
+        for child in (sink, decode, streaming, batched):
+            child.stop()
     mb = 1e6
     print(f"loopback, {args.prompt_tokens}-token prompt of the default model in float32 "
           f"({total / mb:.1f} MB of KV), {args.chunk_bytes}-byte chunks, best of "
@@ -176,15 +185,6 @@ def main() -> None:
     print(f"tail, after the prompt     {off.transfer_tail_seconds * 1e3:8.1f} ms   "
           f"(prefill compute {off.compute_seconds * 1e3:.0f} ms)")
     print(f"tail ratio                 {on.transfer_tail_seconds / off.transfer_tail_seconds:8.0%}")
-
-
-def _start_sink():
-    import subprocess
-
-    proc = subprocess.Popen([sys.executable, __file__, "--raw-sink-server", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    return proc, line.rsplit(" ", 1)[1].strip()
 
 
 if __name__ == "__main__":

@@ -12,21 +12,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
-from engine.engine_loop import EngineLoop, RequestFailed
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-
-
-class LeaseError(Exception):
-    """The lease cannot be used; `code` is the grpc.StatusCode name to answer."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+from worker.engine_loop import EngineLoop
+from worker.status import StatusError
 
 
 @dataclass
@@ -68,10 +62,11 @@ class LeaseTable:
         """A PushKv stream takes the lease; only one may."""
         lease = self._by_id.get(lease_id)
         if lease is None or lease.request_id != request_id:
-            raise LeaseError("NOT_FOUND", f"lease {lease_id!r} for request {request_id!r} "
-                             "is unknown or expired")
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"lease {lease_id!r} for request "
+                              f"{request_id!r} is unknown or expired")
         if lease.receiving:
-            raise LeaseError("ALREADY_EXISTS", f"lease {lease_id!r} is already receiving KV")
+            raise StatusError(grpc.StatusCode.ALREADY_EXISTS,
+                              f"lease {lease_id!r} is already receiving KV")
         lease.receiving = True
         lease.deadline = time.monotonic() + lease.timeout
         return lease
@@ -79,13 +74,13 @@ class LeaseTable:
     def commit(self, engine: LLMEngine, lease: Lease, first: SampledToken) -> StepOutput:
         """The KV is complete: the sequence joins the batch with its first token."""
         if not self._drop(lease):
-            raise LeaseError("NOT_FOUND", f"lease {lease.lease_id!r} ended before its KV "
-                             "was complete")
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"lease {lease.lease_id!r} ended "
+                              "before its KV was complete")
         output = engine.commit_imported(lease.seq, first)
         self.loop.deliver([output])
         return output
 
-    def release(self, engine: LLMEngine, request_id: str, error: RequestFailed | None):
+    def release(self, engine: LLMEngine, request_id: str, error: StatusError | None):
         """End the request's lease (if any) and free its blocks; tell its stream why."""
         lease = self._by_request.get(request_id)
         if lease is not None:
@@ -98,8 +93,8 @@ class LeaseTable:
         """Periodic: free leases whose KV did not arrive (or stalled) in time."""
         now = time.monotonic()
         for lease in [x for x in self._by_id.values() if x.deadline < now]:
-            error = RequestFailed("DEADLINE_EXCEEDED", f"KV lease {lease.lease_id} expired: "
-                                  f"no complete KV within {lease.timeout:g} s")
+            error = StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, f"KV lease {lease.lease_id} "
+                                f"expired: no complete KV within {lease.timeout:g} s")
             self.release(self.loop.engine, lease.request_id, error)
 
     def _drop(self, lease: Lease) -> bool:
@@ -115,8 +110,8 @@ class LeaseTable:
               k: torch.Tensor, v: torch.Tensor) -> None:
         with lease.lock:
             if not lease.alive:
-                raise LeaseError("NOT_FOUND", f"lease {lease.lease_id!r} expired or was "
-                                 "cancelled during the transfer")
+                raise StatusError(grpc.StatusCode.NOT_FOUND, f"lease {lease.lease_id!r} expired "
+                                  "or was cancelled during the transfer")
             engine.write_imported_kv(lease.seq, layer, start, k, v)
             # Progress keeps a slow but live transfer from expiring.
             lease.deadline = time.monotonic() + lease.timeout

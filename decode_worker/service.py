@@ -11,15 +11,17 @@ import time
 
 import grpc
 
-from decode_worker.leases import Lease, LeaseError, LeaseTable
-from engine.engine_loop import EngineLoop, RequestFailed
+from decode_worker.leases import Lease, LeaseTable
 from engine.errors import InvalidRequestError
 from engine.llm_engine import NoCapacityError
-from kvtransfer.convert import params_from_proto, token_from_proto, token_to_proto
-from kvtransfer.receiver import KvReceiver, KvRejected
-from kvtransfer.serving import health_response
+from kvtransfer.codec import KvProtocolError
+from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
+from worker.convert import params_from_proto, token_from_proto, token_to_proto
+from worker.engine_loop import EngineLoop
+from worker.grpc_server import health_response
+from worker.status import DOMAIN_ERRORS, StatusError, status_of
 
 log = logging.getLogger("pdserve.decode")
 
@@ -42,7 +44,7 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             params = params_from_proto(request.params)
             self.engine.validate_prompt(list(request.prompt_token_ids))
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await status_of(exc).abort(context)
         outputs = self.loop.subscribe(rid)
         started = time.monotonic()
         finished = False
@@ -69,23 +71,22 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             return await self.loop.call(lambda e: self.leases.reserve(
                 e, request.request_id, prompt, params, request.lease_timeout_seconds or None))
         except NoCapacityError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"no room for {len(prompt)} prompt tokens: {exc}")
+            await status_of(exc, f"no room for {len(prompt)} prompt tokens: ").abort(context)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await status_of(exc).abort(context)
 
     async def _call(self, fn, context):
         try:
             return await self.loop.call(fn)
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await status_of(exc).abort(context)
 
     async def _stream(self, outputs: asyncio.Queue, request, started: float, context):
         kv_wait = 0.0
         while True:
             out = await outputs.get()
-            if isinstance(out, RequestFailed):
-                await context.abort(getattr(grpc.StatusCode, out.code), str(out))
+            if isinstance(out, StatusError):
+                await out.abort(context)
             seq = out.seq
             index = out.index  # not seq.num_output_tokens: later steps may have run already
             if out.token_id is not None and not (request.remote_prefill and index == 0):
@@ -117,8 +118,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             receiver.on_header(opening)
             header = receiver.header
             if header.num_tokens != lease.seq.num_prompt_tokens:
-                raise KvRejected("INVALID_ARGUMENT", f"KV for {header.num_tokens} tokens, but "
-                                 f"the lease holds a {lease.seq.num_prompt_tokens}-token prompt")
+                raise KvProtocolError(f"KV for {header.num_tokens} tokens, but the lease holds "
+                                      f"a {lease.seq.num_prompt_tokens}-token prompt")
             await context.send_initial_metadata(KV_ACCEPTED)
             # Chunks are checked and written on the event loop: a chunk (1 MiB) takes
             # ~0.2 ms, less than handing it to a thread costs, and gRPC core goes on
@@ -133,26 +134,29 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                         bytes_received=receiver.coverage.num_bytes,
                         receive_seconds=time.monotonic() - receiver.started_at)
                 self._write(receiver, lease, msg.chunk)
-            raise KvRejected("INVALID_ARGUMENT", "the KV stream ended without a trailer")
-        except (KvRejected, LeaseError) as exc:
-            self._fail_lease(lease, exc.code, str(exc))
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            raise KvProtocolError("the KV stream ended without a trailer")
+        except (*DOMAIN_ERRORS, StatusError) as exc:
+            error = status_of(exc)
+            self._fail_lease(lease, error)
+            await error.abort(context)
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty KV stream")
         except asyncio.CancelledError:
-            self._fail_lease(lease, "CANCELLED", "the KV sender went away mid-transfer")
+            self._fail_lease(lease, StatusError(grpc.StatusCode.CANCELLED,
+                                                "the KV sender went away mid-transfer"))
             raise
 
     def _write(self, receiver: KvReceiver, lease: Lease, chunk) -> None:
         layer, start, k, v = receiver.on_chunk(chunk)
         self.leases.write(self.engine, lease, layer, start, k, v)
 
-    def _fail_lease(self, lease: Lease | None, code: str, message: str) -> None:
+    def _fail_lease(self, lease: Lease | None, error: StatusError) -> None:
+        """End the lease and tell its Generate stream why."""
         if lease is None:
             return
-        log.warning("request %s: KV rejected: %s", lease.request_id, message)
-        error = RequestFailed(code, f"KV transfer failed: {message}")
-        self.loop.submit(lambda e: self.leases.release(e, lease.request_id, error))
+        log.warning("request %s: KV rejected: %s", lease.request_id, error.message)
+        failed = status_of(error, "KV transfer failed: ")
+        self.loop.submit(lambda e: self.leases.release(e, lease.request_id, failed))
 
     # ----- Health -----------------------------------------------------------------------
 

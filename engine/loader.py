@@ -26,7 +26,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 @dataclass(frozen=True)
 class ModelFiles:
     name: str  # "SmolLM2-135M-Instruct", the folder path, or "random:tiny"
-    hf_config: PretrainedConfig
     config: ModelConfig
     path: Path | None  # Hugging Face folder with the weights; None for random presets
     random_seed_name: str | None  # the preset of "random:*", else None
@@ -35,17 +34,16 @@ class ModelFiles:
 def resolve_model(spec: str) -> ModelFiles:
     """"default", "random:<preset>", or the path of a local Hugging Face folder."""
     if spec == "default":
-        from engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from model_store.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
         path = ensure_default_model()
-        hf = _load_hf_config(path)
-        return ModelFiles(DEFAULT_MODEL_NAME, hf, ModelConfig.from_hf(hf), path, None)
+        return ModelFiles(DEFAULT_MODEL_NAME, ModelConfig.from_hf(_load_hf_config(path)), path,
+                          None)
     if spec.startswith(RANDOM_PREFIX):
         from engine.presets import random_hf_config
 
         preset = spec.removeprefix(RANDOM_PREFIX)
-        hf = random_hf_config(preset)
-        return ModelFiles(spec, hf, ModelConfig.from_hf(hf), None, preset)
+        return ModelFiles(spec, ModelConfig.from_hf(random_hf_config(preset)), None, preset)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -55,8 +53,7 @@ def resolve_model(spec: str) -> ModelFiles:
         raise ValueError(f"model {spec!r} is a file; give the folder that holds config.json")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {path} has no config.json")
-    hf = _load_hf_config(path)
-    return ModelFiles(str(path), hf, ModelConfig.from_hf(hf), path, None)
+    return ModelFiles(str(path), ModelConfig.from_hf(_load_hf_config(path)), path, None)
 
 
 def _load_hf_config(path: Path) -> PretrainedConfig:
@@ -146,7 +143,7 @@ def load_tokenizer(files: ModelFiles):
     from engine.presets import SMOLLM2_VOCAB
 
     if files.config.vocab_size == SMOLLM2_VOCAB:
-        from engine.default_model import ensure_default_model
+        from model_store.default_model import ensure_default_model
 
         return AutoTokenizer.from_pretrained(ensure_default_model(), local_files_only=True)
     return None

@@ -39,8 +39,9 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})")
 
     @property
-    def kv_bytes_per_token_per_layer(self) -> int:
-        """Elements (not bytes) of K plus V for one token in one layer."""
+    def kv_elements_per_token_per_layer(self) -> int:
+        """Elements of K plus V for one token in one layer (times the dtype's size:
+        bytes)."""
         return 2 * self.num_kv_heads * self.head_dim
 
     @classmethod

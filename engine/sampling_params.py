@@ -3,8 +3,7 @@
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
-
-MAX_LOGPROBS = 20
+from pdserve_proto.limits import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -13,7 +12,7 @@ class SamplingParams:
 
     `seed` makes sampling reproducible and independent of the batch: each token is
     drawn from a generator keyed by (seed, sample index, position in the sequence).
-    `logprobs` is None (none returned) or the number of top alternatives (0..20) to
+    `logprobs` is None (none returned) or the number of top alternatives (0..MAX_LOGPROBS) to
     return beside the chosen token's log-probability. Log-probabilities are taken
     from the model's raw distribution, before penalties and temperature.
     """

@@ -44,12 +44,11 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 sample_index: int = 0, arrival: float = 0.0):
+                 sample_index: int = 0):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.sample_index = sample_index
         self.params = params
-        self.arrival = arrival
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprob] = []
@@ -81,19 +80,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
     def token_id_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         return [self.token_id_at(i) for i in range(start, end)]
-
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, "

@@ -16,18 +16,24 @@ except ImportError:  # pragma: no cover - isal has wheels for the usual platform
     from zlib import crc32
 
 from kvtransfer.wire import encode_chunk_request
+from pdserve_proto.limits import DEFAULT_KV_CHUNK_BYTES
 from pdserve_proto.v1 import kv_pb2
 
 LAYOUT_VERSION = 1
-# gRPC's default message limit is 4 MiB; staying well under it keeps every chunk small
-# enough to interleave with other streams and never needs the limit raised.
-DEFAULT_MAX_CHUNK_BYTES = 1 << 20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KvFormatError(ValueError):
-    """The KV stream is malformed or does not fit the receiver; the message says how."""
+    """A chunk's bytes are corrupt or do not fit its header; the message says how."""
+
+
+class KvProtocolError(ValueError):
+    """The stream's messages come in a shape or order the protocol does not allow."""
+
+
+class KvMismatchError(ValueError):
+    """The sender's KV belongs to another model, dtype or layout than the receiver's."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ def tokens_per_chunk(shape: KvShape, max_chunk_bytes: int) -> int:
 
 
 def encode_layer(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
-                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list:
+                 max_chunk_bytes: int = DEFAULT_KV_CHUNK_BYTES) -> list:
     """KvChunk messages for K/V [tokens, kv_heads, head_dim] (CPU) of positions start..
     of a layer: the reference encoding (tests, tools); senders use encode_layer_wire."""
     chunks = []
@@ -94,7 +100,7 @@ def encode_layer(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
 
 
 def encode_layer_wire(layer: int, start: int, k: torch.Tensor, v: torch.Tensor,
-                      max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[tuple[bytes, int]]:
+                      max_chunk_bytes: int = DEFAULT_KV_CHUNK_BYTES) -> list[tuple[bytes, int]]:
     """The same chunks as encode_layer, each already serialized as a PushKvRequest, with
     its payload size: one copy of the KV in all (see kvtransfer.wire)."""
     requests = []

@@ -2,20 +2,21 @@
 
 The receiver knows nothing of leases or caches: it validates the header against our
 fingerprint, turns chunks into tensors and tracks coverage, and says at the trailer
-whether the KV is complete. Each rejection carries the gRPC status to answer with.
+whether the KV is complete. What is wrong is said by the error's kind (a protocol
+misuse, another model's KV, corrupt or missing bytes); the worker picks the status.
 """
 
 import time
 
-from kvtransfer.codec import Coverage, KvFormatError, decode_chunk, fingerprint_mismatch, shape_of
-
-
-class KvRejected(Exception):
-    """The stream cannot be accepted; `code` is the grpc.StatusCode name to answer."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+from kvtransfer.codec import (
+    Coverage,
+    KvFormatError,
+    KvMismatchError,
+    KvProtocolError,
+    decode_chunk,
+    fingerprint_mismatch,
+    shape_of,
+)
 
 
 class KvReceiver:
@@ -29,41 +30,37 @@ class KvReceiver:
 
     def on_header(self, msg) -> None:
         if not msg.HasField("header"):
-            raise KvRejected("INVALID_ARGUMENT", "the first PushKv message must be the header")
+            raise KvProtocolError("the first PushKv message must be the header")
         header = msg.header
         mismatch = fingerprint_mismatch(self.fingerprint, header.fingerprint)
         if mismatch:
-            raise KvRejected("FAILED_PRECONDITION", f"KV fingerprint mismatch: {mismatch}")
+            raise KvMismatchError(f"KV fingerprint mismatch: {mismatch}")
         if not 0 < header.num_tokens <= self.max_tokens:
-            raise KvRejected("INVALID_ARGUMENT", f"header num_tokens {header.num_tokens} "
-                             f"outside [1, {self.max_tokens}]")
+            raise KvProtocolError(f"header num_tokens {header.num_tokens} "
+                                  f"outside [1, {self.max_tokens}]")
         self.header = header
         self.shape = shape_of(header.fingerprint)
         self.coverage = Coverage(self.shape.num_layers, header.num_tokens)
 
     def on_chunk(self, chunk):
-        """(layer, start, k, v) of a valid chunk."""
-        try:
-            layer, start, k, v = decode_chunk(chunk, self.shape, self.header.num_tokens)
-        except KvFormatError as exc:
-            raise KvRejected("DATA_LOSS", str(exc)) from None
+        """(layer, start, k, v) of a valid chunk; KvFormatError for a bad one."""
+        layer, start, k, v = decode_chunk(chunk, self.shape, self.header.num_tokens)
         self.coverage.add(layer, start, chunk.num_tokens, len(chunk.data))
         return layer, start, k, v
 
     def on_trailer(self, trailer) -> None:
         if trailer.num_chunks != self.coverage.num_chunks:
-            raise KvRejected("DATA_LOSS", f"sender sent {trailer.num_chunks} chunks, "
-                             f"{self.coverage.num_chunks} arrived")
+            raise KvFormatError(f"sender sent {trailer.num_chunks} chunks, "
+                                f"{self.coverage.num_chunks} arrived")
         missing = self.coverage.missing()
         if missing:
-            raise KvRejected("DATA_LOSS", f"incomplete KV: {missing}")
+            raise KvFormatError(f"incomplete KV: {missing}")
         if not trailer.HasField("first_token"):
-            raise KvRejected("INVALID_ARGUMENT", "the trailer carries no first token")
+            raise KvProtocolError("the trailer carries no first token")
 
     def check_message(self, msg) -> str:
-        """'chunk' or 'trailer'; a second header or an empty message is rejected."""
+        """'chunk' or 'trailer'; a second header or an empty message is refused."""
         kind = msg.WhichOneof("item")
         if kind not in ("chunk", "trailer"):
-            raise KvRejected("INVALID_ARGUMENT", f"unexpected PushKv message {kind!r} "
-                             "after the header")
+            raise KvProtocolError(f"unexpected PushKv message {kind!r} after the header")
         return kind

@@ -13,8 +13,9 @@ import time
 
 import torch
 
-from kvtransfer.codec import DEFAULT_MAX_CHUNK_BYTES, encode_layer_wire
+from kvtransfer.codec import encode_layer_wire
 from kvtransfer.wire import accepted, push_kv_callable
+from pdserve_proto.limits import DEFAULT_KV_CHUNK_BYTES
 from pdserve_proto.v1 import kv_pb2
 
 _copy_streams: dict = {}
@@ -54,7 +55,7 @@ class StagedKv:
 
 class KvSender:
     def __init__(self, channel, header, loop: asyncio.AbstractEventLoop, *,
-                 layerwise: bool = True, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES):
+                 layerwise: bool = True, max_chunk_bytes: int = DEFAULT_KV_CHUNK_BYTES):
         self.push_kv = push_kv_callable(channel)
         self.header = header
         self.loop = loop

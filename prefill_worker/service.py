@@ -14,13 +14,14 @@ import time
 
 import grpc
 
-from engine.engine_loop import EngineLoop
 from engine.errors import InvalidRequestError
-from kvtransfer.codec import DEFAULT_MAX_CHUNK_BYTES
-from kvtransfer.convert import params_from_proto, token_to_proto
 from kvtransfer.sender import KvSender, KvSendError
-from kvtransfer.serving import GRPC_OPTIONS, health_response
+from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
+from worker.convert import params_from_proto, token_to_proto
+from worker.engine_loop import EngineLoop
+from worker.grpc_server import health_response
+from worker.status import StatusError, status_of
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -30,16 +31,9 @@ _REJECTIONS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-class PrefillFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool = True,
-                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                 transfer_timeout: float = 30.0):
+    def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool,
+                 max_chunk_bytes: int, transfer_timeout: float):
         self.loop = engine_loop
         self.engine = engine_loop.engine
         self.fingerprint = fingerprint
@@ -61,9 +55,9 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     async def Prefill(self, request, context):
         try:
             return await self._prefill(request, context)
-        except PrefillFailed as exc:
+        except StatusError as exc:
             log.warning("request %s: prefill failed: %s", request.request_id, exc)
-            await context.abort(exc.code, str(exc))
+            await exc.abort(context)
         except Exception as exc:  # a bug must still end the call with a status, not hang it
             log.exception("request %s: prefill failed", request.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc!r}")
@@ -85,7 +79,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                 await self.loop.call(lambda e: e.add_request(
                     rid, prompt, params, export_kv=True, prefill_only=True))
             except InvalidRequestError as exc:
-                raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise status_of(exc) from None
             log.debug("request %s: queued %d prompt tokens", rid, len(prompt))
             out = await self._first_output(outputs, sending, request.decode_address)
             sampled_at = time.monotonic()
@@ -111,15 +105,15 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
 
     def _validate(self, request):
         if not request.request_id:
-            raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         if not request.decode_address or not request.lease_id:
-            raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                "decode_address and lease_id are both required")
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT,
+                              "decode_address and lease_id are both required")
         try:
             params = params_from_proto(request.params)
             self.engine.validate_prompt(list(request.prompt_token_ids))
         except InvalidRequestError as exc:
-            raise PrefillFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise status_of(exc) from None
         return params
 
     async def _first_output(self, outputs: asyncio.Queue, sending: asyncio.Task, address):
@@ -132,33 +126,34 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                 getting.cancel()
         if not getting.done() or getting.cancelled():
             await self._ack(sending, address)  # raises the transfer's error
-            raise PrefillFailed(grpc.StatusCode.INTERNAL, "KV stream ended before the prompt")
+            raise StatusError(grpc.StatusCode.INTERNAL, "KV stream ended before the prompt")
         out = getting.result()
         if out.token_id is None:
-            raise PrefillFailed(grpc.StatusCode.INTERNAL,
-                                f"prefill ended without a token ({out.finish_reason})")
+            raise StatusError(grpc.StatusCode.INTERNAL,
+                              f"prefill ended without a token ({out.finish_reason})")
         return out
 
     async def _ack(self, sending: asyncio.Task, address: str):
         try:
             return await asyncio.wait_for(asyncio.shield(sending), self.transfer_timeout)
         except KvSendError as exc:
-            raise PrefillFailed(grpc.StatusCode.INTERNAL, str(exc)) from None
+            raise StatusError(grpc.StatusCode.INTERNAL, str(exc)) from None
         except TimeoutError:
-            raise PrefillFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"decode worker {address} did not acknowledge the KV within "
-                                f"{self.transfer_timeout:g} s") from None
+            raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"decode worker {address} did not acknowledge the KV within "
+                              f"{self.transfer_timeout:g} s") from None
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in _REJECTIONS:
-                raise PrefillFailed(code, f"decode worker {address} rejected the KV: "
-                                    f"{exc.details()}") from None
-            raise PrefillFailed(grpc.StatusCode.UNAVAILABLE, f"decode worker {address} "
-                                f"unreachable ({code.name}): {exc.details()}") from None
+                raise StatusError(code, f"decode worker {address} rejected the KV: "
+                                  f"{exc.details()}") from None
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"decode worker {address} "
+                              f"unreachable ({code.name}): {exc.details()}") from None
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = grpc.aio.insecure_channel(address,
+                                                                options=MESSAGE_SIZE_OPTIONS)
         return self._channels[address]
 
     async def close(self) -> None:

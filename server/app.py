@@ -7,18 +7,22 @@ sent to the workers in gRPC metadata and put on every log line of the request.
 
 import contextlib
 import logging
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
 from server.admission import Admission
 from server.errors import APIError
 from server.gateway import GatewayConfig
 from server.metrics import GatewayMetrics
-from server.openai_api import router as openai_router
+from server.openai_api import openai_routes
 from server.pool import WorkerPool
 from server.request_context import request_id_var
 from server.router import Router
@@ -27,18 +31,27 @@ from server.tokenizer import GatewayTokenizer
 log = logging.getLogger("pdserve.gateway")
 
 
-def _model_folder(model: str):
-    """The folder whose tokenizer and chat template the gateway uses (no torch)."""
-    from pathlib import Path
-
-    from engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
-
+def _model_folder(model: str) -> tuple[Path, str]:
+    """The folder whose tokenizer and chat template the gateway uses, and its name."""
     if model == "default" or model.startswith("random:"):
-        return ensure_default_model(), DEFAULT_MODEL_NAME if model == "default" else model
+        return _default_model_folder(), DEFAULT_MODEL_NAME if model == "default" else model
     path = Path(model).expanduser()
     if not (path / "tokenizer.json").is_file():
         raise SystemExit(f"pdserve gateway: --model {model}: no tokenizer.json in that folder")
     return path, path.name
+
+
+def _default_model_folder() -> Path:
+    """The default model's folder, converted first where no worker has done it yet. The
+    conversion runs in a child process: it loads torch, which the gateway never does."""
+    folder = default_model_dir()
+    if not is_complete(folder):
+        done = subprocess.run([sys.executable, "-m", "model_store.default_model"],
+                              stdout=subprocess.DEVNULL)
+        if done.returncode != 0 or not is_complete(folder):
+            raise SystemExit(f"pdserve gateway: cannot prepare the default model in {folder} "
+                             f"(exit code {done.returncode}; see the messages above)")
+    return folder
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -85,7 +98,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                               local_prefill_max_tokens=config.local_prefill_max_tokens,
                               request_timeout=config.request_timeout)
     app.state.started = int(time.time())
-    app.include_router(openai_router)
+    app.include_router(openai_routes)
     _install_handlers(app, config)
     return app
 

@@ -1,30 +1,56 @@
-"""`pdserve gateway`: the OpenAI-compatible HTTP front door over the worker pools."""
+"""`pdserve gateway`: the OpenAI-compatible HTTP front door over the worker pools.
 
-import argparse
-import os
-from dataclasses import dataclass
+GatewayConfig's fields are the command's flags (`--max-inflight` from `max_inflight`):
+each default and help text is written here once.
+"""
+
+from dataclasses import dataclass, field
 
 DEFAULT_PORT = 8000
 
 
+def parse_addresses(value: str) -> tuple[str, ...]:
+    """'host:port,host:port' as a tuple of addresses."""
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def _flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
-    decode: tuple[str, ...]
-    prefill: tuple[str, ...] = ()
-    model: str = "default"
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_inflight: int = 64
-    max_queue: int = 256
-    local_prefill_max_tokens: int = 32
-    max_body_bytes: int = 4 << 20
-    request_timeout: float = 600.0
-    health_interval: float = 1.0
-    resolve_interval: float = 10.0
+    decode: tuple[str, ...] = field(metadata={
+        "help": "decode workers, host:port[,host:port...]; a DNS name stands for every "
+                "address behind it", "type": parse_addresses})
+    prefill: tuple[str, ...] = _flag((), "prefill workers, host:port[,...]; none: colocated",
+                                     type=parse_addresses)
+    colocated: bool = _flag(False, "ignore --prefill: every prompt is prefilled on a decode "
+                                   "worker")
+    host: str = _flag("127.0.0.1", "address to listen on")
+    port: int = _flag(DEFAULT_PORT, "HTTP port")
+    model: str = _flag("default", "the workers' model, for the tokenizer and chat template: "
+                                  "'default', a Hugging Face folder, or random:PRESET (uses "
+                                  "the default model's tokenizer)")
+    served_model_name: str | None = _flag(None, "model name clients use (default: the "
+                                                "model's name)")
+    api_key: str | None = _flag(None, "require 'Authorization: Bearer KEY' on /v1/*")
+    max_inflight: int = _flag(64, "requests generating at once; more wait in the queue")
+    max_queue: int = _flag(256, "requests waiting for a slot; beyond it: 429")
+    local_prefill_max_tokens: int = _flag(32, "prompts shorter than this prefill on the "
+                                              "decode worker")
+    max_body_bytes: int = _flag(4 << 20, "largest request body; larger: 413")
+    request_timeout: float = _flag(600.0, "seconds a request may take end to end")
+    health_interval: float = _flag(1.0, "seconds between Health polls of every worker")
+    resolve_interval: float = _flag(10.0, "seconds between DNS look-ups of the worker names")
 
     def __post_init__(self):
         if not self.decode:
             raise ValueError("--decode: at least one decode worker address is required")
+        if self.colocated:
+            object.__setattr__(self, "prefill", ())  # normalised once, before any use
+        if not self.api_key:
+            object.__setattr__(self, "api_key", None)  # an empty key means none
         for name in ("max_inflight", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -36,66 +62,14 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
 
 
-def _addresses(value: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in value.split(",") if a.strip())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port")
-    parser.add_argument("--decode", type=_addresses, required=True,
-                        help="decode workers, host:port[,host:port...]; a DNS name stands "
-                             "for every address behind it")
-    parser.add_argument("--prefill", type=_addresses, default=(),
-                        help="prefill workers, host:port[,...]; none: colocated")
-    parser.add_argument("--colocated", action="store_true",
-                        help="ignore --prefill: every prompt is prefilled on a decode worker")
-    parser.add_argument("--model", default="default",
-                        help="the workers' model, for the tokenizer and chat template: "
-                             "'default', a Hugging Face folder, or random:PRESET "
-                             "(uses the default model's tokenizer)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model name clients use (default: the model's name)")
-    parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (env PDSERVE_API_KEY)")
-    parser.add_argument("--max-inflight", type=int, default=64,
-                        help="requests generating at once; more wait in the queue")
-    parser.add_argument("--max-queue", type=int, default=256,
-                        help="requests waiting for a slot; beyond it: 429")
-    parser.add_argument("--local-prefill-max-tokens", type=int, default=32,
-                        help="prompts shorter than this prefill on the decode worker")
-    parser.add_argument("--max-body-bytes", type=int, default=4 << 20,
-                        help="largest request body; larger: 413")
-    parser.add_argument("--request-timeout", type=float, default=600.0,
-                        help="seconds a request may take end to end")
-    parser.add_argument("--health-interval", type=float, default=1.0,
-                        help="seconds between Health polls of every worker")
-    parser.add_argument("--resolve-interval", type=float, default=10.0,
-                        help="seconds between DNS look-ups of the worker names")
-
-
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    return GatewayConfig(
-        decode=args.decode, prefill=() if args.colocated else args.prefill, model=args.model,
-        served_model_name=args.served_model_name, api_key=args.api_key or None,
-        max_inflight=args.max_inflight, max_queue=args.max_queue,
-        local_prefill_max_tokens=args.local_prefill_max_tokens,
-        max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-        health_interval=args.health_interval, resolve_interval=args.resolve_interval)
-
-
-def run(args: argparse.Namespace) -> int:
+def run(config: GatewayConfig, log_level: str) -> int:
     import uvicorn
 
     from server.app import create_app
 
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"pdserve gateway: {exc}") from None
     app = create_app(config)
-    # Tests and `pdserve up` wait for /ready; this line says where to look.
-    print(f"pdserve gateway listening on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+    # `pdserve up` and tests wait for /ready; this line says where to look.
+    print(f"pdserve gateway listening on http://{config.host}:{config.port}", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=5)
     return 0

@@ -17,7 +17,7 @@ from server.router import FinishEvent, PrefillEvent, Router, TokenEvent
 
 
 @dataclass
-class TokenLogprob:
+class TextLogprob:
     """One output token as the client sees it: its text, logprob and alternatives."""
 
     token: str
@@ -29,7 +29,7 @@ class TokenLogprob:
 class Delta:
     index: int
     text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[TextLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
 
@@ -123,9 +123,9 @@ class Generation:
             error = APIError(500, f"internal error: {exc!r}")
             self._queue.put_nowait(error if tokens == 0 else StreamBroken(choice.index, error))
 
-    def _logprobs(self, event: TokenEvent) -> list[TokenLogprob]:
+    def _logprobs(self, event: TokenEvent) -> list[TextLogprob]:
         if not self.want_logprobs or event.logprob is None:
             return []
         text = self.tokenizer.id_to_token_text
         top = [(text(t), lp) for t, lp in event.top_logprobs]
-        return [TokenLogprob(text(event.token_id), event.logprob, top)]
+        return [TextLogprob(text(event.token_id), event.logprob, top)]

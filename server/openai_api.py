@@ -15,10 +15,10 @@ from server.generation import Choice, Generation
 from server.streaming import ResponseView, collect, sse_events
 
 log = logging.getLogger("pdserve.gateway.api")
-router = APIRouter()
+openai_routes = APIRouter()
 
 
-@router.post("/v1/completions")
+@openai_routes.post("/v1/completions")
 async def completions(request: Request):
     body = await _json_body(request)
     req = protocol.parse_completion_request(body)
@@ -33,7 +33,7 @@ async def completions(request: Request):
     return await _serve(request, req, prompts, chat=False, echo_texts=texts if req.echo else None)
 
 
-@router.post("/v1/chat/completions")
+@openai_routes.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     body = await _json_body(request)
     req = protocol.parse_chat_request(body)

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger("pdserve.gateway.pool")
 
 _STUBS = {"prefill": prefill_pb2_grpc.PrefillServiceStub,
           "decode": decode_pb2_grpc.DecodeServiceStub}
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 << 20),
-                ("grpc.max_send_message_length", 8 << 20)]
 
 
 class NoWorkerError(Exception):
@@ -85,8 +84,8 @@ def resolve(spec: str) -> list[str]:
 
 
 class WorkerPool:
-    def __init__(self, role: str, specs: list[str], *, poll_interval: float = 1.0,
-                 resolve_interval: float = 10.0, fail_after: int = 2,
+    def __init__(self, role: str, specs: list[str], *, poll_interval: float,
+                 resolve_interval: float, fail_after: int = 2,
                  health_timeout: float = 2.0, on_health=None):
         if role not in _STUBS:
             raise ValueError(f"unknown worker role {role!r}")
@@ -142,7 +141,7 @@ class WorkerPool:
                 log.warning("%s pool: cannot resolve %s: %s", self.role, spec, exc)
         self._resolved_at = time.monotonic()
         for address in addresses - self.workers.keys():
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
             self.workers[address] = Worker(address, self.role, channel,
                                            _STUBS[self.role](channel))
             log.info("%s pool: %s joined", self.role, address)
@@ -195,7 +194,7 @@ class WorkerPool:
         return min(candidates, key=lambda w: (w.queued_tokens(), w.inflight))
 
     @contextlib.contextmanager
-    def claim(self, worker: Worker, prompt_tokens: int):
+    def count_inflight(self, worker: Worker, prompt_tokens: int):
         """Count a request against a worker while the gateway has it in flight."""
         blocks = 0
         if worker.health and worker.health.block_size:

@@ -3,8 +3,7 @@
 Every bad request becomes a 400 naming the field at fault (a dotted path such as
 `messages.0.content`); OpenAI fields that pdserve does not implement are refused by name
 when set to anything but their "off" value; unknown fields are ignored; `null` means the
-default, as with OpenAI. The response builders live in server.responses and are
-re-exported here.
+default, as with OpenAI. The response shapes live in server.responses.
 """
 
 import hashlib
@@ -14,29 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve_proto.limits import MAX_LOGPROBS
 from server.errors import APIError, invalid
-from server.responses import (
-    chat_chunk,
-    chat_logprobs,
-    chat_response,
-    chat_role_chunk,
-    completion_chunk,
-    completion_logprobs,
-    completion_response,
-    new_id,
-    usage_chunk,
-    usage_dict,
-)
 
-__all__ = [
-    "ChatCompletionRequest", "CompletionRequest", "Message", "StreamOptions", "check_token_ids",
-    "chat_chunk", "chat_logprobs", "chat_response", "chat_role_chunk", "choice_seed",
-    "completion_chunk", "completion_logprobs", "completion_response", "new_id",
-    "parse_chat_request", "parse_completion_request", "prompt_inputs", "sampling_fields",
-    "template_messages", "usage_chunk", "usage_dict",
-]
-
-MAX_LOGPROBS = 20  # engine.sampling_params.MAX_LOGPROBS
 MAX_N = 16
 MAX_STOP = 4
 INT32_MAX = 2**31 - 1  # SamplingParams' int32 fields

@@ -2,19 +2,14 @@
 log-probabilities. Token texts come in already decoded; nothing here knows a tokenizer.
 
 A logprob entry is any object with `token` (its text), `logprob` and `top` (the
-alternatives as (text, logprob) pairs, best first), such as generation.TokenLogprob.
+alternatives as (text, logprob) pairs, best first), such as generation.TextLogprob.
 """
 
 import math
-import uuid
 from collections.abc import Iterable
 
 # OpenAI's stand-in for a log-probability too small to show (JSON has no -Infinity).
 MIN_LOGPROB = -9999.0
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex[:24]
 
 
 def _id(request_id: str, prefix: str) -> str:

@@ -75,7 +75,7 @@ def _token(msg) -> TokenEvent:
 
 class Router:
     def __init__(self, decode: WorkerPool, prefill: WorkerPool | None, *,
-                 local_prefill_max_tokens: int = 32, request_timeout: float = 600.0):
+                 local_prefill_max_tokens: int, request_timeout: float):
         self.decode = decode
         self.prefill = prefill
         self.local_prefill_max_tokens = local_prefill_max_tokens
@@ -130,7 +130,7 @@ class Router:
 
     async def _colocated(self, request_id, prompt, params):
         worker, call, first = await self._open(request_id, prompt, params, remote=False)
-        with self.decode.claim(worker, len(prompt)):
+        with self.decode.count_inflight(worker, len(prompt)):
             try:
                 yield self._event(first)
                 async for event in self._rest(worker, call):
@@ -143,7 +143,7 @@ class Router:
         for attempt in (1, 2):
             decode, call, first = await self._open(request_id, prompt, params, remote=True)
             try:
-                with self.decode.claim(decode, len(prompt)):
+                with self.decode.count_inflight(decode, len(prompt)):
                     try:
                         response, prefill_address = await self._prefill(
                             request_id, prompt, params, decode, first.reserved.lease_id,
@@ -173,7 +173,7 @@ class Router:
         except NoWorkerError as exc:
             raise APIError(503, str(exc), code="no_worker",
                            headers={"Retry-After": "1"}) from None
-        with self.prefill.claim(worker, len(prompt)):
+        with self.prefill.count_inflight(worker, len(prompt)):
             try:
                 response = await worker.stub.Prefill(
                     prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,

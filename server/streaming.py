@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from server import protocol
+from server import responses
 from server.errors import APIError
 from server.generation import Delta, Generation, StreamBroken
 
@@ -43,19 +43,19 @@ class ResponseView:
         if not delta.logprobs:
             return None
         if self.chat:
-            return protocol.chat_logprobs(delta.logprobs)
-        return protocol.completion_logprobs(delta.logprobs, offset)
+            return responses.chat_logprobs(delta.logprobs)
+        return responses.completion_logprobs(delta.logprobs, offset)
 
     def chunk(self, delta: Delta, text: str, offset: int = 0) -> dict:
         if self.chat:
-            return protocol.chat_chunk(self.id, self.model, self.created, delta.index,
+            return responses.chat_chunk(self.id, self.model, self.created, delta.index,
                                        {"content": text} if text else {},
                                        delta.finish_reason, self.logprobs(delta))
-        return protocol.completion_chunk(self.id, self.model, self.created, delta.index, text,
+        return responses.completion_chunk(self.id, self.model, self.created, delta.index, text,
                                          delta.finish_reason, self.logprobs(delta, offset))
 
     def usage(self, completion_tokens: int) -> dict:
-        return protocol.usage_dict(sum(len(p) for p in self.prompts), completion_tokens)
+        return responses.usage_dict(sum(len(p) for p in self.prompts), completion_tokens)
 
 
 def _sse(payload: dict) -> str:
@@ -72,9 +72,8 @@ async def sse_events(gen: Generation, view: ResponseView, recorder):
             if delta.index not in started:
                 started.add(delta.index)
                 if view.chat:  # OpenAI opens every chat choice with the role
-                    yield _sse(protocol.chat_chunk(view.id, view.model, view.created,
-                                                   delta.index,
-                                                   {"role": "assistant", "content": ""}, None))
+                    yield _sse(responses.chat_role_chunk(view.id, view.model, view.created,
+                                                         delta.index))
                 text = view.echo(delta.index) + text
             offset = offsets.get(delta.index, 0)
             offsets[delta.index] = offset + len(text)
@@ -85,19 +84,14 @@ async def sse_events(gen: Generation, view: ResponseView, recorder):
         recorder.finish(reason)
         options = view.req.stream_options
         if options is not None and options.include_usage:
-            yield _sse({"id": view.id, "object": _chunk_object(view), "created": view.created,
-                        "model": view.model, "choices": [],
-                        "usage": view.usage(completion_tokens)})
+            yield _sse(responses.usage_chunk(view.id, view.model, view.created,
+                                             view.usage(completion_tokens), chat=view.chat))
     except (APIError, StreamBroken) as exc:
         error = exc.error if isinstance(exc, StreamBroken) else exc
         log.warning("request %s: stream ended by an error: %s", view.request_id, error.message)
         recorder.finish("error")
         yield _sse(error.body())
     yield "data: [DONE]\n\n"
-
-
-def _chunk_object(view: ResponseView) -> str:
-    return "chat.completion.chunk" if view.chat else "text_completion"
 
 
 async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
@@ -128,5 +122,5 @@ async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
                         "logprobs": view.logprobs(entries, len(view.echo(index)))})
     usage = view.usage(completion_tokens)
     if view.chat:
-        return protocol.chat_response(view.id, view.model, view.created, choices, usage)
-    return protocol.completion_response(view.id, view.model, view.created, choices, usage)
+        return responses.chat_response(view.id, view.model, view.created, choices, usage)
+    return responses.completion_response(view.id, view.model, view.created, choices, usage)

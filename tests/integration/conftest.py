@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.default_model import ensure_default_model
 from engine.sampling_params import SamplingParams
+from model_store.default_model import ensure_default_model
 
 MAX_NEW = 40
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0)

@@ -3,15 +3,13 @@
 import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import httpx
 
+from pdserve.launch import ChildProcess, listening_address, pdserve_argv
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,33 +30,21 @@ class Stack:
         env.pop("PDSERVE_API_KEY", None)
         if api_key:
             env["PDSERVE_API_KEY"] = api_key
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--log-level",
-             os.environ.get("PDSERVE_TEST_LOG_LEVEL", "WARNING"), "up", "--port",
-             str(self.port), *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
+        self.child = ChildProcess(
+            "up", pdserve_argv("--log-level", os.environ.get("PDSERVE_TEST_LOG_LEVEL", "WARNING"),
+                               "up", "--port", str(self.port), *args), cwd=ROOT, env=env)
+        self.proc = self.child.proc
         self.workers: dict[str, str] = {}
-        threading.Thread(target=self._read, args=(self.proc.stderr, self.err),
-                         daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stdout, self.out),
-                         daemon=True).start()
         deadline = time.monotonic() + timeout
-        while not any("pdserve is up" in line for line in self.out):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        while not any("pdserve is up" in line for line in self.child.lines):
+            if not self.child.alive or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("pdserve up did not come up:\n" + "".join(self.err)[-4000:])
+                raise RuntimeError("pdserve up did not come up:\n" + self.child.output()[-4000:])
             time.sleep(0.2)
-        for line in self.err:  # "[decode-1] pdserve decode worker listening on host:port"
-            if "worker listening on" in line:
-                name = line.split("]", 1)[0].lstrip("[")
-                self.workers[name] = line.rsplit(" ", 1)[1].strip()
-
-    @staticmethod
-    def _read(stream, sink: list[str]) -> None:
-        for line in stream:
-            sink.append(line)
+        for line in self.child.lines:  # "[decode-1] pdserve decode worker listening on ..."
+            address = listening_address(line)
+            if address is not None and "worker listening on" in line:
+                self.workers[line.split("]", 1)[0].lstrip("[")] = address
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -84,11 +70,4 @@ class Stack:
             time.sleep(0.05)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return self.child.stop(timeout, sig)

@@ -13,7 +13,7 @@ from tests.integration.stack import ROOT, Stack
 
 
 def pdserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", "--log-level", "WARNING",
+    return subprocess.run([sys.executable, "-m", "pdserve", "--log-level", "WARNING",
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -56,7 +56,7 @@ def test_sweep_writes_tables_plots_and_summary(tmp_path):
     spec = {"workloads": ["chat"], "rates": [4, 8], "num_prompts": 3,
             "slo": "ttft=60000,tpot=60000", "seed": 1,
             "configs": [{"name": "tiny-colocated",
-                         "command": ["{python}", "-m", "server.cli", "--log-level",
+                         "command": ["{python}", "-m", "pdserve", "--log-level",
                                      "WARNING", "up", "--port", "{port}", "--model",
                                      "random:tiny", "--prefill", "0"],
                          "url": "http://127.0.0.1:{port}"}]}

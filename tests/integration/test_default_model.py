@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from engine.loader import load_tokenizer, resolve_model
 from engine.model_config import ModelConfig
 from engine.presets import random_hf_config
+from model_store.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[2]
 CONVERTING = f"converting {DEFAULT_MODEL_NAME} once"
@@ -39,7 +39,7 @@ def _python(code: str, cache: Path) -> subprocess.Popen:
 def concurrent_start(cache) -> list[tuple[int, str, str]]:
     """Two processes start on the empty cache at once; the conversion (~30 s) is paid
     once here for the whole module. Returns (returncode, stdout, stderr) of each."""
-    code = ("from engine.default_model import ensure_default_model\n"
+    code = ("from model_store.default_model import ensure_default_model\n"
             "print(ensure_default_model())\n")
     procs = [_python(code, cache) for _ in range(2)]
     outputs = [p.communicate(timeout=240) for p in procs]
@@ -96,7 +96,7 @@ def test_second_call_rewrites_nothing(model_dir):
 
 def test_fast_path_imports_neither_torch_nor_transformers(model_dir, cache):
     code = ("import sys\n"
-            "from engine.default_model import ensure_default_model\n"
+            "from model_store.default_model import ensure_default_model\n"
             "print(ensure_default_model())\n"
             "print(sorted(m for m in ('torch', 'transformers', 'gguf') if m in sys.modules))\n")
     out, err = _python(code, cache).communicate(timeout=60)

@@ -258,7 +258,7 @@ def test_no_worker_gives_503():
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--log-level", "WARNING",
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "--log-level", "WARNING",
                              "gateway", "--port", str(port), "--decode", dead],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,14 +1,10 @@
 """Real worker processes on loopback and the calls a gateway makes to them.
 
-Each worker is started as `python -m server.cli prefill|decode --port 0 ...` and its
-port is read from the line it prints once it listens.
+Each worker is started as `python -m pdserve prefill|decode --port 0 ...`; pdserve.launch
+reads its port from the line it prints once it listens.
 """
 
 import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from engine.sampling_params import SamplingParams
-from kvtransfer.convert import params_to_proto
+from pdserve.launch import ChildProcess, pdserve_argv
 from pdserve_proto.v1 import (
     common_pb2,
     decode_pb2,
@@ -24,6 +20,7 @@ from pdserve_proto.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from worker.convert import params_to_proto
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120
@@ -32,35 +29,16 @@ START_TIMEOUT = 120
 class Worker:
     def __init__(self, role: str, *args: str):
         self.role = role
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--log-level",
-             os.environ.get("PDSERVE_TEST_LOG_LEVEL", "INFO"), role, "--port", "0",
-             "--num-threads", "1", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stderr: list[str] = []
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-        self.address = self._wait_listening()
+        self.child = ChildProcess(
+            role, pdserve_argv("--log-level", os.environ.get("PDSERVE_TEST_LOG_LEVEL", "INFO"),
+                               role, "--port", "0", "--num-threads", "1", *args),
+            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.proc = self.child.proc
+        self.address = self.child.wait_listening(START_TIMEOUT)
         self.channel = grpc.insecure_channel(self.address)
         stub = decode_pb2_grpc.DecodeServiceStub if role == "decode" else \
             prefill_pb2_grpc.PrefillServiceStub
         self.stub = stub(self.channel)
-
-    def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-
-    def _wait_listening(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if "listening on" in line:
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-                return line.rsplit(" ", 1)[1].strip()
-        self.proc.kill()
-        raise RuntimeError(f"{self.role} worker did not start:\n{''.join(self.stderr)[-3000:]}")
 
     def health(self):
         return self.stub.Health(common_pb2.HealthRequest(), timeout=10)
@@ -77,18 +55,11 @@ class Worker:
             time.sleep(0.05)
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
+        self.child.kill()
 
     def stop(self) -> None:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.child.stop(timeout=15)
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_phase_means_are_per_request_deltas():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from engine.default_model import ensure_default_model
+    from model_store.default_model import ensure_default_model
     from server.tokenizer import GatewayTokenizer
     return GatewayTokenizer.from_folder(ensure_default_model())
 

@@ -10,19 +10,17 @@ and `usage.completion_tokens` was max_tokens + 1.)
 import asyncio
 
 from decode_worker.service import DecodeService
-from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from pdserve_proto.v1 import decode_pb2
+from tests.unit.conftest import tiny_engine
+from worker.engine_loop import EngineLoop
 
 
 def _stream_after_engine_ran_ahead(remote_prefill: bool, max_tokens: int):
     """Every step's outputs are queued before the handler reads the first of them."""
 
     async def scenario():
-        engine = LLMEngine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
-                                        kv_cache_tokens=256, block_size=4, seed=1))
+        engine = tiny_engine(kv_cache_tokens=256, seed=1)
         service = DecodeService(EngineLoop(engine, asyncio.get_running_loop()), None, 30.0)
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         engine.add_request("r1", [5, 6, 7, 8, 9, 10], params)

@@ -6,9 +6,7 @@ import random
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer
 
-from engine.default_model import ensure_default_model
 from server.detokenizer import IncrementalDetokenizer, StopChecker
 from server.tokenizer import GatewayTokenizer
 
@@ -17,21 +15,6 @@ TEXTS = ["Hello, world! How are you today?", " The answer is 42.\n\nNext line.",
          "日本語のテキストと中文，한국어도 있어요",
          "emoji 🎉🚀 and family 👩‍👩‍👧 flag 🏳️‍🌈 skin 👍🏽", "def f(x):\n    return x ** 2\n",
          "mixed: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑∫√ and \U0001f9ea\U0001f9ec end", "   spaces   everywhere   "]
-
-
-@pytest.fixture(scope="session")
-def folder():
-    return ensure_default_model()
-
-
-@pytest.fixture(scope="session")
-def ours(folder):
-    return GatewayTokenizer.from_folder(folder)
-
-
-@pytest.fixture(scope="session")
-def hf(folder):
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def run(tok, ids, prompt=None, skip=True):

@@ -5,22 +5,14 @@ import random
 import pytest
 import torch
 
-from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, NoCapacityError
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
+from tests.unit.conftest import tiny_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-
-def make_engine(**overrides) -> LLMEngine:
-    # float32 whatever `auto` picks on this CPU: the tests compare token for token.
-    options = dict(model="random:tiny", device="cpu", dtype="float32", kv_cache_tokens=4096,
-                   block_size=4, max_num_batched_tokens=256, seed=3)
-    options.update(overrides)
-    return LLMEngine(EngineConfig(**options))
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -42,18 +34,18 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
 @pytest.fixture(scope="module")
 def reference():
     """Each prompt alone, greedy: what every batching scheme must reproduce."""
-    engine = make_engine()
+    engine = tiny_engine()
     return [outputs(engine.generate([p], GREEDY))[0] for p in prompts(8)]
 
 
 def test_batch_equals_one_by_one(reference):
-    engine = make_engine()
+    engine = tiny_engine()
     assert outputs(engine.generate(prompts(8), GREEDY)) == reference
     assert_all_blocks_free(engine)
 
 
 def test_staggered_arrivals_join_the_running_batch(reference):
-    engine = make_engine()
+    engine = tiny_engine()
     pending, seqs, step = list(enumerate(prompts(8))), {}, 0
     while pending or engine.has_unfinished_requests():
         if pending and step % 3 == 0:
@@ -66,12 +58,12 @@ def test_staggered_arrivals_join_the_running_batch(reference):
 
 
 def test_chunked_prefill_gives_the_same_tokens(reference):
-    engine = make_engine(max_num_batched_tokens=8)
+    engine = tiny_engine(max_num_batched_tokens=8)
     assert outputs(engine.generate(prompts(8), GREEDY)) == reference
 
 
 def test_tiny_cache_forces_preemption_and_still_matches(reference):
-    engine = make_engine(kv_cache_tokens=96)
+    engine = tiny_engine(kv_cache_tokens=96)
     assert outputs(engine.generate(prompts(8), GREEDY)) == reference
     assert engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(engine)
@@ -81,26 +73,26 @@ def test_seeded_sampling_is_independent_of_the_batch():
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=1234,
                             ignore_eos=True)
     target = prompts(1, seed=99)[0]
-    alone = outputs(make_engine().generate([target], params))[0]
+    alone = outputs(tiny_engine().generate([target], params))[0]
     others = [SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True, seed=s)
               for s in range(4)] + [GREEDY] * 4
-    engine = make_engine()
+    engine = tiny_engine()
     mixed = engine.generate(prompts(8, seed=5) + [target], others + [params])
     assert mixed[-1][0].output_token_ids == alone
     other_seed = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=4321,
                                 ignore_eos=True)
-    assert outputs(make_engine().generate([target], other_seed))[0] != alone
+    assert outputs(tiny_engine().generate([target], other_seed))[0] != alone
 
 
 def test_n_samples_with_a_seed_differ_from_each_other_but_repeat_exactly():
     params = SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7, ignore_eos=True)
-    first = [s.output_token_ids for s in make_engine().generate(prompts(1), params)[0]]
-    again = [s.output_token_ids for s in make_engine().generate(prompts(1), params)[0]]
+    first = [s.output_token_ids for s in tiny_engine().generate(prompts(1), params)[0]]
+    again = [s.output_token_ids for s in tiny_engine().generate(prompts(1), params)[0]]
     assert first == again and len({tuple(t) for t in first}) == 3
 
 
 def test_stop_conditions():
-    engine = make_engine()
+    engine = tiny_engine()
     prompt = prompts(1)[0]
     free_run = outputs(engine.generate([prompt], GREEDY))[0]
     stop_at = free_run[4]
@@ -113,7 +105,7 @@ def test_stop_conditions():
 
 
 def test_min_tokens_suppresses_stop_tokens():
-    engine = make_engine()
+    engine = tiny_engine()
     prompt = prompts(1)[0]
     first = outputs(engine.generate([prompt], GREEDY))[0][0]
     (seq,) = engine.generate([prompt], SamplingParams(
@@ -122,14 +114,14 @@ def test_min_tokens_suppresses_stop_tokens():
 
 
 def test_context_limit_ends_generation_with_length():
-    engine = make_engine(max_model_len=20)
+    engine = tiny_engine(max_model_len=20)
     (seq,) = engine.generate([list(range(5, 15))], SamplingParams(
         max_tokens=50, temperature=0, ignore_eos=True))[0]
     assert seq.num_tokens == 20 and seq.finish_reason == FinishReason.LENGTH
 
 
 def test_logprobs_are_returned_with_alternatives():
-    engine = make_engine()
+    engine = tiny_engine()
     params = SamplingParams(max_tokens=3, temperature=0, logprobs=4, ignore_eos=True)
     (seq,) = engine.generate(prompts(1), params)[0]
     assert len(seq.output_logprobs) == 3
@@ -140,7 +132,7 @@ def test_logprobs_are_returned_with_alternatives():
 
 @pytest.mark.parametrize("when", ["waiting", "prefilling", "decoding"])
 def test_abort_frees_blocks_in_every_state(when):
-    engine = make_engine(max_num_batched_tokens=16)
+    engine = tiny_engine(max_num_batched_tokens=16)
     (seq,) = engine.add_request("victim", prompts(1)[0] * 2, GREEDY)
     engine.add_request("other", prompts(1, seed=3)[0], GREEDY)
     steps = {"waiting": 0, "prefilling": 1, "decoding": 12}[when]
@@ -155,7 +147,7 @@ def test_abort_frees_blocks_in_every_state(when):
 
 
 def test_a_failing_step_fails_its_sequences_and_frees_their_blocks():
-    engine = make_engine()
+    engine = tiny_engine()
 
     def broken_export(*_):
         raise RuntimeError("boom")
@@ -176,7 +168,7 @@ def test_a_failing_step_fails_its_sequences_and_frees_their_blocks():
     (list(range(1, 300)), GREEDY, "prompt_token_ids"),  # beyond max_model_len=256
 ])
 def test_bad_prompts_are_refused_naming_the_field(prompt, params, field):
-    engine = make_engine(max_model_len=256)
+    engine = tiny_engine(max_model_len=256)
     with pytest.raises(InvalidRequestError) as err:
         engine.add_request("x", prompt, params)
     assert err.value.field == field and field in str(err.value)
@@ -199,7 +191,7 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
 
 
 def test_duplicate_request_id_is_refused():
-    engine = make_engine()
+    engine = tiny_engine()
     engine.add_request("same", [1, 2, 3], GREEDY)
     with pytest.raises(InvalidRequestError, match="request_id"):
         engine.add_request("same", [1, 2, 3], GREEDY)
@@ -211,7 +203,7 @@ def test_kv_export_then_import_continues_exactly(reference, scattered):
     second engine imports it and decodes; tokens equal the colocated run. Consecutive
     blocks are written as slices, scattered ones slot by slot: both must be exact."""
     prompt = prompts(8)[2]
-    prefill = make_engine(max_num_batched_tokens=16)  # chunked: several exports per layer
+    prefill = tiny_engine(max_num_batched_tokens=16)  # chunked: several exports per layer
     exported: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     prefill.kv_export = lambda seq, layer, pos, k, v: exported.setdefault(layer, []).append(
         (pos, k.clone(), v.clone()))
@@ -222,7 +214,7 @@ def test_kv_export_then_import_continues_exactly(reference, scattered):
     assert sorted(exported) == list(range(prefill.model_config.num_layers))
     assert_all_blocks_free(prefill)
 
-    decode = make_engine(block_size=8)  # block size differs: KV layout is per token
+    decode = tiny_engine(block_size=8)  # block size differs: KV layout is per token
     seq = decode.reserve("d", prompt, GREEDY)
     assert decode.blocks.num_used_blocks == -(-len(prompt) // 8)
     if scattered:
@@ -238,7 +230,7 @@ def test_kv_export_then_import_continues_exactly(reference, scattered):
 
 
 def test_reserve_refuses_when_full_and_abort_frees_a_reservation():
-    engine = make_engine(kv_cache_tokens=64)
+    engine = tiny_engine(kv_cache_tokens=64)
     seq = engine.reserve("a", list(range(1, 49)), GREEDY)   # 12 of 16 blocks
     with pytest.raises(NoCapacityError):
         engine.reserve("b", list(range(1, 30)), GREEDY)

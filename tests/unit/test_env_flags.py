@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from server.env_flags import apply_env_defaults
+from pdserve.env_flags import apply_env_defaults
 
 
 def parser() -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ def test_replicas_join_and_leave_as_the_name_resolves(monkeypatch):
 
     async def scenario():
         servers, port = await start_replicas()
-        pool = WorkerPool("decode", [f"decode:{port}"], resolve_interval=0)
+        pool = WorkerPool("decode", [f"decode:{port}"], poll_interval=1.0, resolve_interval=0)
         seen = []
         try:
             for hosts in (HOSTS[:2], HOSTS, HOSTS[2:]):

@@ -2,13 +2,13 @@
 
 import pytest
 
+from pdserve.stack import core_shares
 from pdserve_proto.v1 import common_pb2
 from server.pool import NoWorkerError, Worker, WorkerPool, resolve, split_address
-from server.stack import core_shares
 
 
 def pool(role: str, **reports) -> WorkerPool:
-    p = WorkerPool(role, [])
+    p = WorkerPool(role, [], poll_interval=1.0, resolve_interval=10.0)
     for address, fields in reports.items():
         w = Worker(address, role, None, None, healthy=fields.pop("healthy", True))
         w.health = common_pb2.HealthResponse(block_size=16, **fields)
@@ -20,7 +20,7 @@ def test_decode_pick_most_free_blocks_counting_what_was_just_sent():
     p = pool("decode", a=dict(free_kv_blocks=100), b=dict(free_kv_blocks=90))
     a = p.pick()
     assert a.address == "a"
-    with p.claim(a, prompt_tokens=320):  # 20 blocks not in a's last report yet
+    with p.count_inflight(a, prompt_tokens=320):  # 20 blocks not in a's last report yet
         assert a.free_blocks() == 80
         assert p.pick().address == "b"
     assert a.free_blocks() == 100
@@ -29,17 +29,17 @@ def test_decode_pick_most_free_blocks_counting_what_was_just_sent():
 def test_a_report_replaces_the_pending_estimate():
     p = pool("decode", a=dict(free_kv_blocks=100))
     a = p.workers["a"]
-    with p.claim(a, prompt_tokens=32):
+    with p.count_inflight(a, prompt_tokens=32):
         a.pending_blocks = 0  # what _poll does on a fresh report...
         a.epoch += 1
-    assert a.pending_blocks == 0  # ...and the claim's end must not subtract again
+    assert a.pending_blocks == 0  # ...and the count's end must not subtract again
 
 
 def test_prefill_pick_fewest_queued_tokens_and_skips_unhealthy():
     p = pool("prefill", a=dict(queued_prompt_tokens=500), b=dict(queued_prompt_tokens=700),
              c=dict(queued_prompt_tokens=0, healthy=False))
     assert p.pick().address == "a"
-    with p.claim(p.workers["a"], prompt_tokens=300):
+    with p.count_inflight(p.workers["a"], prompt_tokens=300):
         assert p.pick().address == "b"
     assert p.pick(exclude={"a"}).address == "b"
 

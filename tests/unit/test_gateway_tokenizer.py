@@ -3,13 +3,10 @@ template environment details (errors, tojson, loop controls) on small custom fol
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoTokenizer
 
-from engine.default_model import ensure_default_model
 from server.tokenizer import GatewayTokenizer
 
 TEXTS = ["Hello, world!", "", " leading space", "  two spaces\tand\ttabs\n\nnewlines",
@@ -28,23 +25,8 @@ CHATS = {
 }
 
 
-@pytest.fixture(scope="session")
-def folder():
-    return ensure_default_model()
-
-
-@pytest.fixture(scope="session")
-def ours(folder):
-    return GatewayTokenizer.from_folder(folder)
-
-
-@pytest.fixture(scope="session")
-def hf(folder):
-    return AutoTokenizer.from_pretrained(folder)
-
-
 def make_folder(tmp_path, source, template=None, config=None, generation=None):
-    """A model folder with the default tokenizer and the given template/configs."""
+    """A model model_dir with the default tokenizer and the given template/configs."""
     shutil.copy(source / "tokenizer.json", tmp_path / "tokenizer.json")
     tcfg = json.loads((source / "tokenizer_config.json").read_text())
     tcfg.pop("chat_template", None)
@@ -100,57 +82,57 @@ def test_model_facts(ours, hf):
     assert ours.eos_token == "<|im_end|>" and ours.bos_token == "<|im_start|>"
 
 
-def test_eos_ids_merge_configs_and_context_default(tmp_path, folder):
-    tok = make_folder(tmp_path, folder, config={"eos_token_id": [0, 2]},
+def test_eos_ids_merge_configs_and_context_default(tmp_path, model_dir):
+    tok = make_folder(tmp_path, model_dir, config={"eos_token_id": [0, 2]},
                       generation={"eos_token_id": [2, 7]})
     assert tok.eos_token_ids == (0, 2, 7)  # deduplicated, tokenizer's <|im_end|> is 2
     assert tok.max_context == 2048
 
 
-def test_missing_template_raises_value_error(tmp_path, folder):
-    tok = make_folder(tmp_path, folder)
+def test_missing_template_raises_value_error(tmp_path, model_dir):
+    tok = make_folder(tmp_path, model_dir)
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template(CHATS["no system"])
-    assert tok.encode("still encodes") == GatewayTokenizer.from_folder(folder).encode(
+    assert tok.encode("still encodes") == GatewayTokenizer.from_folder(model_dir).encode(
         "still encodes")
 
 
-def test_template_errors_become_value_errors(tmp_path, folder):
+def test_template_errors_become_value_errors(tmp_path, model_dir):
     template = ("{% if messages[0]['role'] != 'user' %}"
                 "{{ raise_exception('first message must be from the user') }}{% endif %}"
                 "{{ messages[0]['content'] + 1 }}")
-    tok = make_folder(tmp_path, folder, template=template)
+    tok = make_folder(tmp_path, model_dir, template=template)
     with pytest.raises(ValueError, match="first message must be from the user"):
         tok.render_chat([{"role": "system", "content": "x"}])
     with pytest.raises(ValueError, match="could not render"):
         tok.render_chat([{"role": "user", "content": "x"}])
 
 
-def test_broken_template_fails_only_when_chat_is_used(tmp_path, folder):
-    tok = make_folder(tmp_path, folder, template="{% if %}")
+def test_broken_template_fails_only_when_chat_is_used(tmp_path, model_dir):
+    tok = make_folder(tmp_path, model_dir, template="{% if %}")
     assert tok.encode("hi") == [6004]
     with pytest.raises(ValueError, match="does not compile"):
         tok.render_chat([{"role": "user", "content": "x"}])
 
 
-def test_template_environment_like_hf(tmp_path, folder):
+def test_template_environment_like_hf(tmp_path, model_dir):
     # trim_blocks eats the newline after a block tag, as in HF.
     template = ("{% for m in messages %}{% if m.role == 'skip' %}{% continue %}{% endif %}"
                 "{% generation %}{{ m | tojson }}{% endgeneration %}\n{% endfor %}"
                 "{{ bos_token }}{{ eos_token }}{{ tools is none }}"
                 "{{ strftime_now('%Y') | length }}")
-    tok = make_folder(tmp_path, folder, template=template)
+    tok = make_folder(tmp_path, model_dir, template=template)
     text = tok.render_chat([{"role": "user", "content": "é<b>"}, {"role": "skip"}])
     assert text == '{"role": "user", "content": "é<b>"}<|im_start|><|im_end|>True4'
 
 
-def test_none_keys_dropped_and_special_tokens_passed_like_hf(tmp_path, folder):
+def test_none_keys_dropped_and_special_tokens_passed_like_hf(tmp_path, model_dir):
     # OpenAI clients send "name": null; HF drops such keys before rendering, so a
     # template testing `is defined` must not print "None".
     template = ("{% for m in messages %}{{ m.role }}{% if m.name is defined %}({{ m.name }})"
                 "{% endif %}:{{ m.content }}|{% endfor %}{{ unk_token }}{{ pad_token }}"
                 "{{ bos_token }}{% if add_generation_prompt %}>{% endif %}")
-    tok = make_folder(tmp_path, folder, template=template)
+    tok = make_folder(tmp_path, model_dir, template=template)
     chat = [{"role": "user", "content": "hi", "name": None},
             {"role": "assistant", "content": "yo", "name": "bot"}]
     expected = "user:hi|assistant(bot):yo|<|endoftext|><|im_end|><|im_start|>>"
@@ -159,9 +141,3 @@ def test_none_keys_dropped_and_special_tokens_passed_like_hf(tmp_path, folder):
     assert hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == expected
     assert tok.apply_chat_template(chat) == list(hf.apply_chat_template(
         chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-
-
-def test_gateway_modules_do_not_import_torch():
-    code = ("import server.tokenizer, server.detokenizer, sys; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True)

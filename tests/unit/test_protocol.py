@@ -10,7 +10,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
 from pdserve_proto.v1 import common_pb2
-from server import protocol
+from server import protocol, responses
 from server.errors import APIError
 
 
@@ -427,32 +427,32 @@ def _no_extras(value) -> None:
 
 
 def test_usage_dict():
-    assert protocol.usage_dict(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4,
+    assert responses.usage_dict(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4,
                                          "total_tokens": 7}
 
 
 def test_completion_response_validates():
-    logprobs = protocol.completion_logprobs(ENTRIES, offset=2)
+    logprobs = responses.completion_logprobs(ENTRIES, offset=2)
     assert logprobs == {"tokens": ["Hel", "lo é"], "token_logprobs": [-0.5, -0.25],
                         "top_logprobs": [{"Hel": -0.5, "Hi": -1.5},
                                          {"lo é": -0.25, "p": -9999.0}],
                         "text_offset": [2, 5]}
-    d = protocol.completion_response("abc", "m", 123, [
+    d = responses.completion_response("abc", "m", 123, [
         {"index": 0, "text": "Hello é", "finish_reason": "length", "logprobs": logprobs},
         {"index": 1, "text": "", "finish_reason": "stop", "logprobs": None}],
-        protocol.usage_dict(2, 3))
+        responses.usage_dict(2, 3))
     obj = strict(Completion, d)
     assert obj.id == "cmpl-abc" and obj.object == "text_completion"
     assert obj.choices[0].logprobs.text_offset == [2, 5] and obj.usage.total_tokens == 5
-    assert protocol.completion_response("cmpl-abc", "m", 1, [], None)["id"] == "cmpl-abc"
+    assert responses.completion_response("cmpl-abc", "m", 1, [], None)["id"] == "cmpl-abc"
 
 
 def test_chat_response_validates():
-    logprobs = protocol.chat_logprobs(ENTRIES)
-    d = protocol.chat_response("abc", "m", 123, [
+    logprobs = responses.chat_logprobs(ENTRIES)
+    d = responses.chat_response("abc", "m", 123, [
         {"index": 0, "text": "Hello é", "finish_reason": "stop", "logprobs": logprobs},
         {"index": 1, "text": "x", "finish_reason": "length", "logprobs": None}],
-        protocol.usage_dict(5, 2))
+        responses.usage_dict(5, 2))
     obj = strict(ChatCompletion, d)
     assert obj.id == "chatcmpl-abc" and obj.object == "chat.completion"
     message = obj.choices[0].message
@@ -464,14 +464,14 @@ def test_chat_response_validates():
 
 
 def test_chat_chunks_validate():
-    first = protocol.chat_role_chunk("abc", "m", 1, 0)
+    first = responses.chat_role_chunk("abc", "m", 1, 0)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert first == protocol.chat_chunk("abc", "m", 1, 0,
+    assert first == responses.chat_chunk("abc", "m", 1, 0,
                                         {"role": "assistant", "content": ""}, None)
-    middle = protocol.chat_chunk("abc", "m", 1, 0, {"content": "Hel"}, None,
-                                 protocol.chat_logprobs(ENTRIES[:1]))
-    last = protocol.chat_chunk("abc", "m", 1, 0, {}, "stop")
-    usage = protocol.usage_chunk("abc", "m", 1, protocol.usage_dict(1, 2), chat=True)
+    middle = responses.chat_chunk("abc", "m", 1, 0, {"content": "Hel"}, None,
+                                 responses.chat_logprobs(ENTRIES[:1]))
+    last = responses.chat_chunk("abc", "m", 1, 0, {}, "stop")
+    usage = responses.usage_chunk("abc", "m", 1, responses.usage_dict(1, 2), chat=True)
     for d in (first, middle, last, usage):
         obj = strict(ChatCompletionChunk, d)
         assert obj.id == "chatcmpl-abc" and obj.object == "chat.completion.chunk"
@@ -480,28 +480,28 @@ def test_chat_chunks_validate():
 
 
 def test_completion_chunks_validate():
-    last = protocol.completion_chunk("abc", "m", 1, 2, "lo", "stop",
-                                     protocol.completion_logprobs(ENTRIES[1:], offset=3))
+    last = responses.completion_chunk("abc", "m", 1, 2, "lo", "stop",
+                                     responses.completion_logprobs(ENTRIES[1:], offset=3))
     obj = strict(Completion, last)
     assert obj.id == "cmpl-abc" and obj.choices[0].index == 2
     assert obj.choices[0].logprobs.text_offset == [3]
     # Mid-stream chunks carry finish_reason null, as OpenAI's own streams do; the SDK builds
     # stream chunks without validation, and its Completion type insists on a reason, so
     # check the rest of the shape with one filled in.
-    middle = protocol.completion_chunk("abc", "m", 1, 0, "Hel", None)
+    middle = responses.completion_chunk("abc", "m", 1, 0, "Hel", None)
     assert middle["choices"][0]["finish_reason"] is None
     patched = {**middle, "choices": [{**middle["choices"][0], "finish_reason": "stop"}]}
     strict(Completion, patched)
-    usage = protocol.usage_chunk("abc", "m", 1, protocol.usage_dict(1, 2), chat=False)
+    usage = responses.usage_chunk("abc", "m", 1, responses.usage_dict(1, 2), chat=False)
     assert strict(Completion, usage).usage.total_tokens == 3
 
 
 def test_response_shapes_are_exact():
-    d = protocol.chat_chunk("x", "m", 5, 0, {"content": "a"}, None)
+    d = responses.chat_chunk("x", "m", 5, 0, {"content": "a"}, None)
     assert d == {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 5,
                  "model": "m", "choices": [{"index": 0, "delta": {"content": "a"},
                                             "logprobs": None, "finish_reason": None}]}
-    d = protocol.completion_chunk("x", "m", 5, 1, "a", "length")
+    d = responses.completion_chunk("x", "m", 5, 1, "a", "length")
     assert d == {"id": "cmpl-x", "object": "text_completion", "created": 5, "model": "m",
                  "choices": [{"index": 1, "text": "a", "logprobs": None,
                               "finish_reason": "length"}]}

@@ -11,13 +11,12 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import EngineConfig
-from engine.engine_loop import EngineLoop
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kvtransfer.worker_metrics import WorkerMetrics
-from server import healthcheck
-from server.cli import main
+from pdserve import healthcheck
+from pdserve.cli import main
+from tests.unit.conftest import tiny_engine
+from worker.engine_loop import EngineLoop
+from worker.metrics import WorkerMetrics
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -32,8 +31,7 @@ def scrape(port: int) -> dict[str, float]:
 
 def test_worker_metrics_follow_the_engine():
     async def scenario():
-        engine = LLMEngine(EngineConfig(model="random:tiny", device="cpu", kv_cache_tokens=256,
-                                        block_size=4, seed=1))
+        engine = tiny_engine(kv_cache_tokens=256, seed=1)
         loop = EngineLoop(engine, asyncio.get_running_loop())
         metrics = WorkerMetrics("decode", loop, "random:tiny")
         port = metrics.serve("127.0.0.1", 0)

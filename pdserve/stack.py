@@ -1,0 +1,156 @@
+"""`pdserve up`: the whole stack on this machine, one process per role.
+
+Workers start on free ports (they print where they listen), each pinned to its own share
+of the CPU cores; the gateway starts once every worker listens, and the stack counts as
+up when the gateway's /ready says so. Ctrl-C or SIGTERM stops every child; the children
+also get SIGTERM from the kernel if this process dies, so none is ever orphaned.
+
+`pdserve up` takes the gateway's flags and the engine's (every worker gets the same
+engine settings); each is passed on to the children only when it differs from its
+default, so the children's own defaults and environment variables apply otherwise.
+"""
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from pdserve.config_flags import changed_flags, config_from_args, flag
+from pdserve.launch import ChildProcess, pdserve_argv
+from server.gateway import GatewayConfig
+
+START_TIMEOUT = 300.0
+# Gateway settings `pdserve up` decides itself (addresses) or shares with the workers.
+GATEWAY_EXCLUDED = ("decode", "prefill", "colocated", "model")
+# Engine settings `pdserve up` decides per worker.
+ENGINE_EXCLUDED = ("num_threads",)
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    prefill: int = flag(1, "prefill workers (0: colocated, decode workers prefill)")
+    decode: int = flag(1, "decode workers")
+    pin: bool = flag(True, "pin each worker to its own share of the CPU cores")
+
+    def __post_init__(self):
+        if self.decode < 1 or self.prefill < 0:
+            raise ValueError("--decode must be >= 1 and --prefill >= 0")
+
+
+def core_shares(cores: list[int], workers: int) -> list[list[int]]:
+    """Disjoint core sets when there are enough cores; else cores shared round-robin."""
+    if workers <= len(cores):
+        size = len(cores) // workers
+        shares = [cores[i * size:(i + 1) * size] for i in range(workers)]
+        for extra, core in enumerate(cores[workers * size:]):
+            shares[extra].append(core)
+        return shares
+    return [[cores[i % len(cores)]] for i in range(workers)]
+
+
+def _worker_argv(role: str, args: argparse.Namespace, threads: int) -> list[str]:
+    return pdserve_argv("--log-level", args.log_level, role, "--host", "127.0.0.1",
+                        "--port", "0", "--num-threads", str(threads),
+                        *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED))
+
+
+def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]]) -> list[str]:
+    argv = pdserve_argv("--log-level", args.log_level, "gateway", "--host", args.host,
+                        "--port", str(args.port), "--model", args.model,
+                        "--decode", ",".join(addresses["decode"]),
+                        # The key travels in the environment, never on a command line
+                        # that `ps` shows.
+                        *changed_flags(GatewayConfig, args,
+                                       exclude=(*GATEWAY_EXCLUDED, "host", "port", "api_key")))
+    if addresses["prefill"]:
+        argv += ["--prefill", ",".join(addresses["prefill"])]
+    return argv
+
+
+def _wait_ready(url: str, children: list[ChildProcess], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if not child.alive:
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.25)
+    raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = config_from_args(StackConfig, args)
+    engine = config_from_args(EngineConfig, args)  # checked here, before any child starts
+    if engine.model == "default":  # convert once here, not in every worker at the same time
+        from model_store.default_model import ensure_default_model
+        ensure_default_model()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    roles = ["prefill"] * stack.prefill + ["decode"] * stack.decode
+    cores = sorted(os.sched_getaffinity(0))
+    shares = core_shares(cores, len(roles)) if stack.pin else [None] * len(roles)
+    children: list[ChildProcess] = []
+    try:
+        counts: dict[str, int] = {}
+        for role, share in zip(roles, shares, strict=True):
+            counts[role] = counts.get(role, 0) + 1
+            threads = len(share) if share else max(1, len(cores) // len(roles))
+            children.append(ChildProcess(f"{role}-{counts[role]}",
+                                         _worker_argv(role, args, threads), cores=share,
+                                         echo=True, die_with_parent=True))
+        addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
+        for child in children:
+            addresses[child.name.split("-")[0]].append(child.wait_listening(START_TIMEOUT))
+        env = dict(os.environ)
+        if args.api_key:
+            env["PDSERVE_API_KEY"] = args.api_key
+        children.append(ChildProcess("gateway", _gateway_argv(args, addresses), env=env,
+                                     echo=True, die_with_parent=True))
+        url = f"http://{args.host}:{args.port}"
+        _wait_ready(url, children, START_TIMEOUT)
+        _announce(url, args, stack, len(cores))
+        return _supervise(children, stop)
+    except RuntimeError as exc:
+        print(f"pdserve up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for child in reversed(children):  # gateway first, so no request hits a dead worker
+            child.stop()
+
+
+def _supervise(children: list[ChildProcess], stop: threading.Event) -> int:
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for child in children:
+            if child.alive or child.name in reported:
+                continue
+            if child.name == "gateway":
+                print(f"pdserve up: the gateway exited with code {child.proc.returncode}; "
+                      "stopping the stack", file=sys.stderr)
+                return 1
+            # The gateway takes a dead worker out of the rotation and serves on with
+            # the others (or answers 503); the stack stays up for them.
+            reported.add(child.name)
+            print(f"pdserve up: {child.name} exited with code {child.proc.returncode}",
+                  file=sys.stderr)
+    return 0
+
+
+def _announce(url: str, args, stack: StackConfig, num_cores: int) -> None:
+    auth = ' -H "Authorization: Bearer $PDSERVE_API_KEY"' if args.api_key else ""
+    print(f"pdserve is up at {url} ({stack.prefill} prefill, {stack.decode} decode workers "
+          f"on {num_cores} cores). Try:\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"    -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", "
+          f"\"content\": \"Hello!\"}}], \"max_tokens\": 32}}'\n"
+          f"Metrics: {url}/metrics. Ctrl-C stops everything.", flush=True)

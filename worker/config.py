@@ -1,0 +1,28 @@
+"""Settings every worker process has, whatever its role. Each role's config extends
+WorkerConfig with its port and its own settings; the `pdserve` command builds the flags
+from these fields (`--metrics-port` from `metrics_port`), so defaults live here only."""
+
+from dataclasses import dataclass, field
+
+PORT_HELP = "gRPC port (0: any free port, printed at start)"
+
+
+def flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
+    """A config field with the help text of its command-line flag."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def check_port(name: str, port: int | None) -> None:
+    if port is not None and not 0 <= port <= 65535:
+        raise ValueError(f"--{name.replace('_', '-')} must be in [0, 65535], got {port}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    host: str = flag("127.0.0.1", "address to listen on")
+    metrics_port: int | None = flag(None, "serve Prometheus /metrics over HTTP on this port "
+                                          "(0: any free port; default: off)")
+
+    def __post_init__(self):
+        check_port("metrics_port", self.metrics_port)
+        check_port("port", getattr(self, "port", None))
