@@ -1,18 +1,25 @@
-"""Engine vs transformers `generate()`: decode throughput for the same work, one run.
+"""pdserve's engine against llama.cpp on the same GGUF file and threads, in one run:
+prefill and decode speed for 1 and 16 streams, with 97- and 512-token prompts.
 
-    .venv/bin/python bench/engine_throughput.py [--streams 1 16] [--new-tokens 128]
-                                                [--rounds 3] [--dtype float32 bfloat16]
+    .venv/bin/python bench/engine_throughput.py [--streams 1 16] [--prompt-tokens 97 512]
+        [--new-tokens 128] [--rounds 3] [--quantization none int8 int4] [--dtype bfloat16]
+        [--no-llama-cpp] [--transformers]
 
-For each stream count, both generate `--new-tokens` greedy tokens (EOS ignored) for
-that many copies of a 97-token prompt started together, and the wall time covers
-prefill and decode. Both run the default model in the same dtype on the same threads:
-float32, and also bfloat16 where the CPU multiplies bf16 in hardware (what
-`--dtype auto` picks there). The two alternate for `--rounds` rounds and the best round
-of each is reported, so that a noisy neighbour on a shared machine slows both rather
-than one.
+pdserve: the engine in this process, the default model (converted from the GGUF file
+that llama.cpp reads), `--streams` prompts of the corpus added together; prefill tok/s
+is prompt tokens over the time until every stream has its first token, decode tok/s
+the other new tokens over the rest. llama.cpp, built by `python -m bench.llama_cpp
+build` (skipped, saying why, where it is not built): one stream from `llama-bench`
+(pp at the prompt length; tg128 at a context of the prompt's length, `-d`); several
+streams from `llama-server` with that many slots and its prompt cache off, the same
+prompts sent at once (decode tok/s: generated tokens over the longest generation
+phase in its timings). `--transformers` adds transformers' `generate()` in the same
+dtype, the earlier baseline. Best of `--rounds`, alternating, so that a noisy
+neighbour slows every engine rather than one.
 """
 
 import argparse
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,95 +28,148 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import llama_cpp  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_runner import cpu_has_bf16_matmul  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from model_store.default_model import ensure_default_model  # noqa: E402
 
-TEXT = ("Write a short story about a lighthouse keeper who discovers that the light has "
-        "been guiding something other than ships. Describe the keeper, the island, the "
-        "weather on the night of the discovery, and what the keeper decides to do next. "
-        "Keep the tone quiet and a little eerie, and end with a question.")
-PROMPT_TOKENS = 97
+CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 
 
-def prompt_ids(tokenizer) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": TEXT}],
-                                        add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)["input_ids"]
-    ids = list(ids)
-    return (ids * 2)[-PROMPT_TOKENS:] if len(ids) < PROMPT_TOKENS else ids[-PROMPT_TOKENS:]
+def corpus_prompts(tokenizer, streams: int, length: int) -> list[list[int]]:
+    """`streams` different prompts of exactly `length` tokens of the bundled corpus."""
+    ids = tokenizer.encode(CORPUS.read_text())
+    while len(ids) < length + 13 * streams:
+        ids = ids + ids
+    return [ids[13 * i:13 * i + length] for i in range(streams)]
 
 
-def engine_rate(engine: LLMEngine, prompt: list[int], streams: int, new: int):
+def pdserve_rates(engine: LLMEngine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of all prompts run together."""
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    engine.generate([prompt] * streams, SamplingParams(max_tokens=4, temperature=0))  # warm
+    engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm
+    seqs = [engine.add_request(f"bench-{i}", p, params)[0] for i, p in enumerate(prompts)]
     start = time.perf_counter()
-    results = engine.generate([prompt] * streams, params)
-    elapsed = time.perf_counter() - start
-    return streams * new / elapsed, results[0][0].output_token_ids
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    prefilled = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    done = time.perf_counter()
+    prompt_tokens = sum(len(p) for p in prompts)
+    return prompt_tokens / (prefilled - start), len(prompts) * (new - 1) / (done - prefilled)
 
 
-def hf_rate(model, prompt: list[int], streams: int, new: int):
-    ids = torch.tensor([prompt] * streams)
+def llama_cpp_rates(binary_dir: Path, prompts: list[list[int]], new: int, threads: int,
+                    port: int) -> tuple[float, float]:
+    length = len(prompts[0])
+    if len(prompts) == 1:
+        pp = llama_cpp.bench(binary_dir, llama_cpp.default_gguf(), threads,
+                             ["-p", str(length), "-n", "0", "-r", "1"])
+        tg = llama_cpp.bench(binary_dir, llama_cpp.default_gguf(), threads,
+                             ["-p", "0", "-n", str(new), "-d", str(length), "-r", "1"])
+        return pp[0]["avg_ts"], tg[0]["avg_ts"]
+    context = len(prompts) * (length + new + 16)
+    with llama_cpp.Server(binary_dir, llama_cpp.default_gguf(), port, threads=threads,
+                          slots=len(prompts), context=context) as server:
+        server.complete(prompts[0][:8], 2)  # warm
+        _, timings = server.parallel(prompts, new)
+    prefill = sum(t["prompt_n"] for t in timings) / (max(t["prompt_ms"] for t in timings) / 1e3)
+    decode = sum(t["predicted_n"] for t in timings) / (
+        max(t["predicted_ms"] for t in timings) / 1e3)
+    return prefill, decode
+
+
+def transformers_rates(model, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """transformers has no paged batching: prompts of one length run as one batch."""
+    ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
-    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)  # warm
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                         do_sample=False)
-    elapsed = time.perf_counter() - start
-    return streams * new / elapsed, out[0, len(prompt):].tolist()
+    model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    prefilled = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                   do_sample=False)
+    total = time.perf_counter() - start
+    return ids.numel() / prefilled, len(prompts) * (new - 1) / max(total - prefilled, 1e-9)
 
 
-def main() -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[97, 512])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
-                        default=["float32"] + (["bfloat16"] if cpu_has_bf16_matmul() else []))
-    args = parser.parse_args()
+    parser.add_argument("--dtype", default="bfloat16" if cpu_has_bf16_matmul() else "float32",
+                        choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"],
+                        choices=["none", "int8", "int4"])
+    parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    parser.add_argument("--transformers", action="store_true")
+    return parser.parse_args()
+
+
+def peers(args) -> dict:
+    """name -> function(prompts, new) -> (prefill tok/s, decode tok/s)."""
+    found = {}
+    if args.llama_cpp:
+        folder = llama_cpp.bin_dir()
+        if folder is None:
+            print("llama.cpp: not built, skipped (python -m bench.llama_cpp build)")
+        else:
+            port = free_port()
+            found["llama.cpp"] = lambda prompts, new: llama_cpp_rates(
+                folder, prompts, new, args.threads, port)
+    if args.transformers:
+        from transformers import AutoModelForCausalLM
+
+        from model_store.default_model import ensure_default_model
+
+        model = AutoModelForCausalLM.from_pretrained(
+            ensure_default_model(), dtype=getattr(torch, args.dtype)).eval()
+        found["transformers"] = lambda prompts, new: transformers_rates(model, prompts, new)
+    return found
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
+    engines = {q: LLMEngine(EngineConfig(
+        model="default", device="cpu", dtype=args.dtype, quantization=q,
+        kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens + 16),
+        max_num_seqs=max(args.streams), max_num_batched_tokens=2048))
+        for q in args.quantization}
+    from engine.loader import load_tokenizer
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ensure_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt = prompt_ids(tokenizer)
-    print(f"default model, {args.threads} threads, {len(prompt)}-token prompt, "
-          f"{args.new_tokens} new tokens per stream, best of {args.rounds} alternating rounds")
-    print(f"{'dtype':>8} {'streams':>7} {'pdserve tok/s':>14} {'transformers tok/s':>19} "
-          f"{'ratio':>6}")
-    for dtype in args.dtype:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-        engine = LLMEngine(EngineConfig(model="default", device="cpu", dtype=dtype,
-                                        kv_cache_tokens=16384, max_num_seqs=64,
-                                        max_num_batched_tokens=2048))
-        for streams in args.streams:
-            ours = theirs = 0.0
+    tokenizer = load_tokenizer(next(iter(engines.values())).files)
+    others = peers(args)
+    print(f"default model ({args.dtype}), {args.threads} threads, {args.new_tokens} new tokens "
+          f"per stream, best of {args.rounds} alternating rounds; tok/s (prefill, decode)")
+    print(f"{'engine':>16} {'streams':>7} {'prompt':>6} {'prefill':>9} {'decode':>8}")
+    for streams in args.streams:
+        for length in args.prompt_tokens:
+            prompts = corpus_prompts(tokenizer, streams, length)
+            runs = {f"pdserve {q}": (lambda p, n, e=e: pdserve_rates(e, p, n))
+                    for q, e in engines.items()}
+            runs.update(others)
+            best = {name: (0.0, 0.0) for name in runs}
             for _ in range(args.rounds):
-                rate, our_tokens = engine_rate(engine, prompt, streams, args.new_tokens)
-                ours = max(ours, rate)
-                rate, their_tokens = hf_rate(hf, prompt, streams, args.new_tokens)
-                theirs = max(theirs, rate)
-            print(f"{dtype:>8} {streams:>7} {ours:>14.1f} {theirs:>19.1f} "
-                  f"{ours / theirs:>5.2f}x  ({same_tokens(our_tokens, their_tokens)})",
-                  flush=True)
-        del engine, hf
-
-
-def same_tokens(ours: list[int], theirs: list[int]) -> str:
-    """Greedy tokens of the first stream: identical, or where they part (in bf16 the two
-    implementations round differently, so a near-tie may break the other way)."""
-    if ours == theirs:
-        return "same tokens"
-    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False))
-                  if a != b),
-                 min(len(ours), len(theirs)))
-    return f"tokens differ from #{first}"
+                for name, run in runs.items():
+                    rates = run(prompts, args.new_tokens)
+                    best[name] = tuple(max(a, b) for a, b in zip(best[name], rates,
+                                                                 strict=True))
+            for name, (prefill, decode) in best.items():
+                print(f"{name:>16} {streams:>7} {length:>6} {prefill:>9.1f} {decode:>8.1f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

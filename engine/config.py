@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 # CPU flags (/proc/cpuinfo) of bf16 matrix instructions: with one of them `dtype=auto`
 # picks bfloat16 on the CPU, without them float32 (oneDNN would emulate bf16, slower).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -20,6 +21,11 @@ DEFAULT_CPU_KV_FRACTION = 0.05
 
 _DTYPE_RULE = (f"auto: bfloat16 on CUDA and on CPUs with bf16 matrix instructions "
                f"({' or '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo), else float32")
+_QUANTIZATION_RULE = (
+    "weight-only quantized linear layers on the CPU: int8 (one scale per row), int4 "
+    "(groups of 32 with scale and minimum; a GGUF source's own Q4_0/Q4_1 codes), and "
+    "the LM head in int8. auto: a GGUF source (the default model) in its own precision "
+    "when the dtype is bfloat16, else none")
 
 
 def _flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
@@ -38,6 +44,7 @@ class EngineConfig:
                        "Hugging Face folder of the Llama family, or random:PRESET (tiny, "
                        "tiny-qwen2, tiny-llama3, smollm2-135m, llama-3.2-1b)")
     dtype: str = _flag("auto", _DTYPE_RULE, choices=DTYPES)
+    quantization: str = _flag("auto", _QUANTIZATION_RULE, choices=QUANTIZATIONS)
     device: str = _flag("auto", "auto: cuda when available, else cpu", choices=DEVICES)
     seed: int = _flag(0, "seed for random weights and for unseeded sampling")
     block_size: int = _flag(16, "tokens per KV block (a power of two)")
@@ -56,6 +63,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, "
+                             f"got {self.quantization!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

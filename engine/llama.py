@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
-from engine.cpu_linear import linear, prepack
+from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig
+from engine.quantization import QuantizedWeight
 from engine.rotary import RotaryEmbedding, apply_rotary
 
 # Called after each layer with (layer index, K, V) of all new tokens in the batch.
@@ -23,30 +24,39 @@ LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class Linear(nn.Linear):
-    # A oneDNN copy of the weight for CPU GEMMs (engine.cpu_linear), set by prepack().
-    # A plain attribute rather than a buffer: it is derived, never saved or loaded.
+    # A oneDNN copy of the weight for CPU GEMMs (engine.cpu_linear), set by prepack(),
+    # and the weight-only kernel of a quantized layer, set by quantize(). Plain
+    # attributes rather than buffers: they are derived, never saved or loaded.
     packed: torch.Tensor | None = None
+    quantized = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.packed, self.quantized)
 
     def prepack(self) -> bool:
         self.packed = prepack(self.weight)
         return self.packed is not None
+
+    def quantize(self, weight: QuantizedWeight) -> bool:
+        """Make this layer the quantized one: its float weight becomes the dequantized
+        codes (what many rows multiply by), few rows go through the kernel."""
+        self.weight.data = weight.dequantize().to(self.weight.dtype)
+        self.quantized = prepare_quantized(weight, self.weight.dtype)
+        return self.quantized is not None
 
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
+        self.shape = (size,)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as Hugging Face, so that greedy outputs match token for token.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Hugging Face normalises in float32 and rounds before the weight; torch's fused
+        # kernel gives the same bits as its x * rsqrt(mean(x^2) + eps) in half the ops
+        # (tests/unit/test_model_vs_hf.py checks it).
+        return self.weight * torch.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -89,7 +99,11 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg, max_positions)
-        self._packed_head: torch.Tensor | None = None  # set by prepack()
+        # The LM head's own weight when it is quantized apart from a tied embedding, and
+        # its kernels; set by quantize() and prepack().
+        self._head_weight: torch.Tensor | None = None
+        self._quantized_head = None
+        self._packed_head: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
@@ -106,12 +120,32 @@ class LlamaModel(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """The LM head's weight: the embedding's when the two are tied."""
+        """The LM head's weight: the embedding's when the two are tied (unless the head
+        was quantized, which leaves the embedding as it was)."""
+        if self._head_weight is not None:
+            return self._head_weight
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.head_weight, packed=self._packed_head)
+        return linear(hidden, self.head_weight, packed=self._packed_head,
+                      quantized=self._quantized_head)
+
+    def quantize(self, weights: dict[str, QuantizedWeight]) -> int:
+        """Quantize the layers named in `weights` ('layers.0.qkv_proj.weight', and
+        'lm_head.weight' for the head, tied or not); before prepack(). Returns how many
+        got a quantized kernel."""
+        count = 0
+        modules = dict(self.named_modules())
+        for name, weight in weights.items():
+            if name == "lm_head.weight":
+                dtype = self.head_weight.dtype
+                self._head_weight = weight.dequantize().to(dtype)
+                self._quantized_head = prepare_quantized(weight, dtype)
+                count += self._quantized_head is not None
+            else:
+                count += modules[name.removesuffix(".weight")].quantize(weight)
+        return count
 
     def prepack(self) -> int:
         """Pack every GEMM weight for the CPU (see engine.cpu_linear); call once the

@@ -29,16 +29,17 @@ class ModelFiles:
     config: ModelConfig
     path: Path | None  # Hugging Face folder with the weights; None for random presets
     random_seed_name: str | None  # the preset of "random:*", else None
+    gguf: Path | None = None  # the GGUF file the folder was converted from, if any
 
 
 def resolve_model(spec: str) -> ModelFiles:
     """"default", "random:<preset>", or the path of a local Hugging Face folder."""
     if spec == "default":
-        from model_store.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from model_store.default_model import DEFAULT_MODEL_NAME, ensure_default_model, gguf_path
 
         path = ensure_default_model()
         return ModelFiles(DEFAULT_MODEL_NAME, ModelConfig.from_hf(_load_hf_config(path)), path,
-                          None)
+                          None, gguf_path())
     if spec.startswith(RANDOM_PREFIX):
         from engine.presets import random_hf_config
 

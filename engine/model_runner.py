@@ -1,11 +1,15 @@
 """Runs the model for one scheduled step: batch tensors in, logits out. No policy here."""
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
+from engine import quantize
 from engine.attention import AttentionMetadata, PrefillSpan, build_decode_tables
 from engine.config import (
     BF16_CPU_FLAGS,
@@ -16,6 +20,7 @@ from engine.config import (
 from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
 from engine.llama import LlamaModel
 from engine.loader import ModelFiles, iter_weights
+from engine.model_config import ModelConfig
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
 
@@ -75,6 +80,21 @@ def usable_ram_bytes(limit_files: tuple[str, ...] = CGROUP_MEMORY_LIMIT_FILES) -
     return total
 
 
+def weights_digest(model: LlamaModel, cfg: ModelConfig) -> str:
+    """Equal for two engines only when they load the same model (config and weights).
+
+    Hashes the config and a sample of weights rounded to bfloat16, so one checkpoint
+    loaded in two dtypes or quantizations has one digest; those are compared on their
+    own (engine fingerprints)."""
+    sample = [model.embed_tokens.weight[:4], model.layers[-1].down_proj.weight[:4],
+              model.norm.weight]
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True,
+                                  default=str).encode())
+    for tensor in sample:
+        h.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, files: ModelFiles, max_model_len: int):
         if config.num_threads:
@@ -83,13 +103,16 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = files.config
+        self.quantization = quantize.resolve(config.quantization, self.device, self.dtype, files)
+        # Set by _build_model from the weights as loaded, before any quantization.
+        self.weights_digest = ""
         self.model = self._build_model(config, files, max_model_len)
         self.num_blocks = self._num_kv_blocks(config)
         self.kv_cache = KVCache(files.config, self.num_blocks, self.block_size,
                                 self.dtype, self.device)
-        log.info("model %s on %s/%s, KV cache %d blocks x %d tokens", files.name,
-                 self.device, str(self.dtype).removeprefix("torch."), self.num_blocks,
-                 self.block_size)
+        log.info("model %s on %s/%s, quantization %s, KV cache %d blocks x %d tokens",
+                 files.name, self.device, str(self.dtype).removeprefix("torch."),
+                 self.quantization, self.num_blocks, self.block_size)
 
     def _build_model(self, config: EngineConfig, files: ModelFiles, max_len: int):
         with torch.device(self.device):
@@ -99,6 +122,10 @@ class ModelRunner:
         else:
             model.load_weights(iter_weights(files.path))
         model = model.to(self.dtype).eval()
+        self.weights_digest = weights_digest(model, files.config)
+        plan = quantize.quantized_weights(self.quantization, model, files)
+        if plan:
+            log.debug("%d weight-only quantized kernels", model.quantize(plan))
         if self.device.type == "cpu":
             log.debug("prepacked %d CPU GEMM weights", model.prepack())
         return model

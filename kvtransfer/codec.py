@@ -55,18 +55,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def make_fingerprint(architecture: str, shape: KvShape, model_digest: str):
+def make_fingerprint(architecture: str, shape: KvShape, model_digest: str,
+                     quantization: str = "none"):
+    """`quantization` "none" is left empty on the wire, as senders from before the field
+    existed leave it: both mean unquantized weights."""
     return kv_pb2.KvFingerprint(
         architecture=architecture, num_layers=shape.num_layers,
         num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
         dtype=dtype_name(shape.dtype), layout_version=LAYOUT_VERSION,
-        model_digest=model_digest)
+        model_digest=model_digest, quantization="" if quantization == "none" else quantization)
 
 
 def fingerprint_mismatch(ours, theirs) -> str | None:
     """None when the sender's KV fits ours; else which fields differ, both values."""
     fields = ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype",
-              "layout_version", "model_digest")
+              "layout_version", "model_digest", "quantization")
     diffs = [f"{name}: sender {getattr(theirs, name)!r}, receiver {getattr(ours, name)!r}"
              for name in fields if getattr(ours, name) != getattr(theirs, name)]
     return "; ".join(diffs) if diffs else None

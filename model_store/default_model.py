@@ -42,7 +42,7 @@ def ensure_default_model() -> Path:
     with FileLock(str(folder.parent / f".{DEFAULT_MODEL_NAME}.lock")):
         if is_complete(folder):
             return folder
-        gguf = _gguf_path()
+        gguf = gguf_path()
         _remove_leftovers(folder)
         log.warning("converting %s once from %s into %s (later starts reuse it)",
                     DEFAULT_MODEL_NAME, gguf, folder)
@@ -62,7 +62,7 @@ def ensure_default_model() -> Path:
     return folder
 
 
-def _gguf_path() -> Path:
+def gguf_path() -> Path:
     # find_spec locates the package without importing it: its __init__ needs the `llm`
     # CLI, which we neither need nor install.
     spec = importlib.util.find_spec(GGUF_PACKAGE)

@@ -5,11 +5,6 @@ and describe their model the same way, or a seeded request would draw different
 tokens (or KV would be read as another model's) depending on the path it took.
 """
 
-import dataclasses
-import hashlib
-import json
-
-import torch
 
 from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
@@ -62,22 +57,9 @@ def token_from_proto(msg) -> SampledToken:
     return SampledToken(msg.token_id, logprob)
 
 
-def model_digest(engine: LLMEngine) -> str:
-    """Equal for two engines only when they run the same model (config and weights).
-
-    Hashes the config and a sample of weights rounded to bfloat16, so one checkpoint
-    loaded in two dtypes has one digest; the dtype is compared on its own."""
-    model = engine.runner.model
-    sample = [model.embed_tokens.weight[:4], model.layers[-1].down_proj.weight[:4],
-              model.norm.weight]
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(engine.model_config),
-                                  sort_keys=True, default=str).encode())
-    for tensor in sample:
-        h.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def engine_fingerprint(engine: LLMEngine):
-    cfg = engine.model_config
-    shape = KvShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.runner.dtype)
-    return make_fingerprint(cfg.architecture, shape, model_digest(engine))
+    """What a KV stream of this engine's must match: model, dtype and quantization."""
+    cfg, runner = engine.model_config, engine.runner
+    shape = KvShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, runner.dtype)
+    return make_fingerprint(cfg.architecture, shape, runner.weights_digest,
+                            runner.quantization)

@@ -1,6 +1,7 @@
 """A prefill worker and a decode worker as two OS processes on loopback, real gRPC,
 default model: the disaggregated path gives the same tokens as the colocated path and
-transformers' `generate()`, with requests arriving concurrently."""
+transformers' `generate()`, with requests arriving concurrently; and with int4 weights
+on both workers, the same tokens as colocated int4."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +11,10 @@ from engine.sampling_params import SamplingParams
 from tests.integration.conftest import GREEDY, MAX_NEW
 from tests.integration.workers import Worker, colocated, disaggregated
 
-ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--kv-cache-tokens", "16384")
+ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--quantization", "none",
+               "--kv-cache-tokens", "16384")
+INT4_ARGS = ("--model", "default", "--dtype", "bfloat16", "--quantization", "int4",
+             "--kv-cache-tokens", "8192")
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +82,18 @@ def test_prefill_reports_kv_size_and_timings(workers, prompts):
     assert timings.queue_seconds >= 0
     assert result.finished.kv_wait_seconds > 0
     assert_idle(prefill, decode)
+
+
+def test_int4_on_both_workers_gives_the_tokens_of_colocated_int4(prompts):
+    prefill, decode = Worker("prefill", *INT4_ARGS), Worker("decode", *INT4_ARGS)
+    try:
+        batch = prompts[:3] + prompts[-2:]  # chat prompts and the two longest
+        remote = [disaggregated(prefill, decode, f"q-{i}", p, GREEDY)
+                  for i, p in enumerate(batch)]
+        local = [colocated(decode, f"qc-{i}", p, GREEDY) for i, p in enumerate(batch)]
+        assert [r.tokens for r in remote] == [r.tokens for r in local]
+        assert all(len(r.tokens) > 1 for r in remote)
+        assert_idle(prefill, decode)
+    finally:
+        prefill.stop()
+        decode.stop()

@@ -11,8 +11,8 @@ from tests.integration.conftest import GREEDY, MAX_NEW
 
 
 def make_engine(**overrides) -> LLMEngine:
-    options = dict(model="default", device="cpu", dtype="float32", kv_cache_tokens=16384,
-                   max_num_batched_tokens=512)
+    options = dict(model="default", device="cpu", dtype="float32", quantization="none",
+                   kv_cache_tokens=16384, max_num_batched_tokens=512)
     options.update(overrides)
     return LLMEngine(EngineConfig(**options))
 

@@ -114,3 +114,20 @@ def test_load_refuses_missing_and_unexpected_weights():
     state = dict(hf.state_dict(), **{"model.layers.0.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected weight"):
         LlamaModel(cfg, 64).load_weights(state.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_the_bits_of_hugging_faces_formula(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from engine.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    ours, theirs = RMSNorm(576, 1e-5), LlamaRMSNorm(576, eps=1e-5)
+    weight = torch.rand(576, generator=gen) + 0.5
+    ours.weight.data.copy_(weight)
+    theirs.weight.data.copy_(weight)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    for rows in (1, 16, 97):
+        x = (torch.randn(rows, 576, generator=gen) * 3).to(dtype)
+        assert torch.equal(ours(x), theirs(x))
