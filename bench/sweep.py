@@ -3,9 +3,13 @@ started as its own server process, under every workload and request rate; then t
 (results.md), plots (one PNG per workload) and summary.json in DIR.
 
 The spec is JSON: workloads, rates, num_prompts, slo, seed, and configs, each with a
-name, the command that starts it (`{python}` and `{port}` are filled in), its URL and
-optionally the model name to send (default: the first of its /v1/models).
-Every configuration gets exactly the same requests at the same arrival times.
+name, the command that starts it, its URL, optionally the path that answers 200 once it
+serves (`ready`, default `/ready`; llama-server has `/health`) and the model name to send
+(default: the first of its /v1/models). Commands may name `{python}`, `{port}`, and
+`{llama_server}` and `{gguf}` (llama.cpp's server as `python -m bench.llama_cpp build`
+makes it, and the default model's GGUF file); a configuration that needs llama.cpp where
+it is not built is skipped with a message. Every configuration gets exactly the same
+requests at the same arrival times.
 """
 
 import argparse
@@ -65,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         for config in spec["configs"]:
-            run_config(config, spec, args)
+            try:
+                fill = placeholders(config, args.port)
+            except RuntimeError as exc:
+                print(f"== {config['name']}: skipped: {exc}", flush=True)
+                continue
+            run_config(config, spec, args, fill)
     runs = collect_runs(args.out / "runs", spec["slo"])
     (args.out / "summary.json").write_text(json.dumps(runs, indent=1))
     write_tables(runs, spec, args.out / "results.md")
@@ -76,19 +85,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_config(config: dict, spec: dict, args) -> None:
+def placeholders(config: dict, port: int) -> dict[str, str]:
+    """What the config's command may name; RuntimeError when it needs llama.cpp and
+    llama.cpp is not built."""
+    fill = {"python": sys.executable, "port": str(port)}
+    if any("{llama_server}" in part or "{gguf}" in part for part in config["command"]):
+        from bench import llama_cpp
+
+        folder = llama_cpp.bin_dir()
+        if folder is None:
+            raise RuntimeError("llama.cpp is not built (python -m bench.llama_cpp build)")
+        fill |= {"llama_server": str(folder / "llama-server"),
+                 "gguf": str(llama_cpp.default_gguf())}
+    return fill
+
+
+def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
     from bench.cli import first_model, load_tokenizer, measure
     from bench.stats import SLO
     from bench.workload import build_requests
 
-    fill = {"python": sys.executable, "port": str(args.port)}
     command = [part.format(**fill) for part in config["command"]]
     url = config["url"].format(**fill)
     print(f"== {config['name']}: {' '.join(command)}", flush=True)
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        wait_ready(url, proc)
+        wait_ready(url + config.get("ready", "/ready"), proc)
         model = config.get("model") or first_model(url, None)
         tokenizer = load_tokenizer("default")
         slo = SLO.parse(spec["slo"])
@@ -122,19 +145,19 @@ def run_config(config: dict, spec: dict, args) -> None:
             proc.wait()
 
 
-def wait_ready(url: str, proc: subprocess.Popen) -> None:
+def wait_ready(ready_url: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
+            with urllib.request.urlopen(ready_url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{url} was not ready within {READY_TIMEOUT} s")
+    raise RuntimeError(f"{ready_url} did not answer 200 within {READY_TIMEOUT} s")
 
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"

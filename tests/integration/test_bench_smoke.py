@@ -59,7 +59,7 @@ def test_sweep_writes_tables_plots_and_summary(tmp_path):
                          "command": ["{python}", "-m", "pdserve", "--log-level",
                                      "WARNING", "up", "--port", "{port}", "--model",
                                      "random:tiny", "--prefill", "0"],
-                         "url": "http://127.0.0.1:{port}"}]}
+                         "url": "http://127.0.0.1:{port}", "ready": "/health"}]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     from tests.integration.stack import free_port
     result = pdserve("bench", "sweep", "--spec", str(tmp_path / "spec.json"), "--out",
@@ -81,7 +81,7 @@ def test_plain_transformers_baseline_server_serves_the_benchmark(tmp_path):
                               stderr=subprocess.PIPE, text=True)
     try:
         from bench.sweep import wait_ready
-        wait_ready(f"http://127.0.0.1:{port}", server)
+        wait_ready(f"http://127.0.0.1:{port}/ready", server)
         out = tmp_path / "hf.json"
         result = pdserve("bench", "--url", f"http://127.0.0.1:{port}", "--input-len", "20",
                          "--output-len", "5", "--num-prompts", "2", "--output", str(out),

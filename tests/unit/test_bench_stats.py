@@ -1,9 +1,11 @@
 """The load generator's arithmetic on synthetic timings, its arrivals, its workloads
 (with the default model's real tokenizer) and its tables and plots."""
 
+import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +157,49 @@ def test_report_tables_replace_only_the_marked_block(tmp_path):
     (tmp_path / "plain.md").write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- results:start -->"):
         insert_tables(tmp_path / "plain.md", "x")
+
+
+def test_sweep_fills_llama_cpp_paths_or_skips_the_config(monkeypatch, tmp_path):
+    from bench import llama_cpp
+    from bench.sweep import placeholders
+
+    plain = {"name": "p", "command": ["{python}", "-m", "pdserve", "--port", "{port}"]}
+    assert set(placeholders(plain, 9)) == {"python", "port"}
+    peer = {"name": "l", "command": ["{llama_server}", "-m", "{gguf}", "--port", "{port}"]}
+    monkeypatch.setattr(llama_cpp, "bin_dir", lambda: None)
+    with pytest.raises(RuntimeError, match="python -m bench.llama_cpp build"):
+        placeholders(peer, 9)
+    monkeypatch.setattr(llama_cpp, "bin_dir", lambda: tmp_path)
+    monkeypatch.setattr(llama_cpp, "default_gguf", lambda: tmp_path / "m.gguf")
+    fill = placeholders(peer, 9)
+    assert [part.format(**fill) for part in peer["command"]] == [
+        str(tmp_path / "llama-server"), "-m", str(tmp_path / "m.gguf"), "--port", "9"]
+
+
+def test_llama_cpp_build_names_this_cpus_features_and_never_amx_or_native():
+    from bench.llama_cpp import cmake_options
+
+    avx512 = cmake_options({"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512_bf16",
+                            "avx512_vnni", "avx512vbmi", "amx_bf16", "amx_tile", "amx_int8"})
+    assert avx512["GGML_AVX512"] == avx512["GGML_AVX512_BF16"] == "ON"
+    assert avx512["GGML_NATIVE"] == "OFF"
+    assert all(avx512[f"GGML_AMX_{kind}"] == "OFF" for kind in ("TILE", "INT8", "BF16"))
+    avx2 = cmake_options({"avx", "avx2", "fma", "f16c"})
+    assert avx2["GGML_AVX2"] == "ON" and avx2["GGML_AVX512"] == "OFF"
+    assert avx2["GGML_AVX512_BF16"] == "OFF" and avx2["GGML_BMI2"] == "OFF"
+
+
+@pytest.mark.parametrize("spec_path", sorted(
+    (Path(__file__).resolve().parents[2] / "bench" / "configs").glob("*.json")),
+    ids=lambda p: p.name)
+def test_shipped_sweep_specs_name_real_pdserve_flags(spec_path):
+    from pdserve.cli import build_parser
+
+    spec = json.loads(spec_path.read_text())
+    assert spec["workloads"] and spec["rates"] and spec["configs"]
+    for config in spec["configs"]:
+        command = config["command"]
+        if command[:3] == ["{python}", "-m", "pdserve"]:
+            argv = [part.format(port="8000") for part in command[3:]]
+            assert build_parser().parse_args(argv).command in ("up", "gateway")
+        assert config.get("ready", "/ready").startswith("/")
