@@ -33,8 +33,14 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default="default",
                         help="Hugging Face folder whose tokenizer counts prompt tokens "
                              "(default: the default model's)")
-    parser.add_argument("--workload", default=None, choices=("chat", "rag", "mixed"),
-                        help="named mix of prompt and output lengths")
+    parser.add_argument("--workload", default=None,
+                        choices=("chat", "rag", "mixed", "multiturn"),
+                        help="named mix of prompt and output lengths; multiturn: "
+                             "conversations (--num-prompts of them, --turns turns each) "
+                             "sharing a system prompt, each turn sent with the whole "
+                             "history when the previous answer is complete")
+    parser.add_argument("--turns", type=int, default=4,
+                        help="turns per conversation (--workload multiturn)")
     parser.add_argument("--input-len", default="128", help="prompt tokens: N or LOW:HIGH "
                         "(without --workload)")
     parser.add_argument("--output-len", default="64", help="output tokens: N or LOW:HIGH "
@@ -61,10 +67,14 @@ def load_tokenizer(spec: str):
 
 
 def requests_from_args(args: argparse.Namespace):
-    from bench.workload import Lengths, build_requests
+    """BenchRequests, or Conversations for the multiturn workload."""
+    from bench.workload import Lengths, build_conversations, build_requests
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.workload == "multiturn":
+        return build_conversations(load_tokenizer(args.tokenizer), args.num_prompts,
+                                   turns=args.turns, seed=args.seed)
     return build_requests(load_tokenizer(args.tokenizer), args.num_prompts,
                           workload=args.workload, input_len=Lengths.parse(args.input_len),
                           output_len=Lengths.parse(args.output_len), seed=args.seed)
@@ -81,14 +91,20 @@ def first_model(url: str, api_key: str | None) -> str:
 
 def measure(url: str, model: str, requests, args, slo, *, progress: bool = True) -> dict:
     """One load run; the report dict (with per-request timings under 'requests')."""
-    from bench.load import phase_means, run_load, scrape_histograms
+    from bench.load import phase_means, run_conversations, run_load, scrape_histograms
     from bench.stats import result_dicts, summarize
+    from bench.workload import Conversation
 
     before = scrape_histograms(f"{url}/metrics")
-    results, elapsed = asyncio.run(run_load(
-        url, model, requests, rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, duration=args.duration,
-        api_key=args.api_key, seed=args.seed, progress=progress))
+    if requests and isinstance(requests[0], Conversation):
+        results, elapsed = asyncio.run(run_conversations(
+            url, model, requests, rate=args.request_rate, burstiness=args.burstiness,
+            api_key=args.api_key, seed=args.seed, progress=progress))
+    else:
+        results, elapsed = asyncio.run(run_load(
+            url, model, requests, rate=args.request_rate, burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency, duration=args.duration,
+            api_key=args.api_key, seed=args.seed, progress=progress))
     report = summarize(results, elapsed, slo)
     phases = phase_means(before, scrape_histograms(f"{url}/metrics"))
     if phases:

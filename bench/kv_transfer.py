@@ -36,8 +36,10 @@ from worker.convert import params_to_proto  # noqa: E402
 RAW_METHOD = "/bench.Sink/Push"
 # SmolLM2-135M: what one token of one layer weighs on the wire in float32.
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
-ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--kv-cache-tokens", "8192",
-               "--max-num-batched-tokens", "512")
+# No prefix cache: every round must compute and send the whole prompt again.
+ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--quantization", "none",
+               "--kv-cache-tokens", "8192", "--max-num-batched-tokens", "512",
+               "--no-prefix-caching")
 START_TIMEOUT = 300
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from bench.client import send
 from bench.stats import RequestResult
-from bench.workload import BenchRequest
+from bench.workload import BenchRequest, Conversation
 
 # Gateway histograms whose mean per request is the phase breakdown (pdserve only).
 PHASES = {"queue": "pdserve_request_queue_time_seconds",
@@ -62,13 +62,14 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], *,
         async def one(i: int, at: float) -> RequestResult:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
             if gate is None:
-                result = await send(client, url, model, requests[i % len(requests)],
-                                    api_key=api_key, run_start=start, ignore_eos=ignore_eos)
+                result, _ = await send(client, url, model, requests[i % len(requests)],
+                                       api_key=api_key, run_start=start,
+                                       ignore_eos=ignore_eos)
             else:
                 async with gate:
-                    result = await send(client, url, model, requests[i % len(requests)],
-                                        api_key=api_key, run_start=start,
-                                        ignore_eos=ignore_eos)
+                    result, _ = await send(client, url, model, requests[i % len(requests)],
+                                           api_key=api_key, run_start=start,
+                                           ignore_eos=ignore_eos)
             bar.update(1)
             return result
 
@@ -76,6 +77,46 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], *,
         elapsed = time.perf_counter() - start
     bar.close()
     return list(results), elapsed
+
+
+async def run_conversations(url: str, model: str, conversations: list[Conversation], *,
+                            rate: float = math.inf, burstiness: float = 1.0,
+                            api_key: str | None = None, seed: int = 0,
+                            progress: bool = True) -> tuple[list[RequestResult], float]:
+    """Conversations start at their arrival times; within one, each turn is sent when the
+    previous answer is complete, with the whole history (chat completions). A failed
+    turn ends its conversation."""
+    times = arrival_times(len(conversations), rate, burstiness, random.Random(seed))
+    bar = tqdm(total=sum(len(c.users) for c in conversations), disable=not progress,
+               unit="turn", leave=False)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30),
+                                 limits=limits) as client:
+        start = time.perf_counter()
+
+        async def converse(conversation: Conversation, at: float) -> list[RequestResult]:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            history = [{"role": "system", "content": conversation.system}]
+            results = []
+            for turn, (user, max_tokens) in enumerate(
+                    zip(conversation.users, conversation.max_tokens, strict=True), 1):
+                history.append({"role": "user", "content": user})
+                result, answer = await send(client, url, model, BenchRequest("", 0, max_tokens),
+                                            api_key=api_key, run_start=start,
+                                            messages=history)
+                result.turn = turn
+                results.append(result)
+                bar.update(1)
+                if not result.ok:
+                    break
+                history.append({"role": "assistant", "content": answer})
+            return results
+
+        done = await asyncio.gather(*(converse(c, t) for c, t in zip(conversations, times,
+                                                                     strict=True)))
+        elapsed = time.perf_counter() - start
+    bar.close()
+    return [r for results in done for r in results], elapsed
 
 
 def scrape_histograms(metrics_url: str) -> dict[str, tuple[float, float]] | None:

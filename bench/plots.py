@@ -31,6 +31,26 @@ def _ms(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 1000:.0f}"
 
 
+def _turn_table(series: dict[str, list[dict]]) -> list[str]:
+    """TTFT p50 of each turn of the conversations, where runs have turns."""
+    turns = sorted({int(t) for rs in series.values() for r in rs
+                    for t in r.get("ttft_by_turn_s", {})})
+    if not turns:
+        return []
+    lines = ["TTFT p50 by turn of the conversations (ms), and the share of prompt tokens "
+             "served from a prefix cache:", "",
+             "| config | rate | " + " | ".join(f"turn {t}" for t in turns) + " | cached |",
+             "|" + " --- |" * (len(turns) + 3)]
+    for config, rs in series.items():
+        for r in rs:
+            by_turn = r.get("ttft_by_turn_s", {})
+            cells = [_ms(by_turn[str(t)]["p50"]) if str(t) in by_turn else "-" for t in turns]
+            share = r.get("cached_tokens", 0) / r["prompt_tokens"] if r["prompt_tokens"] else 0
+            lines.append(f"| {config} | {r['request_rate']:g} | " + " | ".join(cells)
+                         + f" | {share:.0%} |")
+    return lines + [""]
+
+
 def write_tables(runs: list[dict], spec: dict, path: Path) -> None:
     lines = [f"SLO: {spec['slo']} (ms); {spec['num_prompts']} requests per run, Poisson "
              "arrivals; latencies in ms.", ""]
@@ -58,6 +78,7 @@ def write_tables(runs: list[dict], spec: dict, path: Path) -> None:
                   f"{ATTAINMENT_GOAL:.0%} of requests within the SLO: " + ", ".join(
                       f"{c} {max_rate_meeting_slo(rs) or 'none'}" for c, rs in series.items()),
                   ""]
+        lines += _turn_table(series)
     path.write_text("\n".join(lines) + "\n")
 
 

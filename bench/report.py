@@ -30,6 +30,15 @@ def format_report(report: dict) -> str:
         d = report[key]
         lines.append(f"{label:<10}" + "".join(f"{_ms(d[p]):>10}"
                                                 for p in ("mean", "p50", "p90", "p99")))
+    by_turn = report.get("ttft_by_turn_s")
+    if by_turn:
+        lines.append("")
+        lines.append(f"{'TTFT, turn':<10}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
+        for turn, d in by_turn.items():
+            lines.append(f"{turn:<10}" + "".join(f"{_ms(d[p]):>10}"
+                                                 for p in ("mean", "p50", "p90", "p99")))
+        lines.append(f"prompt tokens served from a prefix cache: {report['cached_tokens']} "
+                     f"of {report['prompt_tokens']}")
     phases = report.get("phases")
     if phases:
         lines.append("")

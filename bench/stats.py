@@ -23,6 +23,8 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     error: str = ""
     start: float = 0.0         # seconds since the run began
+    turn: int = 0              # 1, 2, ... for the turns of a conversation; 0 otherwise
+    cached_tokens: int = 0     # usage.prompt_tokens_details.cached_tokens, when sent
 
     @property
     def tpot(self) -> float | None:
@@ -113,6 +115,11 @@ def summarize(results: list[RequestResult], duration: float,
         "itl_s": distribution([x for r in done for x in r.itls]),
         "e2e_s": distribution([r.latency for r in done]),
     }
+    turns = sorted({r.turn for r in done if r.turn})
+    if turns:
+        report["ttft_by_turn_s"] = {str(t): distribution([r.ttft for r in done if r.turn == t])
+                                    for t in turns}
+        report["cached_tokens"] = sum(r.cached_tokens for r in done)
     if slo is not None:
         good = sum(1 for r in results if slo.met(r))
         report["slo"] = slo.describe()

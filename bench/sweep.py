@@ -2,7 +2,8 @@
 started as its own server process, under every workload and request rate; then tables
 (results.md), plots (one PNG per workload) and summary.json in DIR.
 
-The spec is JSON: workloads, rates, num_prompts, slo, seed, and configs, each with a
+The spec is JSON: workloads (`multiturn` sends num_prompts conversations of `turns`
+turns), rates, num_prompts, slo, seed, and configs, each with a
 name, the command that starts it, its URL, optionally the path that answers 200 once it
 serves (`ready`, default `/ready`; llama-server has `/health`) and the model name to send
 (default: the first of its /v1/models). Commands may name `{python}`, `{port}`, and
@@ -103,7 +104,7 @@ def placeholders(config: dict, port: int) -> dict[str, str]:
 def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
     from bench.cli import first_model, load_tokenizer, measure
     from bench.stats import SLO
-    from bench.workload import build_requests
+    from bench.workload import build_conversations, build_requests
 
     command = [part.format(**fill) for part in config["command"]]
     url = config["url"].format(**fill)
@@ -116,8 +117,13 @@ def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
         tokenizer = load_tokenizer("default")
         slo = SLO.parse(spec["slo"])
         for workload in spec["workloads"]:
-            requests = build_requests(tokenizer, spec["num_prompts"], workload=workload,
-                                      seed=spec.get("seed", 0))
+            if workload == "multiturn":
+                requests = build_conversations(tokenizer, spec["num_prompts"],
+                                               turns=spec.get("turns", 4),
+                                               seed=spec.get("seed", 0))
+            else:
+                requests = build_requests(tokenizer, spec["num_prompts"],
+                                          workload=workload, seed=spec.get("seed", 0))
             warm = argparse.Namespace(request_rate=math.inf, burstiness=1.0,
                                       max_concurrency=None, duration=None, api_key=None,
                                       seed=0)

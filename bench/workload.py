@@ -100,3 +100,32 @@ def build_requests(tokenizer, num: int, *, workload: str | None = None,
         text, n = maker.make(prompt_len.draw(rng), rng.randrange(len(maker.ids)))
         requests.append(BenchRequest(text, n, out_len.draw(rng)))
     return requests
+
+
+# Multi-turn chat: every conversation starts with the same system prompt; each turn adds
+# a user message to the history, and the answer to it before the next one.
+MULTITURN = {"system": Lengths(256, 256), "user": Lengths(32, 96), "output": Lengths(32, 64)}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    system: str
+    users: tuple[str, ...]
+    max_tokens: tuple[int, ...]
+
+
+def build_conversations(tokenizer, num: int, *, turns: int = 4,
+                        seed: int = 0) -> list[Conversation]:
+    """`num` conversations of `turns` turns sharing one system prompt."""
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    rng = random.Random(seed)
+    maker = PromptMaker(tokenizer)
+    system, _ = maker.make(MULTITURN["system"].draw(rng), 0)
+    conversations = []
+    for _ in range(num):
+        users = tuple(maker.make(MULTITURN["user"].draw(rng), rng.randrange(len(maker.ids)))[0]
+                      for _ in range(turns))
+        outputs = tuple(MULTITURN["output"].draw(rng) for _ in range(turns))
+        conversations.append(Conversation(system, users, outputs))
+    return conversations

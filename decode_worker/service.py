@@ -53,7 +53,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                 lease = await self._reserve(request, params, context)
                 yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
                     lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
-                    model_digest=self.fingerprint.model_digest))
+                    model_digest=self.fingerprint.model_digest,
+                    cached_tokens=lease.seq.num_cached_tokens))
             else:
                 await self._call(lambda e: e.add_request(rid, list(request.prompt_token_ids),
                                                          params), context)
@@ -90,8 +91,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             seq = out.seq
             index = out.index  # not seq.num_output_tokens: later steps may have run already
             if out.token_id is not None and not (request.remote_prefill and index == 0):
-                yield decode_pb2.GenerateResponse(
-                    token=token_to_proto(out.token_id, index, out.logprob))
+                token = token_to_proto(out.token_id, index, out.logprob)
+                if index == 0:
+                    token.cached_prompt_tokens = seq.num_cached_tokens
+                yield decode_pb2.GenerateResponse(token=token)
             elif request.remote_prefill and index == 0:
                 kv_wait = time.monotonic() - started
             if out.finished:
@@ -99,7 +102,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, "the model step failed")
                 yield decode_pb2.GenerateResponse(finished=decode_pb2.Finished(
                     finish_reason=str(out.finish_reason), prompt_tokens=seq.num_prompt_tokens,
-                    completion_tokens=seq.num_output_tokens, kv_wait_seconds=kv_wait))
+                    completion_tokens=seq.num_output_tokens, kv_wait_seconds=kv_wait,
+                    cached_tokens=seq.num_cached_tokens))
                 return
 
     # ----- PushKv -----------------------------------------------------------------------
@@ -120,6 +124,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             if header.num_tokens != lease.seq.num_prompt_tokens:
                 raise KvProtocolError(f"KV for {header.num_tokens} tokens, but the lease holds "
                                       f"a {lease.seq.num_prompt_tokens}-token prompt")
+            if header.first_position != lease.seq.num_cached_tokens:
+                raise KvProtocolError(f"KV from position {header.first_position}, but the "
+                                      f"lease holds the first {lease.seq.num_cached_tokens} "
+                                      "positions already and needs the rest")
             await context.send_initial_metadata(KV_ACCEPTED)
             # Chunks are checked and written on the event loop: a chunk (1 MiB) takes
             # ~0.2 ms, less than handing it to a thread costs, and gRPC core goes on
@@ -161,5 +169,5 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
     # ----- Health -----------------------------------------------------------------------
 
     async def Health(self, request, context):
-        return health_response("decode", self.loop, self.fingerprint.model_digest,
+        return health_response("decode", self.loop, self.fingerprint.model_digest, request,
                                leases=len(self.leases))

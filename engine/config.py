@@ -58,6 +58,8 @@ class EngineConfig:
     max_num_batched_tokens: int = _flag(
         512, "token budget of one step; longer prompts are prefilled in chunks")
     max_model_len: int | None = _flag(None, "context limit (default: the model's)")
+    prefix_caching: bool = _flag(True, "keep the full KV blocks of finished sequences and "
+                                       "reuse them for later prompts with the same prefix")
     num_threads: int | None = _flag(None, "CPU threads for torch (default: torch's choice)")
 
     def __post_init__(self):

@@ -11,6 +11,10 @@ Disaggregation hooks:
 - import: `reserve()` holds blocks for a prompt whose KV another process computes,
   `write_imported_kv()` fills them layer by layer, and `commit_imported()` joins the
   sequence to the running batch with the first token sampled elsewhere.
+
+Prefix caching (engine.block_manager): a sequence starts from the longest prefix of its
+tokens whose full KV blocks an earlier sequence left, here or imported; a reservation
+holds such a prefix too, and only the positions after it are imported.
 """
 
 import itertools
@@ -30,6 +34,7 @@ from engine.sampler import SampledToken, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from pdserve_proto import prefix
 
 log = logging.getLogger("pdserve.engine")
 
@@ -68,7 +73,11 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or 1 << 62,
                                  self.model_config.max_position_embeddings)
         self.runner = ModelRunner(config, self.files, self.max_model_len)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.cache_namespace = prefix.namespace(
+            self.runner.weights_digest, str(self.runner.dtype).removeprefix("torch."),
+            self.runner.quantization, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
+                                   self.cache_namespace if config.prefix_caching else None)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
@@ -127,6 +136,7 @@ class LLMEngine:
         sampling = [item.seq for item in sampling_order(batch) if item.samples]
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
+            self.blocks.name_full_blocks(item.seq)
         sampled = self.sampler(logits, sampling)
         return [self._append(seq, token) for seq, token in zip(sampling, sampled, strict=True)]
 
@@ -196,24 +206,32 @@ class LLMEngine:
     # ----- importing KV computed elsewhere --------------------------------------------
 
     def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
-        """Hold blocks for a prompt whose KV will be imported. Raises NoCapacityError."""
+        """Hold blocks for a prompt whose KV will be imported: the cached prefix of it
+        (`seq.num_cached_tokens` positions, at most all but the last token) and fresh
+        blocks for the rest, which is all the sender needs to send. Raises
+        NoCapacityError."""
         if params.n != 1:
             raise InvalidRequestError("n", "imported prompts carry one sample; send n=1")
         probe = Sequence(request_id, prompt, params)
         self.validate_prompt(prompt)
-        if not self.blocks.can_allocate(probe, len(prompt)):
-            raise NoCapacityError(f"{self.blocks.blocks_for(len(prompt))} KV blocks needed, "
-                                  f"{self.blocks.num_free_blocks} free")
+        cached = self.blocks.cached_prefix(probe, len(prompt) - 1)
+        if not self.blocks.can_allocate(probe, len(prompt), cached):
+            raise NoCapacityError(f"{self.blocks.blocks_for(len(prompt)) - len(cached)} KV "
+                                  f"blocks needed, {self.blocks.num_free_blocks} free")
         (seq,) = self._new_sequences(request_id, prompt, params)
+        seq.num_cached_tokens = self.blocks.take_prefix(seq, cached)
+        self.blocks.record_lookup(len(prompt), seq.num_cached_tokens)
         self.blocks.allocate(seq, len(prompt))
         seq.status = SequenceStatus.RESERVED
         return seq
 
     def write_imported_kv(self, seq: Sequence, layer: int, start: int,
                           k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V [tokens, kv_heads, head_dim] for positions [start, start + tokens)."""
+        """Write K/V [tokens, kv_heads, head_dim] for positions [start, start + tokens),
+        which must lie after the cached prefix (shared blocks are never written)."""
         end = start + k.shape[0]
-        if seq.status != SequenceStatus.RESERVED or end > seq.num_prompt_tokens:
+        if (seq.status != SequenceStatus.RESERVED or end > seq.num_prompt_tokens
+                or start < seq.num_cached_tokens):
             raise ValueError(f"cannot import positions [{start}, {end}) into {seq!r}")
         block_size, cache = self.blocks.block_size, self.runner.kv_cache
         k, v = k.to(self.runner.device), v.to(self.runner.device)
@@ -228,5 +246,16 @@ class LLMEngine:
     def commit_imported(self, seq: Sequence, first: SampledToken) -> StepOutput:
         """The prompt's KV is complete: add the first token and join the batch."""
         seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.name_full_blocks(seq)
         self.scheduler.add_running(seq)
         return self._append(seq, first)
+
+    def read_kv(self, seq: Sequence, layer: int, start: int, end: int):
+        """Copies of K and V [end - start, kv_heads, head_dim] of positions [start, end)
+        of `seq`, from the cache (positions it has computed or holds cached)."""
+        if not 0 <= start <= end <= seq.num_computed_tokens:
+            raise ValueError(f"cannot read positions [{start}, {end}) of {seq!r}")
+        slots = slots_for_positions(seq.block_table, start, end, self.blocks.block_size)
+        index = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
+        k_cache, v_cache = self.runner.kv_cache.layer(layer)
+        return k_cache.index_select(0, index), v_cache.index_select(0, index)

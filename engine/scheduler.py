@@ -5,7 +5,9 @@ running sequences first (oldest first: a decode costs one token, a prompt still 
 prefilled takes a chunk of what is left), then waiting sequences in arrival order.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it goes back to the head of the queue to be
-recomputed later. Nothing ever fails for lack of blocks.
+recomputed later. Nothing ever fails for lack of blocks. A sequence admitted with an
+empty block table first takes the longest prefix of its tokens that the prefix cache
+holds, and computes from the first token after it.
 """
 
 from collections import deque
@@ -88,6 +90,13 @@ class Scheduler:
         self.blocks.allocate(seq, num_tokens)
         return True
 
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for a sequence starting from scratch; its last token is always
+        computed (it gives the logits to sample from)."""
+        if seq.block_table or seq.num_computed_tokens:
+            return []
+        return self.blocks.cached_prefix(seq, seq.num_tokens - 1)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
@@ -100,11 +109,18 @@ class Scheduler:
     def _admit_waiting(self, batch: list[ScheduledSeq], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq, num_tokens):
+            prefix = self._cached_prefix(seq)
+            start = len(prefix) * self.blocks.block_size
+            num_tokens = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_allocate(seq, start + num_tokens, prefix):
                 break  # first come, first served: do not let later ones overtake
             self.waiting.popleft()
-            self.blocks.allocate(seq, num_tokens)
+            if prefix:
+                seq.num_computed_tokens = self.blocks.take_prefix(seq, prefix)
+            if seq.num_preemptions == 0:  # first admission: what usage and metrics count
+                seq.num_cached_tokens = start
+                self.blocks.record_lookup(seq.num_prompt_tokens, start)
+            self.blocks.allocate(seq, start + num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, num_tokens))

@@ -5,6 +5,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from pdserve_proto.prefix import block_hash
 
 
 class SequenceStatus(enum.Enum):
@@ -59,6 +60,12 @@ class Sequence:
         self.num_preemptions = 0
         self.export_kv = False     # hand each layer's KV to the engine's export hook
         self.prefill_only = False  # finish once the first token is sampled
+        # Prompt tokens whose KV came from the prefix cache when the sequence was first
+        # admitted (usage reports them), and how many of its blocks the block manager
+        # has named (engine.block_manager).
+        self.num_cached_tokens = 0
+        self.num_named_blocks = 0
+        self._block_names: list[bytes] = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -86,6 +93,17 @@ class Sequence:
 
     def token_ids(self, start: int, end: int) -> list[int]:
         return [self.token_id_at(i) for i in range(start, end)]
+
+    def block_names(self, block_size: int, namespace: bytes, count: int) -> list[bytes]:
+        """Names of the first `count` full blocks of this sequence's tokens (at most as
+        many as it has full blocks), computed once each: tokens never change."""
+        count = min(count, self.num_tokens // block_size)
+        names = self._block_names
+        while len(names) < count:
+            start = len(names) * block_size
+            names.append(block_hash(names[-1] if names else b"",
+                                    self.token_ids(start, start + block_size), namespace))
+        return names[:count]
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, "

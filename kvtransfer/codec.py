@@ -129,14 +129,17 @@ def _slices(k: torch.Tensor, v: torch.Tensor, max_chunk_bytes: int):
         yield offset, n, k_bytes[lo:hi], v_bytes[lo:hi]
 
 
-def decode_chunk(chunk, shape: KvShape, num_tokens: int):
-    """(layer, start, k, v) from a chunk, after checking it against the header."""
+def decode_chunk(chunk, shape: KvShape, num_tokens: int, first_position: int = 0):
+    """(layer, start, k, v) from a chunk, after checking it against the header: its
+    positions must lie in [first_position, num_tokens)."""
     if not 0 <= chunk.layer < shape.num_layers:
         raise KvFormatError(f"chunk for layer {chunk.layer}, but the model has "
                             f"{shape.num_layers} layers")
-    if chunk.num_tokens <= 0 or chunk.start < 0 or chunk.start + chunk.num_tokens > num_tokens:
-        raise KvFormatError(f"chunk positions [{chunk.start}, {chunk.start + chunk.num_tokens})"
-                            f" of layer {chunk.layer} are outside the prompt's {num_tokens}")
+    end = chunk.start + chunk.num_tokens
+    if chunk.num_tokens <= 0 or chunk.start < first_position or end > num_tokens:
+        sent = f" sent from position {first_position}" if first_position else ""
+        raise KvFormatError(f"chunk positions [{chunk.start}, {end}) of layer {chunk.layer} "
+                            f"are outside the prompt's {num_tokens}{sent}")
     expected = chunk.num_tokens * shape.token_bytes
     if len(chunk.data) != expected:
         raise KvFormatError(f"chunk of layer {chunk.layer} at {chunk.start} has "
@@ -160,12 +163,15 @@ def _byte_view(t: torch.Tensor):
 
 
 class Coverage:
-    """Which positions of which layers have arrived; complete when all of them have.
-    Chunks may repeat (a preempted prefill recomputes and resends): that is harmless."""
+    """Which positions of which layers have arrived; complete when all of
+    [first_position, num_tokens) have. Chunks may repeat (a preempted prefill recomputes
+    and resends): that is harmless."""
 
-    def __init__(self, num_layers: int, num_tokens: int):
+    def __init__(self, num_layers: int, num_tokens: int, first_position: int = 0):
         self.num_tokens = num_tokens
         self._seen = [torch.zeros(num_tokens, dtype=torch.bool) for _ in range(num_layers)]
+        for seen in self._seen:
+            seen[:first_position] = True  # the receiver holds these already
         self.num_chunks = 0
         self.num_bytes = 0
 

@@ -38,13 +38,18 @@ class KvReceiver:
         if not 0 < header.num_tokens <= self.max_tokens:
             raise KvProtocolError(f"header num_tokens {header.num_tokens} "
                                   f"outside [1, {self.max_tokens}]")
+        if not 0 <= header.first_position < header.num_tokens:
+            raise KvProtocolError(f"header first_position {header.first_position} outside "
+                                  f"[0, {header.num_tokens})")
         self.header = header
         self.shape = shape_of(header.fingerprint)
-        self.coverage = Coverage(self.shape.num_layers, header.num_tokens)
+        self.coverage = Coverage(self.shape.num_layers, header.num_tokens,
+                                 header.first_position)
 
     def on_chunk(self, chunk):
         """(layer, start, k, v) of a valid chunk; KvFormatError for a bad one."""
-        layer, start, k, v = decode_chunk(chunk, self.shape, self.header.num_tokens)
+        layer, start, k, v = decode_chunk(chunk, self.shape, self.header.num_tokens,
+                                          self.header.first_position)
         self.coverage.add(layer, start, chunk.num_tokens, len(chunk.data))
         return layer, start, k, v
 

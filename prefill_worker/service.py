@@ -5,16 +5,23 @@ worker or an unknown lease fails early), queues the prompt in the engine, and fo
 each layer's K/V to the stream as the engine's export hook hands it over. It answers
 with the first token only after the decode worker acknowledged the whole KV; on any
 failure the prompt is aborted, its blocks freed, and the status says what failed.
+
+Both workers keep prefix caches. The engine computes only what this worker's cache
+lacks; the stream carries only what the decode worker lacks (positions from
+`decode_cached_tokens` on): computed positions as they come, and positions this
+worker holds cached but the decode worker does not, read from the cache.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
 
 from engine.errors import InvalidRequestError
+from kvtransfer.codec import shape_of
 from kvtransfer.sender import KvSender, KvSendError
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
@@ -31,6 +38,30 @@ _REJECTIONS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+@dataclass
+class _Transfer:
+    """One request's KV on its way to the decode worker."""
+
+    sender: KvSender
+    # Per layer: positions before this one are held by the decode worker or sent.
+    sent_upto: list[int]
+    compute_started: float | None = None
+
+    def export(self, engine, seq, layer: int, start: int, k, v) -> None:
+        """Send what the decode worker lacks of this layer up to the computed chunk
+        [start, start + len(k)): the chunk, and before it any positions this worker took
+        from its own prefix cache (engine thread)."""
+        have = self.sent_upto[layer]
+        if start > have:
+            cached_k, cached_v = engine.read_kv(seq, layer, have, start)
+            self.sender.put(layer, have, cached_k, cached_v)
+        end = start + k.shape[0]
+        if end > have:
+            skip = max(0, have - start)
+            self.sender.put(layer, start + skip, k[skip:], v[skip:])
+        self.sent_upto[layer] = max(have, end)
+
+
 class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool,
                  max_chunk_bytes: int, transfer_timeout: float):
@@ -40,17 +71,19 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         self.layerwise = layerwise
         self.max_chunk_bytes = max_chunk_bytes
         self.transfer_timeout = transfer_timeout
-        self._senders: dict[str, KvSender] = {}
-        self._compute_started: dict[str, float] = {}
+        self._transfers: dict[str, _Transfer] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        shape = shape_of(fingerprint)
+        self._layer_token_bytes = shape.num_layers * shape.token_bytes
         self.engine.kv_export = self._export
 
     def _export(self, seq, layer: int, start: int, k, v) -> None:
         """The engine's hook, on the engine thread, as each layer finishes."""
-        sender = self._senders.get(seq.request_id)
-        if sender is not None:
-            self._compute_started.setdefault(seq.request_id, time.monotonic())
-            sender.put(layer, start, k, v)
+        transfer = self._transfers.get(seq.request_id)
+        if transfer is not None:
+            if transfer.compute_started is None:
+                transfer.compute_started = time.monotonic()
+            transfer.export(self.engine, seq, layer, start, k, v)
 
     async def Prefill(self, request, context):
         try:
@@ -65,13 +98,16 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     async def _prefill(self, request, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._validate(request)
+        first = request.decode_cached_tokens
         header = kv_pb2.KvHeader(request_id=rid, lease_id=request.lease_id,
-                                 fingerprint=self.fingerprint, num_tokens=len(prompt))
+                                 fingerprint=self.fingerprint, num_tokens=len(prompt),
+                                 first_position=first)
         sender = KvSender(self._channel(request.decode_address), header, asyncio.get_running_loop(),
                           layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
         arrived = time.monotonic()
         outputs = self.loop.subscribe(rid)
-        self._senders[rid] = sender
+        transfer = self._transfers[rid] = _Transfer(
+            sender, [first] * self.engine.model_config.num_layers)
         sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))
         done = False
         try:
@@ -88,20 +124,23 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             ack = await self._ack(sending, request.decode_address)
             done = True
         finally:
-            self._senders.pop(rid, None)
-            started = self._compute_started.pop(rid, arrived)
+            self._transfers.pop(rid, None)
+            started = transfer.compute_started or arrived
             self.loop.unsubscribe(rid)
             if not done:
                 self.loop.submit(lambda e: e.abort_request(rid))
                 sending.cancel()
         acked = time.monotonic()
         log.debug("request %s: %d KV bytes acknowledged", rid, ack.bytes_received)
+        first_token = token_to_proto(out.token_id, 0, out.logprob)
+        first_token.cached_prompt_tokens = out.seq.num_cached_tokens
         return prefill_pb2.PrefillResponse(
-            first_token=token_to_proto(out.token_id, 0, out.logprob),
+            first_token=first_token,
             queue_seconds=started - arrived, compute_seconds=sampled_at - started,
             transfer_tail_seconds=acked - sampled_at,
             transfer_seconds=acked - (sender.first_sent_at or sampled_at),
-            kv_bytes=sender.num_bytes)
+            kv_bytes=sender.num_bytes, cached_tokens=out.seq.num_cached_tokens,
+            kv_bytes_skipped=first * self._layer_token_bytes)
 
     def _validate(self, request):
         if not request.request_id:
@@ -114,6 +153,10 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             self.engine.validate_prompt(list(request.prompt_token_ids))
         except InvalidRequestError as exc:
             raise status_of(exc) from None
+        if not 0 <= request.decode_cached_tokens < len(request.prompt_token_ids):
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"decode_cached_tokens {request.decode_cached_tokens} outside "
+                              f"[0, {len(request.prompt_token_ids)})")
         return params
 
     async def _first_output(self, outputs: asyncio.Queue, sending: asyncio.Task, address):
@@ -162,4 +205,4 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                 await channel.close()
 
     async def Health(self, request, context):
-        return health_response("prefill", self.loop, self.fingerprint.model_digest)
+        return health_response("prefill", self.loop, self.fingerprint.model_digest, request)

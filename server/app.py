@@ -64,10 +64,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             metrics.forget_worker(worker.address, worker.role)
             return
         h = worker.health
+        hit_ratio = (h.prefix_hit_tokens / h.prefix_queried_tokens
+                     if h and h.prefix_queried_tokens else 0.0)
         metrics.worker_health(worker.address, worker.role, worker.healthy,
                               h.free_kv_blocks if h else 0, h.total_kv_blocks if h else 0,
                               h.running if h else 0, h.waiting if h else 0,
-                              h.queued_prompt_tokens if h else 0)
+                              h.queued_prompt_tokens if h else 0, hit_ratio)
 
     pool_args = dict(poll_interval=config.health_interval,
                      resolve_interval=config.resolve_interval, on_health=on_health)

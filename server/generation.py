@@ -32,6 +32,7 @@ class Delta:
     logprobs: list[TextLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # on the finishing delta: prompt tokens taken from a cache
 
 
 @dataclass
@@ -91,11 +92,12 @@ class Generation:
                                        skip_special_tokens=self.skip_special_tokens)
         stops = StopChecker(self.stop)
         tokens = 0
+        cached = 0  # prompt tokens the worker that computed the prompt took from its cache
         try:
             async for event in self.router.generate(rid, choice.prompt, params):
                 if isinstance(event, PrefillEvent):
                     self.recorder.prefill(event.compute_seconds, event.transfer_seconds,
-                                          event.kv_bytes)
+                                          event.kv_bytes, event.kv_bytes_skipped)
                     continue
                 if isinstance(event, FinishEvent):
                     reason = event.reason if event.reason in ("stop", "length") else "abort"
@@ -105,14 +107,18 @@ class Generation:
                     text, stopped = stops.feed(detok.flush())
                     if not stopped:
                         text += stops.flush()
-                    self._queue.put_nowait(Delta(choice.index, text, [], reason, tokens))
+                    self._queue.put_nowait(Delta(choice.index, text, [], reason, tokens,
+                                                 cached))
                     return
+                if tokens == 0:
+                    cached = event.cached_prompt_tokens
                 tokens += 1
                 self.recorder.token()
                 text, stopped = stops.feed(detok.push(event.token_id))
                 delta = Delta(choice.index, text, self._logprobs(event))
                 if stopped:
                     delta.finish_reason, delta.completion_tokens = "stop", tokens
+                    delta.cached_tokens = cached
                     self._queue.put_nowait(delta)
                     return  # leaving the router's generator cancels both legs
                 if delta.text or delta.logprobs:

@@ -45,6 +45,12 @@ class GatewayMetrics:
         self.gen_hist = hist("request_generation_tokens", "Output tokens per request.",
                              TOKEN_BUCKETS)
         self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved.", registry=r)
+        self.kv_skipped = Counter("pdserve_kv_transfer_skipped_bytes",
+                                  "KV bytes not moved: the decode worker held them cached.",
+                                  registry=r)
+        self.cached_tokens = Counter("pdserve_prompt_cached_tokens",
+                                     "Prompt tokens whose KV came from a prefix cache.",
+                                     registry=r)
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens.", registry=r)
         self.gen_tokens = Counter("pdserve_generation_tokens", "Output tokens.", registry=r)
         self.requests = Counter("pdserve_requests", "Finished requests.", ["finish_reason"],
@@ -71,6 +77,9 @@ class GatewayMetrics:
             "waiting": worker_gauge("worker_waiting", "Sequences waiting on the worker."),
             "queued": worker_gauge("worker_queued_prompt_tokens", "Prompt tokens queued."),
             "up": worker_gauge("worker_up", "1 when the worker answers Health."),
+            "prefix_hit": worker_gauge("prefix_cache_hit_ratio",
+                                       "Share of prompt tokens found in the worker's prefix "
+                                       "cache, since it started."),
         }
 
     def request(self, prompt_tokens: int) -> "RequestRecorder":
@@ -78,8 +87,9 @@ class GatewayMetrics:
 
     def worker_health(self, address: str, role: str, up: bool, free_blocks: int,
                       total_blocks: int, running: int, waiting: int,
-                      queued_prompt_tokens: int) -> None:
+                      queued_prompt_tokens: int, prefix_hit_ratio: float = 0.0) -> None:
         g = {k: v.labels(address, role) for k, v in self.worker_gauges.items()}
+        g["prefix_hit"].set(prefix_hit_ratio)
         g["up"].set(1 if up else 0)
         g["usage"].set(1 - free_blocks / total_blocks if total_blocks else 0)
         g["free"].set(free_blocks)
@@ -133,10 +143,15 @@ class RequestRecorder:
         self.tokens += 1
         self.m.gen_tokens.inc()
 
-    def prefill(self, compute_seconds: float, transfer_seconds: float, kv_bytes: int) -> None:
+    def prefill(self, compute_seconds: float, transfer_seconds: float, kv_bytes: int,
+                kv_bytes_skipped: int = 0) -> None:
         self.m.prefill_time.observe(compute_seconds)
         self.m.kv_time.observe(transfer_seconds)
         self.m.kv_bytes.inc(kv_bytes)
+        self.m.kv_skipped.inc(kv_bytes_skipped)
+
+    def cached(self, tokens: int) -> None:
+        self.m.cached_tokens.inc(tokens)
 
     def finish(self, reason: str) -> None:
         # Idempotent: callers finish from the stream and again from cleanup ("abort").

@@ -5,6 +5,13 @@ re-resolved periodically, so replicas behind a DNS name (compose `--scale`, a Ku
 headless Service) join and leave the rotation without a restart. Each resolved worker
 is polled with `Health`; one that fails `fail_after` polls in a row (or a call) leaves
 the rotation until a poll succeeds again.
+
+Picking weighs load against the prefix cache (server.prefix_index):
+- prefill: the fewest prompt tokens to compute before this one's first token, i.e.
+  queued tokens (reported plus sent since) plus this prompt's tokens the worker lacks;
+- decode: the highest `cached prompt tokens - LOAD_TOKENS_PER_SEQUENCE x sequences`
+  (running, waiting and sent since the last report), then the most free KV blocks: a
+  cached prefix saves its KV transfer or local prefill, a busier batch slows every token.
 """
 
 import asyncio
@@ -19,8 +26,14 @@ import grpc
 
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from server.prefix_index import PromptBlocks
 
 log = logging.getLogger("pdserve.gateway.pool")
+
+# A sequence already in a decode worker's batch weighs as much as this many prompt tokens
+# it would not have to receive or compute: a heuristic, about one prefill chunk of a
+# short prompt on a CPU for one more row in every decode step.
+LOAD_TOKENS_PER_SEQUENCE = 32
 
 _STUBS = {"prefill": prefill_pb2_grpc.PrefillServiceStub,
           "decode": decode_pb2_grpc.DecodeServiceStub}
@@ -45,8 +58,12 @@ class Worker:
     # report resets them, so nothing is counted twice.
     pending_prompt_tokens: int = 0
     pending_blocks: int = 0
+    pending_requests: int = 0
     epoch: int = 0
     seen_at: float = field(default_factory=time.monotonic)
+    # The worker's cached block names (64 bits each) and their version, from Health.
+    prefix_blocks: frozenset = frozenset()
+    prefix_version: int = 0
 
     def free_blocks(self) -> int:
         free = self.health.free_kv_blocks if self.health else 0
@@ -55,6 +72,20 @@ class Worker:
     def queued_tokens(self) -> int:
         queued = self.health.queued_prompt_tokens if self.health else 0
         return queued + self.pending_prompt_tokens
+
+    def sequences(self) -> int:
+        reported = self.health.running + self.health.waiting if self.health else 0
+        return reported + self.pending_requests
+
+    def take_report(self, health) -> None:
+        """A Health answer replaces the estimates (it already counts what was sent)."""
+        self.health = health
+        if health.prefix_blocks_sent or not health.prefix_namespace:
+            self.prefix_blocks = frozenset(health.prefix_blocks)
+        self.prefix_version = health.prefix_version
+        self.pending_prompt_tokens = self.pending_blocks = self.pending_requests = 0
+        self.epoch += 1
+        self.seen_at = time.monotonic()
 
 
 def split_address(spec: str) -> tuple[str, int]:
@@ -154,15 +185,16 @@ class WorkerPool:
 
     async def _poll(self, worker: Worker) -> None:
         try:
-            worker.health = await worker.stub.Health(common_pb2.HealthRequest(),
-                                                     timeout=self.health_timeout)
+            health = await worker.stub.Health(
+                common_pb2.HealthRequest(known_prefix_version=worker.prefix_version),
+                timeout=self.health_timeout)
             if not worker.healthy:
                 log.info("%s worker %s is healthy", self.role, worker.address)
             worker.healthy, worker.failures = True, 0
-            worker.pending_prompt_tokens = worker.pending_blocks = 0
-            worker.epoch += 1
-            worker.seen_at = time.monotonic()
+            worker.take_report(health)
         except grpc.aio.AioRpcError as exc:
+            # A worker that comes back may have lost its cache: ask for all its names.
+            worker.prefix_version, worker.prefix_blocks = 0, frozenset()
             self.report_failure(worker, f"{exc.code().name}: {exc.details()}", poll=True)
         if self.on_health:
             self.on_health(worker, removed=False)
@@ -180,18 +212,26 @@ class WorkerPool:
     def healthy(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.healthy]
 
-    def pick(self, exclude: set[str] = frozenset()) -> Worker:
-        """Decode: the most free KV blocks; prefill: the fewest queued prompt tokens.
-        Both count what this gateway sent since the last report; ties go to fewer
-        in-flight requests, so an idle pool is used round-robin-like."""
+    def pick(self, exclude: set[str] = frozenset(), prompt: PromptBlocks | None = None) -> Worker:
+        """The worker for `prompt` by the scores in the module's docstring. Both count
+        what this gateway sent since the last report; ties go to fewer in-flight requests,
+        so an idle pool is used round-robin-like."""
         candidates = [w for w in self.healthy() if w.address not in exclude]
         if not candidates:
             known = ", ".join(f"{w.address} ({w.last_error or 'starting'})"
                               for w in self.workers.values()) or "none resolved"
             raise NoWorkerError(f"no healthy {self.role} worker (known: {known})")
+
+        def cached(worker: Worker) -> int:
+            return prompt.matched_tokens(worker) if prompt is not None else 0
+
         if self.role == "decode":
-            return max(candidates, key=lambda w: (w.free_blocks(), -w.inflight))
-        return min(candidates, key=lambda w: (w.queued_tokens(), w.inflight))
+            return max(candidates, key=lambda w: (
+                cached(w) - LOAD_TOKENS_PER_SEQUENCE * w.sequences(), w.free_blocks(),
+                -w.inflight))
+        uncached = len(prompt.prompt) if prompt is not None else 0
+        return min(candidates, key=lambda w: (w.queued_tokens() + uncached - cached(w),
+                                              w.inflight))
 
     @contextlib.contextmanager
     def count_inflight(self, worker: Worker, prompt_tokens: int):
@@ -203,6 +243,7 @@ class WorkerPool:
         worker.inflight += 1
         worker.pending_prompt_tokens += prompt_tokens
         worker.pending_blocks += blocks
+        worker.pending_requests += 1
         try:
             yield worker
         finally:
@@ -210,6 +251,7 @@ class WorkerPool:
             if worker.epoch == epoch:  # no report since: take back what we added
                 worker.pending_prompt_tokens -= prompt_tokens
                 worker.pending_blocks -= blocks
+                worker.pending_requests -= 1
 
     @property
     def max_seq_len(self) -> int | None:

@@ -16,9 +16,12 @@ def _id(request_id: str, prefix: str) -> str:
     return request_id if request_id.startswith(prefix) else prefix + request_id
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; `cached_tokens` are prompt tokens whose KV came from a prefix cache
+    (usage.prompt_tokens_details.cached_tokens, as OpenAI and vLLM report them)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_response(request_id: str, model: str, created: int, choices: list[dict],

@@ -3,9 +3,11 @@
 Disaggregated: the decode worker reserves KV blocks (Generate, remote_prefill), the
 prefill worker computes the prompt and streams its KV into that lease, the first token
 comes back from the prefill worker at once and the rest from the decode worker's stream.
-Prompts shorter than `local_prefill_max_tokens`, or every prompt without a prefill pool,
-run colocated on the decode worker. Leaving the generator early (client gone, stop
-string) cancels both gRPC calls, which frees the request's blocks on both workers.
+A prompt whose part the chosen decode worker does not hold cached is shorter than
+`local_prefill_max_tokens`, or every prompt without a prefill pool, runs colocated on the
+decode worker. Workers are picked by load and by how much of the prompt their prefix
+caches hold (server.pool). Leaving the generator early (client gone, stop string)
+cancels both gRPC calls, which frees the request's blocks on both workers.
 """
 
 import logging
@@ -17,6 +19,7 @@ import grpc
 from pdserve_proto.v1 import decode_pb2, prefill_pb2
 from server.errors import APIError
 from server.pool import NoWorkerError, Worker, WorkerPool
+from server.prefix_index import PromptBlocks
 
 log = logging.getLogger("pdserve.gateway.router")
 
@@ -34,6 +37,7 @@ class TokenEvent:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # first token only: the prompt's prefix-cache hit
 
 
 @dataclass
@@ -46,6 +50,7 @@ class PrefillEvent:
     transfer_tail_seconds: float
     kv_bytes: int
     worker: str
+    kv_bytes_skipped: int = 0  # KV the decode worker held already, not sent
 
 
 @dataclass
@@ -70,7 +75,8 @@ def api_error(exc: grpc.aio.AioRpcError, what: str) -> APIError:
 
 def _token(msg) -> TokenEvent:
     top = [(alt.token_id, alt.logprob) for alt in msg.top_logprobs]
-    return TokenEvent(msg.token_id, msg.logprob if msg.HasField("logprob") else None, top)
+    return TokenEvent(msg.token_id, msg.logprob if msg.HasField("logprob") else None, top,
+                      msg.cached_prompt_tokens)
 
 
 class Router:
@@ -81,34 +87,49 @@ class Router:
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.request_timeout = request_timeout
 
-    def remote(self, num_prompt_tokens: int) -> bool:
-        return self.prefill is not None and num_prompt_tokens >= self.local_prefill_max_tokens
+    def remote(self, num_uncached_tokens: int) -> bool:
+        """Whether a prompt with this many tokens to compute goes to a prefill worker."""
+        return self.prefill is not None and num_uncached_tokens >= self.local_prefill_max_tokens
 
     async def generate(self, request_id: str, prompt: list[int], params) -> AsyncIterator:
         """TokenEvent..., (PrefillEvent before the first token when disaggregated),
         then one FinishEvent. Raises APIError before the first event; after it, an
         APIError means the stream broke (the caller reports it in-stream)."""
-        if self.remote(len(prompt)):
-            events = self._disaggregated(request_id, prompt, params)
-        else:
-            events = self._colocated(request_id, prompt, params)
-        async for event in events:
-            yield event
+        blocks = PromptBlocks(prompt)
+        failed_prefill: set[str] = set()
+        for attempt in (1, 2):
+            worker, call, first = await self._open(request_id, prompt, params, blocks)
+            if not first.HasField("reserved"):
+                events = self._colocated(worker, call, first, len(prompt))
+            else:
+                events = self._disaggregated(request_id, prompt, params, worker, call,
+                                             first.reserved, failed_prefill, blocks, attempt)
+            try:
+                async for event in events:
+                    yield event
+                return
+            except _RetryPrefill as retry:
+                if attempt == 2:
+                    raise retry.error from None
+                log.warning("request %s: %s; retrying on another prefill worker",
+                            request_id, retry.error.message)
 
-    async def _open(self, request_id: str, prompt: list[int], params, remote: bool):
-        """A Generate call on the decode worker with the most room, trying the next one
-        when a worker is full; returns (worker, call, first message)."""
+    async def _open(self, request_id: str, prompt: list[int], params, blocks: PromptBlocks):
+        """A Generate call on the best decode worker (server.pool), trying the next one
+        when a worker is full; the prompt goes to a prefill worker when the part that
+        worker lacks is long enough. Returns (worker, call, first message)."""
         tried: set[str] = set()
         last: APIError | None = None
         while True:
             try:
-                worker = self.decode.pick(exclude=tried)
+                worker = self.decode.pick(exclude=tried, prompt=blocks)
             except NoWorkerError as exc:
                 if last is not None:
                     raise last from None
                 raise APIError(503, str(exc), code="no_worker",
                                headers={"Retry-After": "1"}) from None
             tried.add(worker.address)
+            remote = self.remote(len(prompt) - blocks.matched_tokens(worker))
             call = worker.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                            params=params, remote_prefill=remote),
@@ -128,9 +149,8 @@ class Router:
                                     "without an answer")
             return worker, call, first
 
-    async def _colocated(self, request_id, prompt, params):
-        worker, call, first = await self._open(request_id, prompt, params, remote=False)
-        with self.decode.count_inflight(worker, len(prompt)):
+    async def _colocated(self, worker: Worker, call, first, num_prompt_tokens: int):
+        with self.decode.count_inflight(worker, num_prompt_tokens):
             try:
                 yield self._event(first)
                 async for event in self._rest(worker, call):
@@ -138,47 +158,39 @@ class Router:
             finally:
                 call.cancel()
 
-    async def _disaggregated(self, request_id, prompt, params):
-        failed_prefill: set[str] = set()
-        for attempt in (1, 2):
-            decode, call, first = await self._open(request_id, prompt, params, remote=True)
-            try:
-                with self.decode.count_inflight(decode, len(prompt)):
-                    try:
-                        response, prefill_address = await self._prefill(
-                            request_id, prompt, params, decode, first.reserved.lease_id,
-                            failed_prefill)
-                    except _RetryPrefill as retry:
-                        call.cancel()
-                        if attempt == 2:
-                            raise retry.error from None
-                        log.warning("request %s: %s; retrying on another prefill worker",
-                                    request_id, retry.error.message)
-                        continue
-                    yield PrefillEvent(response.queue_seconds, response.compute_seconds,
-                                       response.transfer_seconds,
-                                       response.transfer_tail_seconds, response.kv_bytes,
-                                       prefill_address)
-                    yield _token(response.first_token)
-                    async for event in self._rest(decode, call):
-                        yield event
-                    return
-            finally:
-                call.cancel()
-
-    async def _prefill(self, request_id, prompt, params, decode: Worker, lease_id: str,
-                       failed: set[str]):
+    async def _disaggregated(self, request_id, prompt, params, decode: Worker, call,
+                             reserved, failed_prefill: set[str], blocks: PromptBlocks,
+                             attempt: int):
+        """Raises _RetryPrefill (after cancelling the lease) when another prefill worker
+        should be tried."""
         try:
-            worker = self.prefill.pick(exclude=failed)
+            with self.decode.count_inflight(decode, len(prompt) - reserved.cached_tokens):
+                response, prefill_address = await self._prefill(
+                    request_id, prompt, params, decode, reserved, failed_prefill, blocks)
+                yield PrefillEvent(response.queue_seconds, response.compute_seconds,
+                                   response.transfer_seconds, response.transfer_tail_seconds,
+                                   response.kv_bytes, prefill_address,
+                                   response.kv_bytes_skipped)
+                yield _token(response.first_token)
+                async for event in self._rest(decode, call):
+                    yield event
+        finally:
+            call.cancel()
+
+    async def _prefill(self, request_id, prompt, params, decode: Worker, reserved,
+                       failed: set[str], blocks: PromptBlocks):
+        try:
+            worker = self.prefill.pick(exclude=failed, prompt=blocks)
         except NoWorkerError as exc:
             raise APIError(503, str(exc), code="no_worker",
                            headers={"Retry-After": "1"}) from None
-        with self.prefill.count_inflight(worker, len(prompt)):
+        with self.prefill.count_inflight(worker, len(prompt) - blocks.matched_tokens(worker)):
             try:
                 response = await worker.stub.Prefill(
-                    prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
-                                               params=params, decode_address=decode.address,
-                                               lease_id=lease_id),
+                    prefill_pb2.PrefillRequest(
+                        request_id=request_id, prompt_token_ids=prompt, params=params,
+                        decode_address=decode.address, lease_id=reserved.lease_id,
+                        decode_cached_tokens=reserved.cached_tokens),
                     metadata=(("x-request-id", request_id),), timeout=self.request_timeout)
             except grpc.aio.AioRpcError as exc:
                 error = api_error(exc, f"prefill worker {worker.address}")

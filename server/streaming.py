@@ -54,8 +54,9 @@ class ResponseView:
         return responses.completion_chunk(self.id, self.model, self.created, delta.index, text,
                                          delta.finish_reason, self.logprobs(delta, offset))
 
-    def usage(self, completion_tokens: int) -> dict:
-        return responses.usage_dict(sum(len(p) for p in self.prompts), completion_tokens)
+    def usage(self, completion_tokens: int, cached_tokens: int) -> dict:
+        return responses.usage_dict(sum(len(p) for p in self.prompts), completion_tokens,
+                                    cached_tokens)
 
 
 def _sse(payload: dict) -> str:
@@ -65,7 +66,7 @@ def _sse(payload: dict) -> str:
 async def sse_events(gen: Generation, view: ResponseView, recorder):
     started: set[int] = set()
     offsets: dict[int, int] = {}
-    completion_tokens, reason = 0, "stop"
+    completion_tokens, cached_tokens, reason = 0, 0, "stop"
     try:
         async for delta in gen.deltas():
             text = delta.text
@@ -80,12 +81,15 @@ async def sse_events(gen: Generation, view: ResponseView, recorder):
             yield _sse(view.chunk(delta, text, offset))
             if delta.finish_reason is not None:
                 completion_tokens += delta.completion_tokens
+                cached_tokens += delta.cached_tokens
                 reason = delta.finish_reason
+        recorder.cached(cached_tokens)
         recorder.finish(reason)
         options = view.req.stream_options
         if options is not None and options.include_usage:
-            yield _sse(responses.usage_chunk(view.id, view.model, view.created,
-                                             view.usage(completion_tokens), chat=view.chat))
+            usage = view.usage(completion_tokens, cached_tokens)
+            yield _sse(responses.usage_chunk(view.id, view.model, view.created, usage,
+                                             chat=view.chat))
     except (APIError, StreamBroken) as exc:
         error = exc.error if isinstance(exc, StreamBroken) else exc
         log.warning("request %s: stream ended by an error: %s", view.request_id, error.message)
@@ -99,7 +103,7 @@ async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
     texts: dict[int, list[str]] = {}
     logprobs: dict[int, list] = {}
     finish: dict[int, str] = {}
-    completion_tokens, reason = 0, "stop"
+    completion_tokens, cached_tokens, reason = 0, 0, "stop"
     try:
         async for delta in gen.deltas():
             texts.setdefault(delta.index, []).append(delta.text)
@@ -107,12 +111,14 @@ async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
             if delta.finish_reason is not None:
                 finish[delta.index] = reason = delta.finish_reason
                 completion_tokens += delta.completion_tokens
+                cached_tokens += delta.cached_tokens
     except StreamBroken as exc:
         recorder.finish("error")
         raise exc.error from None
     except APIError:
         recorder.finish("error")
         raise
+    recorder.cached(cached_tokens)
     recorder.finish(reason)
     choices = []
     for index in sorted(texts):
@@ -120,7 +126,7 @@ async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
         entries = Delta(index, logprobs=logprobs[index])
         choices.append({"index": index, "text": text, "finish_reason": finish.get(index),
                         "logprobs": view.logprobs(entries, len(view.echo(index)))})
-    usage = view.usage(completion_tokens)
+    usage = view.usage(completion_tokens, cached_tokens)
     if view.chat:
         return responses.chat_response(view.id, view.model, view.created, choices, usage)
     return responses.completion_response(view.id, view.model, view.created, choices, usage)

@@ -32,6 +32,11 @@ class EngineStats:
     running: int
     waiting: int
     queued_prompt_tokens: int
+    prefix_version: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    prefix_evictions: int
+    idle_blocks: int
 
 
 class EngineLoop:
@@ -147,8 +152,11 @@ class EngineLoop:
         queued = sum(s.num_uncomputed_tokens for s in list(sched.waiting))
         queued += sum(s.num_uncomputed_tokens for s in list(sched.running)
                       if s.num_uncomputed_tokens > 1)
-        return EngineStats(engine.blocks.num_free_blocks, engine.blocks.num_blocks,
-                           len(sched.running), len(sched.waiting), queued)
+        blocks = engine.blocks
+        return EngineStats(blocks.num_free_blocks, blocks.num_blocks, len(sched.running),
+                           len(sched.waiting), queued, blocks.version,
+                           blocks.num_queried_tokens, blocks.num_hit_tokens,
+                           blocks.num_evictions, blocks.num_idle_blocks)
 
 
 def _set_result(future: asyncio.Future, result) -> None:

@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
+from pdserve_proto.prefix import short
 from pdserve_proto.v1 import common_pb2
 from worker.config import WorkerConfig
 from worker.engine_loop import EngineLoop
@@ -18,14 +19,35 @@ log = logging.getLogger("pdserve.worker")
 SERVER_OPTIONS = (*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0))
 
 
-def health_response(role: str, engine_loop: EngineLoop, model_digest: str, leases: int = 0):
-    """The load report both workers answer Health with (read without blocking the engine)."""
+def health_response(role: str, engine_loop: EngineLoop, model_digest: str, request,
+                    leases: int = 0):
+    """The load report both workers answer Health with (read without blocking the engine):
+    with the names of the cached blocks when the caller's copy is older than ours."""
     stats, engine = engine_loop.stats, engine_loop.engine
-    return common_pb2.HealthResponse(
+    blocks = engine.blocks
+    response = common_pb2.HealthResponse(
         role=role, model_digest=model_digest, queued_prompt_tokens=stats.queued_prompt_tokens,
         free_kv_blocks=stats.free_blocks, total_kv_blocks=stats.total_blocks,
-        block_size=engine.blocks.block_size, running=stats.running, waiting=stats.waiting,
-        leases=leases, max_seq_len=engine.max_seq_len)
+        block_size=blocks.block_size, running=stats.running, waiting=stats.waiting,
+        leases=leases, max_seq_len=engine.max_seq_len,
+        prefix_namespace=blocks.namespace or b"", prefix_version=stats.prefix_version,
+        prefix_queried_tokens=stats.prefix_queried_tokens,
+        prefix_hit_tokens=stats.prefix_hit_tokens, prefix_evictions=stats.prefix_evictions)
+    if blocks.namespace is not None and request.known_prefix_version != stats.prefix_version:
+        response.prefix_blocks_sent = True
+        response.prefix_blocks.extend(short(name) for name in _names(blocks))
+    return response
+
+
+def _names(blocks) -> list[bytes]:
+    """The cached block names, copied while the engine thread may be naming more: the
+    copy runs without releasing the GIL, but a resize in between is retried to be safe."""
+    for _ in range(10):
+        try:
+            return blocks.cached_names()
+        except RuntimeError:  # dictionary changed size during iteration
+            continue
+    return []
 
 
 async def serve(role: str, config: WorkerConfig, engine_loop: EngineLoop, add_services,

@@ -8,7 +8,7 @@ step histogram and counters are fed by the loop's step observer (a few microseco
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("pdserve.worker")
 
@@ -37,9 +37,26 @@ class _LoadCollector:
             ("worker_waiting", "Sequences waiting to join the batch.", stats.waiting),
             ("worker_queued_prompt_tokens", "Prompt tokens not yet computed.",
              stats.queued_prompt_tokens),
+            ("kv_blocks_cached", "Idle KV blocks kept for the prefix cache.",
+             stats.idle_blocks),
+            ("prefix_cache_hit_ratio", "Share of prompt tokens found in the prefix cache.",
+             stats.prefix_hit_tokens / stats.prefix_queried_tokens
+             if stats.prefix_queried_tokens else 0.0),
         )
         for name, doc, value in gauges:
             family = GaugeMetricFamily(f"pdserve_{name}", doc, labels=["role"])
+            family.add_metric([self.role], value)
+            yield family
+        counters = (
+            ("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
+             stats.prefix_queried_tokens),
+            ("prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache.",
+             stats.prefix_hit_tokens),
+            ("prefix_cache_evictions", "Cached KV blocks evicted for room.",
+             stats.prefix_evictions),
+        )
+        for name, doc, value in counters:
+            family = CounterMetricFamily(f"pdserve_{name}", doc, labels=["role"])
             family.add_metric([self.role], value)
             yield family
         info = GaugeMetricFamily("pdserve_worker_info", "Constant 1; the worker's role and "

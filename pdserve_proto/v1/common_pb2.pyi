@@ -46,23 +46,27 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("token_id", "index", "logprob", "top_logprobs")
+    __slots__ = ("token_id", "index", "logprob", "top_logprobs", "cached_prompt_tokens")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     index: int
     logprob: float
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
-    def __init__(self, token_id: _Optional[int] = ..., index: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, token_id: _Optional[int] = ..., index: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("known_prefix_version",)
+    KNOWN_PREFIX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_prefix_version: int
+    def __init__(self, known_prefix_version: _Optional[int] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("role", "model_digest", "queued_prompt_tokens", "free_kv_blocks", "total_kv_blocks", "block_size", "running", "waiting", "leases", "max_seq_len")
+    __slots__ = ("role", "model_digest", "queued_prompt_tokens", "free_kv_blocks", "total_kv_blocks", "block_size", "running", "waiting", "leases", "max_seq_len", "prefix_namespace", "prefix_version", "prefix_blocks_sent", "prefix_blocks", "prefix_queried_tokens", "prefix_hit_tokens", "prefix_evictions")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +77,13 @@ class HealthResponse(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_digest: str
     queued_prompt_tokens: int
@@ -83,4 +94,11 @@ class HealthResponse(_message.Message):
     waiting: int
     leases: int
     max_seq_len: int
-    def __init__(self, role: _Optional[str] = ..., model_digest: _Optional[str] = ..., queued_prompt_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., leases: _Optional[int] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+    prefix_namespace: bytes
+    prefix_version: int
+    prefix_blocks_sent: bool
+    prefix_blocks: _containers.RepeatedScalarFieldContainer[int]
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    prefix_evictions: int
+    def __init__(self, role: _Optional[str] = ..., model_digest: _Optional[str] = ..., queued_prompt_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., leases: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., prefix_namespace: _Optional[bytes] = ..., prefix_version: _Optional[int] = ..., prefix_blocks_sent: _Optional[bool] = ..., prefix_blocks: _Optional[_Iterable[int]] = ..., prefix_queried_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_evictions: _Optional[int] = ...) -> None: ...

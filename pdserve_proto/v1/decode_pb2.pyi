@@ -24,26 +24,30 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., remote_prefill: _Optional[bool] = ..., lease_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class Reserved(_message.Message):
-    __slots__ = ("lease_id", "expires_in_seconds", "model_digest")
+    __slots__ = ("lease_id", "expires_in_seconds", "model_digest", "cached_tokens")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     expires_in_seconds: float
     model_digest: str
-    def __init__(self, lease_id: _Optional[str] = ..., expires_in_seconds: _Optional[float] = ..., model_digest: _Optional[str] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, lease_id: _Optional[str] = ..., expires_in_seconds: _Optional[float] = ..., model_digest: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "kv_wait_seconds")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "kv_wait_seconds", "cached_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     kv_wait_seconds: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., kv_wait_seconds: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., kv_wait_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("reserved", "token", "finished")

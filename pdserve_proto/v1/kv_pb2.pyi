@@ -28,16 +28,18 @@ class KvFingerprint(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., layout_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class KvHeader(_message.Message):
-    __slots__ = ("request_id", "lease_id", "fingerprint", "num_tokens")
+    __slots__ = ("request_id", "lease_id", "fingerprint", "num_tokens", "first_position")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lease_id: str
     fingerprint: KvFingerprint
     num_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KvFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    first_position: int
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KvFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., first_position: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer", "start", "num_tokens", "data", "crc32")

@@ -47,6 +47,26 @@ def test_bench_run_reports_every_request(stack, tmp_path):
     assert report["phases"]["prefill"] > 0 and report["phases"]["kv_transfer"] > 0
 
 
+def test_multiturn_conversations_resend_their_history_and_hit_the_cache(stack, tmp_path):
+    out = tmp_path / "turns.json"
+    result = pdserve("bench", "--url", stack.url, "--workload", "multiturn", "--num-prompts",
+                     "3", "--turns", "3", "--request-rate", "10", "--output", str(out),
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "TTFT, turn" in result.stdout
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["failed"]) == (9, 0)
+    assert sorted(report["ttft_by_turn_s"]) == ["1", "2", "3"]
+    by_conversation = sorted(report["requests"], key=lambda r: r["start"])
+    turns = [r for r in by_conversation if r["turn"] == 3]
+    firsts = [r for r in by_conversation if r["turn"] == 1]
+    # Each turn sends the one before it, its answer and a new message: longer prompts,
+    # whose earlier part the workers hold cached (the system prompt, 256 tokens, at least).
+    assert min(r["prompt_tokens"] for r in turns) > max(r["prompt_tokens"] for r in firsts)
+    assert all(r["cached_tokens"] >= 240 for r in by_conversation if r["turn"] > 1)
+    assert report["cached_tokens"] > 0
+
+
 def test_bench_refuses_bad_arguments(stack):
     result = pdserve("bench", "--url", stack.url, "--slo", "ttft=fast", "--num-prompts", "1")
     assert result.returncode == 2 and "not a number" in result.stderr

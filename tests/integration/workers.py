@@ -68,6 +68,7 @@ class Result:
     finish_reason: str = ""
     prefill: object = None
     finished: object = None
+    reserved: object = None
 
 
 def gen_request(rid: str, prompt: list[int], params: SamplingParams, remote: bool,
@@ -89,10 +90,11 @@ def disaggregated(prefill: Worker, decode: Worker, rid: str, prompt: list[int],
     """The gateway's path: reserve on decode, prefill with the lease, then stream."""
     stream = decode.stub.Generate(gen_request(rid, prompt, params, True), timeout=300)
     reserved = next(stream).reserved
-    result = Result()
+    result = Result(reserved=reserved)
     result.prefill = prefill.stub.Prefill(prefill_pb2.PrefillRequest(
         request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params),
-        decode_address=decode.address, lease_id=reserved.lease_id), timeout=300)
+        decode_address=decode.address, lease_id=reserved.lease_id,
+        decode_cached_tokens=reserved.cached_tokens), timeout=300)
     result.tokens.append(result.prefill.first_token.token_id)
     for msg in stream:
         _collect(result, msg)

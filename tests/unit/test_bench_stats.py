@@ -203,3 +203,31 @@ def test_shipped_sweep_specs_name_real_pdserve_flags(spec_path):
             argv = [part.format(port="8000") for part in command[3:]]
             assert build_parser().parse_args(argv).command in ("up", "gateway")
         assert config.get("ready", "/ready").startswith("/")
+
+
+def test_conversations_share_one_system_prompt_and_repeat_by_seed(tokenizer):
+    from bench.workload import build_conversations
+
+    conversations = build_conversations(tokenizer, 5, turns=3, seed=2)
+    assert len({c.system for c in conversations}) == 1
+    assert len(tokenizer.encode(conversations[0].system)) == 256
+    for c in conversations:
+        assert len(c.users) == len(c.max_tokens) == 3
+        assert all(32 <= len(tokenizer.encode(u)) <= 96 for u in c.users)
+        assert all(32 <= m <= 64 for m in c.max_tokens)
+    assert build_conversations(tokenizer, 5, turns=3, seed=2) == conversations
+    with pytest.raises(ValueError, match="turns"):
+        build_conversations(tokenizer, 1, turns=0)
+
+
+def test_ttft_is_reported_per_turn_with_the_cached_tokens():
+    results = [RequestResult(True, 300, 10, ttft=t, latency=t + 1, turn=turn,
+                             cached_tokens=cached)
+               for t, turn, cached in [(0.9, 1, 0), (1.1, 1, 0), (0.2, 2, 256),
+                                       (0.4, 2, 288), (0.3, 3, 320)]]
+    report = summarize(results, 10.0)
+    assert report["ttft_by_turn_s"]["1"]["p50"] == pytest.approx(1.0)
+    assert report["ttft_by_turn_s"]["2"]["p50"] == pytest.approx(0.3)
+    assert report["ttft_by_turn_s"]["3"]["mean"] == pytest.approx(0.3)
+    assert report["cached_tokens"] == 864
+    assert "ttft_by_turn_s" not in summarize([RequestResult(True, 5, 5, 0.1, 0.2)], 1.0)

@@ -78,3 +78,68 @@ def test_core_shares():
     assert core_shares([0, 1], 2) == [[0], [1]]
     assert core_shares([0, 1, 2, 3, 4], 2) == [[0, 1, 4], [2, 3]]
     assert core_shares([0, 1], 3) == [[0], [1], [0]]
+
+
+def with_prefix(worker: Worker, prompt: list[int], blocks: int, space=b"ns") -> Worker:
+    """The worker reports holding the first `blocks` full blocks of `prompt`."""
+    from pdserve_proto.prefix import block_hashes, short
+
+    worker.health.prefix_namespace = space
+    names = block_hashes(prompt, 16, space)[:blocks]
+    worker.prefix_blocks = frozenset(short(n) for n in names)
+    return worker
+
+
+def test_decode_pick_weighs_the_cached_prefix_against_the_batch():
+    from server.pool import LOAD_TOKENS_PER_SEQUENCE
+    from server.prefix_index import PromptBlocks
+
+    prompt = list(range(100, 230))  # 130 tokens: 8 full blocks before the last token
+    p = pool("decode", a=dict(free_kv_blocks=50, running=2), b=dict(free_kv_blocks=90))
+    assert p.pick().address == "b"  # no prefix known: the lighter batch, more room
+    with_prefix(p.workers["a"], prompt, 8)
+    blocks = PromptBlocks(prompt)
+    assert blocks.matched_tokens(p.workers["a"]) == 128
+    assert blocks.matched_tokens(p.workers["b"]) == 0
+    assert p.pick(prompt=blocks).address == "a"  # 128 - 2 x 32 > 0
+    p.workers["a"].health.running = 128 // LOAD_TOKENS_PER_SEQUENCE + 1
+    assert p.pick(prompt=blocks).address == "b"  # too busy for what it holds
+
+
+def test_prefill_pick_counts_only_the_tokens_it_would_compute():
+    from server.prefix_index import PromptBlocks
+
+    prompt = list(range(7, 300))
+    p = pool("prefill", a=dict(queued_prompt_tokens=200), b=dict(queued_prompt_tokens=0))
+    blocks = PromptBlocks(prompt)
+    assert p.pick(prompt=blocks).address == "b"
+    with_prefix(p.workers["a"], prompt, 16)  # 256 of its 293 tokens cached on a
+    assert p.pick(prompt=blocks).address == "a"  # 200 + 37 to compute against 293
+
+
+def test_a_prefix_match_stops_at_the_first_missing_block_and_needs_the_namespace():
+    from server.prefix_index import PromptBlocks
+
+    prompt = list(range(1, 100))
+    p = pool("decode", a=dict(free_kv_blocks=10))
+    worker = with_prefix(p.workers["a"], prompt, 6)
+    names = sorted(worker.prefix_blocks)
+    assert PromptBlocks(prompt).matched_tokens(worker) == 96
+    from pdserve_proto.prefix import block_hashes, short
+    second = short(block_hashes(prompt, 16, b"ns")[1])
+    worker.prefix_blocks = frozenset(set(names) - {second})
+    assert PromptBlocks(prompt).matched_tokens(worker) == 16
+    worker.health.prefix_namespace = b"other-model"
+    assert PromptBlocks(prompt).matched_tokens(worker) == 0
+
+
+def test_reports_replace_the_names_only_when_they_carry_them():
+    w = Worker("a", "decode", None, None)
+    w.take_report(common_pb2.HealthResponse(prefix_namespace=b"ns", prefix_version=3,
+                                            prefix_blocks_sent=True, prefix_blocks=[1, 2]))
+    assert w.prefix_blocks == {1, 2} and w.prefix_version == 3
+    w.take_report(common_pb2.HealthResponse(prefix_namespace=b"ns", prefix_version=3))
+    assert w.prefix_blocks == {1, 2}  # unchanged since version 3: not resent
+    w.take_report(common_pb2.HealthResponse(prefix_namespace=b"ns", prefix_version=4,
+                                            prefix_blocks_sent=True))
+    assert w.prefix_blocks == frozenset()  # sent, and empty: everything was evicted

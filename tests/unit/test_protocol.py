@@ -428,7 +428,12 @@ def _no_extras(value) -> None:
 
 def test_usage_dict():
     assert responses.usage_dict(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4,
-                                         "total_tokens": 7}
+                                         "total_tokens": 7,
+                                         "prompt_tokens_details": {"cached_tokens": 0}}
+    cached = responses.usage_dict(300, 4, cached_tokens=256)
+    assert cached["prompt_tokens_details"] == {"cached_tokens": 256}
+    from openai.types import CompletionUsage
+    assert CompletionUsage.model_validate(cached).prompt_tokens_details.cached_tokens == 256
 
 
 def test_completion_response_validates():
