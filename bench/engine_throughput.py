@@ -45,9 +45,10 @@ def corpus_prompts(tokenizer, streams: int, length: int) -> list[list[int]]:
     return [ids[13 * i:13 * i + length] for i in range(streams)]
 
 
-def pdserve_rates(engine: LLMEngine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+def pdserve_rates(engine: LLMEngine, prompts: list[list[int]], new: int,
+                  params: SamplingParams | None = None) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of all prompts run together."""
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    params = params or SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm
     seqs = [engine.add_request(f"bench-{i}", p, params)[0] for i, p in enumerate(prompts)]
     start = time.perf_counter()

@@ -40,7 +40,7 @@ def teacher_forced_logits(engine: LLMEngine, tokens: list[int]) -> torch.Tensor:
     rows = []
     try:
         for next_token in tokens[1:]:
-            rows.append(engine.runner.run([ScheduledSeq(seq, 1)])[0])
+            rows.append(engine.runner.run([ScheduledSeq(seq, 1)]).logits[0])
             seq.num_computed_tokens += 1
             seq.output_token_ids.append(next_token)
     finally:

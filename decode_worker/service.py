@@ -18,7 +18,13 @@ from kvtransfer.codec import KvProtocolError
 from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
-from worker.convert import params_from_proto, token_from_proto, token_to_proto
+from worker.convert import (
+    compile_grammar,
+    params_from_proto,
+    prompt_logprobs_to_proto,
+    token_from_proto,
+    token_to_proto,
+)
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import health_response
 from worker.status import DOMAIN_ERRORS, StatusError, status_of
@@ -43,6 +49,7 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         try:
             params = params_from_proto(request.params)
             self.engine.validate_prompt(list(request.prompt_token_ids))
+            await compile_grammar(params)
         except InvalidRequestError as exc:
             await status_of(exc).abort(context)
         outputs = self.loop.subscribe(rid)
@@ -94,6 +101,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                 token = token_to_proto(out.token_id, index, out.logprob)
                 if index == 0:
                     token.cached_prompt_tokens = seq.num_cached_tokens
+                    if out.prompt_logprobs is not None:
+                        yield decode_pb2.GenerateResponse(
+                            prompt_logprobs=prompt_logprobs_to_proto(
+                                seq.prompt_token_ids, out.prompt_logprobs))
                 yield decode_pb2.GenerateResponse(token=token)
             elif request.remote_prefill and index == 0:
                 kv_wait = time.monotonic() - started

@@ -27,6 +27,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
+from engine.grammar import GrammarTokenizer, compiled
 from engine.kv_cache import contiguous_slots, slots_for_positions
 from engine.loader import ModelFiles, resolve_model
 from engine.model_runner import ModelRunner, sampling_order
@@ -59,6 +60,9 @@ class StepOutput:
     # how many it has). Fixed when the output is made: the sequence itself may have grown
     # by the time a consumer on another task reads this output from a queue.
     index: int
+    # With the first token when asked for (params.prompt_logprobs): the logprob of each
+    # prompt token given the ones before it, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -85,6 +89,7 @@ class LLMEngine:
         self.max_seq_len = min(self.max_model_len, self.blocks.capacity_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_export: KVExport | None = None
+        self._grammar_tokenizer: GrammarTokenizer | None = None
         self._ids = itertools.count()
 
     # ----- requests -------------------------------------------------------------------
@@ -129,31 +134,43 @@ class LLMEngine:
         if not batch:
             return []
         try:
-            logits = self.runner.run(batch, self.kv_export)
+            out = self.runner.run(batch, self.kv_export)
         except Exception:
             log.exception("model step failed; failing %d sequences", len(batch))
             return [self._fail(item.seq) for item in batch]
         sampling = [item.seq for item in sampling_order(batch) if item.samples]
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
+            item.seq.prompt_logprobs.update(out.prompt_logprobs.get(item.seq.seq_id, {}))
             self.blocks.name_full_blocks(item.seq)
-        sampled = self.sampler(logits, sampling)
+        for seq in sampling:
+            if seq.params.grammar is not None and seq.matcher is None:
+                seq.matcher = self.grammar_tokenizer.matcher(seq.params.grammar,
+                                                             seq.output_token_ids)
+        sampled = self.sampler(out.logits, sampling)
         return [self._append(seq, token) for seq, token in zip(sampling, sampled, strict=True)]
 
     def _append(self, seq: Sequence, token: SampledToken) -> StepOutput:
         seq.output_token_ids.append(token.token_id)
+        if seq.matcher is not None:
+            seq.matcher.advance(token.token_id)
         if token.logprob is not None:
             seq.output_logprobs.append(token.logprob)
         reason = self._finish_reason(seq, token.token_id)
         if reason is not None:
             self._finish(seq, reason)
+        prompt_logprobs = None
+        if seq.num_output_tokens == 1 and seq.params.prompt_logprobs is not None:
+            prompt_logprobs = [seq.prompt_logprobs.get(p) for p in range(seq.num_prompt_tokens)]
         return StepOutput(seq.request_id, seq.sample_index, token.token_id, token.logprob,
-                          reason, seq, seq.num_output_tokens - 1)
+                          reason, seq, seq.num_output_tokens - 1, prompt_logprobs)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.params
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
+        if seq.matcher is not None and seq.matcher.done:
+            return FinishReason.STOP  # the grammar is complete: nothing may follow
         if not params.ignore_eos and token_id in self.model_config.eos_token_ids:
             return FinishReason.STOP
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
@@ -184,9 +201,31 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         self.validate_prompt(prompt)
+        if params.grammar is not None:
+            compiled(params.grammar)  # cached after the first time: refuses bad grammars
+            _ = self.grammar_tokenizer
         seqs = [Sequence(request_id, prompt, params, i) for i in range(params.n)]
         self.requests[request_id] = seqs
         return seqs
+
+    @property
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """llguidance's view of the vocabulary, made at the first constrained request."""
+        if self._grammar_tokenizer is None:
+            from engine.presets import SMOLLM2_VOCAB
+
+            path = self.files.path
+            if path is None and self.model_config.vocab_size == SMOLLM2_VOCAB:
+                from model_store.default_model import ensure_default_model
+
+                path = ensure_default_model()  # random presets borrow its tokenizer
+            if path is None or not (path / "tokenizer.json").is_file():
+                raise InvalidRequestError("grammar", f"{self.files.name} has no "
+                                                     "tokenizer.json to constrain output with")
+            self._grammar_tokenizer = GrammarTokenizer(
+                path / "tokenizer.json", self.model_config.vocab_size,
+                self.model_config.eos_token_ids)
+        return self._grammar_tokenizer
 
     def validate_prompt(self, prompt: list[int]) -> None:
         if not isinstance(prompt, list | tuple) or not prompt:

@@ -21,8 +21,9 @@ from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
 from engine.llama import LlamaModel
 from engine.loader import ModelFiles, iter_weights
 from engine.model_config import ModelConfig
+from engine.sampler import token_logprobs
 from engine.scheduler import ScheduledSeq
-from engine.sequence import Sequence
+from engine.sequence import Sequence, TokenLogprob
 
 log = logging.getLogger("pdserve.engine")
 
@@ -30,6 +31,18 @@ log = logging.getLogger("pdserve.engine")
 CGROUP_MEMORY_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",
                              "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 CPUINFO = "/proc/cpuinfo"
+# Prompt positions whose full logits are taken at once for prompt logprobs (a 49k-token
+# vocabulary: 50 MB of float32 logits per 256 rows).
+PROMPT_LOGPROB_ROWS = 256
+
+
+@dataclasses.dataclass
+class RunOutput:
+    """One step's logits [num sampling seqs, vocab] in `sampling_order`, and, for
+    sequences that asked for prompt logprobs, seq_id -> {position: its token's logprob}."""
+
+    logits: torch.Tensor
+    prompt_logprobs: dict[int, dict[int, TokenLogprob]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,20 +156,44 @@ class ModelRunner:
         return max(1, int(budget // per_block))
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq], export=None) -> torch.Tensor:
-        """Compute the scheduled tokens; return logits [num sampling seqs, vocab] in
-        the order of `sampling_order(batch)`. `export(seq, layer, pos, k, v)` receives
-        the new K/V of sequences flagged `export_kv` as each layer finishes."""
+    def run(self, batch: list[ScheduledSeq], export=None) -> RunOutput:
+        """Compute the scheduled tokens. `export(seq, layer, pos, k, v)` receives the new
+        K/V of sequences flagged `export_kv` as each layer finishes."""
         ordered = sampling_order(batch)
         input_ids, positions, meta, spans = self._prepare(ordered)
         callback = _export_callback(ordered, spans, export) if export else None
         hidden = self.model(input_ids, positions, self.kv_cache, meta, callback)
+        prompt_logprobs = self._prompt_logprobs(ordered, spans, hidden)
         last = [end - 1 for item, (_, end, _) in zip(ordered, spans, strict=True)
                 if item.samples]
         if not last:
-            return hidden.new_empty(0, self.model_config.vocab_size)
+            return RunOutput(hidden.new_empty(0, self.model_config.vocab_size),
+                             prompt_logprobs)
         index = torch.tensor(last, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, index)).float()
+        logits = self.model.compute_logits(hidden.index_select(0, index)).float()
+        return RunOutput(logits, prompt_logprobs)
+
+    def _prompt_logprobs(self, ordered: list[ScheduledSeq], spans, hidden: torch.Tensor):
+        """The logprob of each prompt token this step's chunks predict (the chunk's row
+        at position p predicts the token at p + 1)."""
+        rows = []  # (seq, row of the flat batch, position predicted)
+        for item, (flat_start, _, start) in zip(ordered, spans, strict=True):
+            if item.seq.params.prompt_logprobs is None:
+                continue
+            end = min(start + item.num_tokens, item.seq.num_prompt_tokens - 1)
+            rows += [(item.seq, flat_start + p - start, p + 1) for p in range(start, end)]
+        found: dict[int, dict[int, TokenLogprob]] = {}
+        for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            part = rows[lo:lo + PROMPT_LOGPROB_ROWS]
+            index = torch.tensor([row for _, row, _ in part], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index)).float()
+            targets = torch.tensor([seq.prompt_token_ids[p] for seq, _, p in part],
+                                   device=self.device)
+            entries = token_logprobs(torch.log_softmax(logits, dim=-1), targets,
+                                     [seq.params.prompt_logprobs for seq, _, _ in part])
+            for (seq, _, position), entry in zip(part, entries, strict=True):
+                found.setdefault(seq.seq_id, {})[position] = entry
+        return found
 
     def _prepare(self, ordered: list[ScheduledSeq]):
         ids, pos, slots, spans, prefills = [], [], [], [], []

@@ -50,13 +50,16 @@ class _Plan:
     """Which rows need which work; most steps leave every list empty."""
 
     penalized: list[int]
+    biased: list[int]
+    constrained: list[int]  # a grammar says which tokens may come next
     blocked: list[int]  # min_tokens not reached yet: stop tokens are forbidden
     logprobs: list[int]
     sampled: list[int]  # temperature > 0
 
     @property
     def plain_argmax(self) -> bool:
-        return not (self.penalized or self.blocked or self.logprobs or self.sampled)
+        return not (self.penalized or self.biased or self.constrained or self.blocked
+                    or self.logprobs or self.sampled)
 
 
 class Sampler:
@@ -82,10 +85,20 @@ class Sampler:
 
     def _processed(self, raw: torch.Tensor, original: torch.Tensor, seqs: list[Sequence],
                    plan: _Plan) -> torch.Tensor:
-        """Logits after penalties and min_tokens; the caller's tensor is never written."""
-        if not (plan.penalized or plan.blocked):
+        """Logits after logit bias, grammar, penalties and min_tokens; the caller's tensor
+        is never written."""
+        if not (plan.penalized or plan.biased or plan.constrained or plan.blocked):
             return raw
         work = raw.clone() if raw is original else raw  # .float() already copied bf16
+        for i in plan.biased:
+            ids, biases = zip(*seqs[i].params.logit_bias, strict=True)
+            ids = torch.tensor(ids, device=work.device)
+            known = ids < work.shape[1]
+            work[i, ids[known]] += torch.tensor(biases, device=work.device)[known]
+        for i in plan.constrained:
+            allowed = seqs[i].matcher.allowed().to(work.device)
+            work[i, :allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+            work[i, allowed.shape[0]:] = float("-inf")
         if plan.penalized:
             _apply_repetition(work, seqs, plan.penalized)
             _apply_presence_frequency(work, seqs, plan.penalized)
@@ -148,11 +161,15 @@ class Sampler:
 
 
 def _plan(seqs: list[Sequence]) -> _Plan:
-    plan = _Plan([], [], [], [])
+    plan = _Plan([], [], [], [], [], [])
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.needs_penalties:
             plan.penalized.append(i)
+        if p.logit_bias:
+            plan.biased.append(i)
+        if seq.matcher is not None:
+            plan.constrained.append(i)
         if seq.num_output_tokens < p.min_tokens:
             plan.blocked.append(i)
         if p.logprobs is not None:
@@ -287,16 +304,21 @@ def _logprob_results(raw_logprobs: torch.Tensor | None, tokens: torch.Tensor,
     """Row index -> the chosen token's raw logprob and its top-N alternatives."""
     if raw_logprobs is None:
         return {}
-    chosen_ids = tokens[rows]
-    chosen = raw_logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
-    most = max(seqs[i].params.logprobs for i in rows)
+    entries = token_logprobs(raw_logprobs, tokens[rows],
+                             [seqs[i].params.logprobs for i in rows])
+    return dict(zip(rows, entries, strict=True))
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor,
+                   top_n: list[int]) -> list[TokenLogprob]:
+    """Per row of log-probabilities [R, V]: the logprob of that row's token and its
+    row's `top_n` most likely alternatives."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    most = max(top_n, default=0)
     if most:
-        top_vals, top_ids = (t.tolist() for t in raw_logprobs.topk(most, dim=-1))
+        top_vals, top_ids = (t.tolist() for t in logprobs.topk(most, dim=-1))
     else:
-        top_vals = top_ids = [[] for _ in rows]
-    results = {}
-    for j, (i, token_id) in enumerate(zip(rows, chosen_ids.tolist(), strict=True)):
-        n = seqs[i].params.logprobs
-        top = dict(zip(top_ids[j][:n], top_vals[j][:n], strict=True))
-        results[i] = TokenLogprob(token_id, chosen[j], top)
-    return results
+        top_vals = top_ids = [[] for _ in top_n]
+    return [TokenLogprob(token_id, chosen[j], dict(zip(top_ids[j][:n], top_vals[j][:n],
+                                                        strict=True)))
+            for j, (token_id, n) in enumerate(zip(token_ids.tolist(), top_n, strict=True))]

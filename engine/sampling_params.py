@@ -3,7 +3,8 @@
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
-from pdserve_proto.limits import MAX_LOGPROBS
+from engine.grammar import Grammar
+from pdserve_proto.limits import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Logprob of every prompt token after the first, with this many alternatives each
+    # (None: none). The prompt is computed in full then, without the prefix cache.
+    prompt_logprobs: int | None = None
+    # The output must match this grammar (engine.grammar); it ends when the grammar does.
+    grammar: Grammar | None = None
+    # (token id, bias) pairs added to the logits before any other processing; -100
+    # all but bans a token, +100 all but forces it (OpenAI's range).
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
@@ -62,7 +71,23 @@ class SamplingParams:
                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be null or an integer in [0, {MAX_LOGPROBS}], "
                f"got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None
+               or (isinstance(self.prompt_logprobs, int)
+                   and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", f"must be null or an integer in [0, {MAX_LOGPROBS}], "
+               f"got {self.prompt_logprobs!r}")
+        bias = (self.logit_bias.items() if isinstance(self.logit_bias, dict)
+                else self.logit_bias)
+        pairs = [p for p in bias if isinstance(p, tuple) and len(p) == 2]
+        _check(len(pairs) == len(bias) and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0
+            and _is_number(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in pairs),
+               "logit_bias", f"must map token ids to numbers in [-{MAX_LOGIT_BIAS}, "
+               f"{MAX_LOGIT_BIAS}], got {self.logit_bias!r}")
+        _check(self.grammar is None or isinstance(self.grammar, Grammar),
+               "grammar", f"must be an engine.grammar.Grammar, got {self.grammar!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple(sorted(dict(pairs).items())))
 
     @property
     def greedy(self) -> bool:

@@ -93,8 +93,8 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks for a sequence starting from scratch; its last token is always
         computed (it gives the logits to sample from)."""
-        if seq.block_table or seq.num_computed_tokens:
-            return []
+        if seq.block_table or seq.num_computed_tokens or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every position computed
         return self.blocks.cached_prefix(seq, seq.num_tokens - 1)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -65,6 +65,11 @@ class Sequence:
         # has named (engine.block_manager).
         self.num_cached_tokens = 0
         self.num_named_blocks = 0
+        # Position -> logprob of the prompt token there (params.prompt_logprobs).
+        self.prompt_logprobs: dict[int, TokenLogprob] = {}
+        # Where the output stands in params.grammar (engine.grammar.Matcher), made when
+        # the sequence first samples.
+        self.matcher = None
         self._block_names: list[bytes] = []
 
     @property

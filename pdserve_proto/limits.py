@@ -16,3 +16,5 @@ DEFAULT_KV_CHUNK_BYTES = 1 << 20
 # Most top-N alternatives a request may ask for beside each token's logprob (OpenAI's
 # own limit for top_logprobs).
 MAX_LOGPROBS = 20
+# The largest logit bias, either sign (OpenAI's range).
+MAX_LOGIT_BIAS = 100

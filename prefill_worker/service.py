@@ -25,7 +25,12 @@ from kvtransfer.codec import shape_of
 from kvtransfer.sender import KvSender, KvSendError
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
-from worker.convert import params_from_proto, token_to_proto
+from worker.convert import (
+    compile_grammar,
+    params_from_proto,
+    prompt_logprobs_to_proto,
+    token_to_proto,
+)
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import health_response
 from worker.status import StatusError, status_of
@@ -98,6 +103,10 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     async def _prefill(self, request, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = self._validate(request)
+        try:
+            await compile_grammar(params)
+        except InvalidRequestError as exc:
+            raise status_of(exc) from None
         first = request.decode_cached_tokens
         header = kv_pb2.KvHeader(request_id=rid, lease_id=request.lease_id,
                                  fingerprint=self.fingerprint, num_tokens=len(prompt),
@@ -134,13 +143,17 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         log.debug("request %s: %d KV bytes acknowledged", rid, ack.bytes_received)
         first_token = token_to_proto(out.token_id, 0, out.logprob)
         first_token.cached_prompt_tokens = out.seq.num_cached_tokens
-        return prefill_pb2.PrefillResponse(
+        response = prefill_pb2.PrefillResponse(
             first_token=first_token,
             queue_seconds=started - arrived, compute_seconds=sampled_at - started,
             transfer_tail_seconds=acked - sampled_at,
             transfer_seconds=acked - (sender.first_sent_at or sampled_at),
             kv_bytes=sender.num_bytes, cached_tokens=out.seq.num_cached_tokens,
             kv_bytes_skipped=first * self._layer_token_bytes)
+        if out.prompt_logprobs is not None:
+            response.prompt_logprobs.CopyFrom(prompt_logprobs_to_proto(prompt,
+                                                                       out.prompt_logprobs))
+        return response
 
     def _validate(self, request):
         if not request.request_id:

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
+from server import openapi_schema
 from server.admission import Admission
 from server.errors import APIError
 from server.gateway import GatewayConfig
@@ -89,6 +90,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 await pool.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
+    openapi_schema.install(app)
     app.state.config = config
     app.state.model_name = config.served_model_name or name
     app.state.model_aliases = {app.state.model_name, config.model, name}

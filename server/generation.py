@@ -13,16 +13,17 @@ from dataclasses import dataclass, field
 from pdserve_proto.v1 import common_pb2
 from server.detokenizer import IncrementalDetokenizer, StopChecker
 from server.errors import APIError
-from server.router import FinishEvent, PrefillEvent, Router, TokenEvent
+from server.router import FinishEvent, PrefillEvent, PromptLogprobsEvent, Router, TokenEvent
 
 
 @dataclass
 class TextLogprob:
-    """One output token as the client sees it: its text, logprob and alternatives."""
+    """One token as the client sees it: its text, logprob and alternatives (None for
+    the first prompt token, which nothing predicts)."""
 
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None
+    top: list[tuple[str, float]] | None
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Choice:
     index: int
     prompt: list[int]
     params: dict
+    # max_tokens 0 (with echo): the workers generate one token, which is not returned.
+    drop_output: bool = False
 
 
 class StreamBroken(Exception):
@@ -99,6 +102,14 @@ class Generation:
                     self.recorder.prefill(event.compute_seconds, event.transfer_seconds,
                                           event.kv_bytes, event.kv_bytes_skipped)
                     continue
+                if isinstance(event, PromptLogprobsEvent):
+                    self._queue.put_nowait(Delta(choice.index, "", [
+                        self._text_logprob(t) for t in event.tokens]))
+                    continue
+                if choice.drop_output:  # the prompt was all that was asked for
+                    self._queue.put_nowait(Delta(choice.index, "", [], "length", 0,
+                                                 event.cached_prompt_tokens))
+                    return
                 if isinstance(event, FinishEvent):
                     reason = event.reason if event.reason in ("stop", "length") else "abort"
                     if reason == "abort":
@@ -132,6 +143,11 @@ class Generation:
     def _logprobs(self, event: TokenEvent) -> list[TextLogprob]:
         if not self.want_logprobs or event.logprob is None:
             return []
+        return [self._text_logprob(event)]
+
+    def _text_logprob(self, event: TokenEvent) -> TextLogprob:
         text = self.tokenizer.id_to_token_text
-        top = [(text(t), lp) for t, lp in event.top_logprobs]
-        return [TextLogprob(text(event.token_id), event.logprob, top)]
+        if event.logprob is None:
+            return TextLogprob(text(event.token_id), None, None)
+        return TextLogprob(text(event.token_id), event.logprob,
+                           [(text(t), lp) for t, lp in event.top_logprobs])

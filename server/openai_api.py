@@ -12,7 +12,9 @@ from server import protocol
 from server.admission import QueueFull
 from server.errors import APIError
 from server.generation import Choice, Generation
+from server.prompts import check_token_ids, prompt_inputs, template_messages, template_tools
 from server.streaming import ResponseView, collect, sse_events
+from server.structured import check_grammar, check_schema
 
 log = logging.getLogger("pdserve.gateway.api")
 openai_routes = APIRouter()
@@ -25,9 +27,9 @@ async def completions(request: Request):
     state = request.app.state
     _check_model(state, req.model)
     prompts, texts = [], []
-    for item in protocol.prompt_inputs(req):
+    for item in prompt_inputs(req):
         ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
-        protocol.check_token_ids(ids, state.tokenizer.vocab_size)
+        check_token_ids(ids, state.tokenizer.vocab_size)
         prompts.append(ids)
         texts.append(item if isinstance(item, str) else state.tokenizer.decode(ids))
     return await _serve(request, req, prompts, chat=False, echo_texts=texts if req.echo else None)
@@ -39,9 +41,14 @@ async def chat_completions(request: Request):
     req = protocol.parse_chat_request(body)
     state = request.app.state
     _check_model(state, req.model)
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    tokenizer = state.tokenizer
+    for i, tool in enumerate(req.tools or ()):
+        if tool.function.parameters is not None:
+            await check_schema(tool.function.parameters, f"tools.{i}.function.parameters")
+    messages = template_messages(req, template_takes_tools=tokenizer.template_takes_tools)
+    tools = template_tools(req) if tokenizer.template_takes_tools else None
     try:
-        prompt = state.tokenizer.apply_chat_template(protocol.template_messages(messages))
+        prompt = tokenizer.apply_chat_template(messages, tools=tools)
     except ValueError as exc:
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
     return await _serve(request, req, [prompt], chat=True, echo_texts=None)
@@ -99,14 +106,20 @@ def _context_check(state, prompts: list[list[int]], req) -> int | None:
 async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
     state = request.app.state
     rid = request.state.request_id
+    check_token_ids(req.logit_bias or {}, state.tokenizer.vocab_size, param="logit_bias")
+    grammar = protocol.output_grammar(req)
+    if grammar is not None:
+        await check_grammar(*grammar)
     _check_pools(state, prompts)
     room = _context_check(state, prompts, req)
     default_max = room if chat else min(16, room)
     fields = protocol.sampling_fields(req, default_max_tokens=default_max,
-                                      eos_token_ids=state.tokenizer.eos_token_ids)
+                                      eos_token_ids=state.tokenizer.eos_token_ids,
+                                      grammar=grammar)
     n = req.n or 1
+    drop_output = not chat and req.echo and req.max_tokens == 0
     choices = [Choice(i * n + j, prompt,
-                      _with_seed(fields, protocol.choice_seed(req.seed, j)))
+                      _with_seed(fields, protocol.choice_seed(req.seed, j)), drop_output)
                for i, prompt in enumerate(prompts) for j in range(n)]
     recorder = state.metrics.request(sum(len(p) for p in prompts))
     slot = state.admission.slot()
@@ -120,7 +133,8 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
     gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
                      want_logprobs=fields.get("logprobs") is not None,
                      skip_special_tokens=req.skip_special_tokens, recorder=recorder)
-    view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts)
+    view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts,
+                        tools=req.callable_tools if chat else [])
     if req.stream:
         events = sse_events(gen, view, recorder)
 

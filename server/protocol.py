@@ -13,8 +13,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pdserve_proto.limits import MAX_LOGPROBS
+from pdserve_proto.limits import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from server.errors import APIError, invalid
+from server.structured import Guided, requested_grammar
+from server.tools import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    ToolCall,
+    ToolChoice,
+    ToolDef,
+    call_grammar,
+    check_history,
+    check_tools,
+    wanted,
+)
 
 MAX_N = 16
 MAX_STOP = 4
@@ -31,7 +43,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class _Common(BaseModel):
+class _Common(Guided):
     model_config = _CONFIG
 
     model: str
@@ -53,14 +65,13 @@ class _Common(BaseModel):
     min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Token id (as a string, JSON keys are) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] \
+        | None = None
     # OpenAI fields pdserve does not implement: refused unless at their "off" value.
-    logit_bias: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -77,10 +88,15 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 is allowed with echo: the prompt (and its logprobs) without any output.
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
+    # Tools are a chat feature: refused here unless off.
+    tools: Any = None
+    tool_choice: Any = None
 
 
 class ContentPart(BaseModel):
@@ -94,7 +110,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -103,6 +119,20 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def callable_tools(self) -> list[ToolDef]:
+        """The tools the model is told about and whose calls are read back."""
+        return wanted(self.tools, self.tool_choice)
+
+    @property
+    def forces_call(self) -> bool:
+        """tool_choice 'required' or a named function: the output is one call."""
+        return bool(self.tools) and (self.tool_choice == "required"
+                                     or isinstance(self.tool_choice, NamedToolChoice))
 
 
 # ----- parsing ---------------------------------------------------------------------------
@@ -114,8 +144,8 @@ def parse_completion_request(body: dict) -> CompletionRequest:
     if req.best_of is not None and req.best_of != req.n:
         raise _unsupported("best_of", f"best_of ({req.best_of}) other than n ({req.n}) is "
                                       "not supported by pdserve")
-    if req.echo and req.logprobs is not None:
-        raise invalid("echo", "echo with logprobs is not supported (no prompt logprobs)")
+    if req.max_tokens == 0 and not req.echo:
+        raise invalid("max_tokens", "max_tokens must be >= 1 unless echo is true (got 0)")
     return req
 
 
@@ -123,12 +153,17 @@ def parse_chat_request(body: dict) -> ChatCompletionRequest:
     req = _parse(ChatCompletionRequest, body)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+    check_tools(req.tools, req.tool_choice)
     for i, message in enumerate(req.messages):
         param = f"messages.{i}.content"
-        if message.tool_calls:
-            raise _unsupported(f"messages.{i}.tool_calls",
-                               f"messages.{i}.tool_calls: tool calls are not supported by "
-                               "pdserve")
+        if message.tool_calls and message.role != "assistant":
+            raise invalid(f"messages.{i}.tool_calls",
+                          f"messages.{i}.tool_calls: only an assistant message has tool calls "
+                          f"(this one is a {message.role} message)")
+        if message.tool_call_id is not None and message.role != "tool":
+            raise invalid(f"messages.{i}.tool_call_id",
+                          f"messages.{i}.tool_call_id: only a tool message answers a call "
+                          f"(this one is a {message.role} message)")
         if message.content is None and message.role != "assistant":
             raise invalid(param, f"{param} is required for a {message.role} message")
         for j, part in enumerate(message.content if isinstance(message.content, list) else []):
@@ -137,22 +172,33 @@ def parse_chat_request(body: dict) -> ChatCompletionRequest:
                                      "not supported (only 'text')")
             if part.text is None:
                 raise invalid(param, f"{param}.{j}: a text part needs a 'text' string")
+    check_history(req.messages)
+    if req.forces_call and requested_grammar(req) is not None:
+        raise invalid("tool_choice", f"tool_choice {_show(_dump(req.tool_choice))} forces a "
+                                     f"tool call and cannot be combined with "
+                                     f"{requested_grammar(req)[2]}")
     return req
 
 
+def _dump(value):
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
 _UNSUPPORTED_OFF = {
-    "logit_bias": lambda v: not v,
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in ("none", "auto"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in ("none", "auto"),
-    "response_format": lambda v: v == {"type": "text"},
     "audio": lambda v: False,
     "modalities": lambda v: v == ["text"],
     "prediction": lambda v: False,
     "web_search_options": lambda v: False,
     "service_tier": lambda v: v in ("auto", "default"),
     "reasoning_effort": lambda v: v == "none",
+}
+
+
+_UNSUPPORTED_ON_COMPLETIONS = {
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in ("none", "auto"),
 }
 
 
@@ -165,12 +211,18 @@ def _parse(cls, body: dict):
         req = cls.model_validate(body)
     except ValidationError as exc:
         raise _as_api_error(exc) from None
-    for name, is_off in _UNSUPPORTED_OFF.items():
+    refused = dict(_UNSUPPORTED_OFF)
+    if cls is CompletionRequest:
+        refused.update(_UNSUPPORTED_ON_COMPLETIONS)
+    for name, is_off in refused.items():
         value = getattr(req, name)
         if value is not None and not is_off(value):
             raise _unsupported(name)
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
+    for key in req.logit_bias or {}:
+        if not key.isdigit():
+            raise invalid("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
     return req
 
 
@@ -261,49 +313,19 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# ----- prompts ---------------------------------------------------------------------------
-
-def prompt_inputs(req: CompletionRequest) -> list[str | list[int]]:
-    """The prompts of a completions request, one per entry: text, or token ids."""
-    p = req.prompt
-    if isinstance(p, str):
-        prompts = [p]
-    elif p and all(isinstance(x, int) for x in p):
-        prompts = [list(p)]
-    else:
-        prompts = list(p)
-    if not prompts:
-        raise invalid("prompt", "prompt must not be empty")
-    for i, item in enumerate(prompts):
-        if len(item) == 0:
-            where = "prompt" if len(prompts) == 1 else f"prompt {i}"
-            raise invalid("prompt", f"{where} must not be empty")
-    return prompts
-
-
-def check_token_ids(ids: list[int], vocab_size: int, *, param: str = "prompt") -> None:
-    for t in ids:
-        if not 0 <= t < vocab_size:
-            raise invalid(param, f"token id {t} is outside the vocabulary [0, {vocab_size})")
-
-
-def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as the chat template takes them: role and text content ("developer" is
-    the newer name of "system")."""
-    out = []
-    for m in messages:
-        content = m.get("content") or ""
-        if isinstance(content, list):
-            content = "".join(part["text"] for part in content)
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
-    return out
-
-
 # ----- sampling --------------------------------------------------------------------------
 
+def output_grammar(req) -> tuple[str, str, str] | None:
+    """(kind, spec, field) of the grammar the output must match: the one the request
+    asks for, or one call of its tools when tool_choice forces a call."""
+    if isinstance(req, ChatCompletionRequest) and req.forces_call:
+        return "lark", call_grammar(req.callable_tools), "tools"
+    return requested_grammar(req)
+
+
 def sampling_fields(req: CompletionRequest | ChatCompletionRequest, *,
-                    default_max_tokens: int | None, eos_token_ids=()) -> dict:
+                    default_max_tokens: int | None, eos_token_ids=(),
+                    grammar: tuple[str, str, str] | None = None) -> dict:
     """The proto SamplingParams fields of one choice (the seed is choice 0's; see
     choice_seed). The tokenizer's end tokens stop generation unless ignore_eos is set."""
     chat = isinstance(req, ChatCompletionRequest)
@@ -314,8 +336,10 @@ def sampling_fields(req: CompletionRequest | ChatCompletionRequest, *,
         max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens
     if max_tokens is None:
         raise invalid(param, f"{param} is required")
-    if max_tokens < 1:
+    echo_only = not chat and req.echo and max_tokens == 0
+    if max_tokens < 1 and not echo_only:
         raise invalid(param, f"{param} must be >= 1, got {max_tokens}")
+    max_tokens = max(max_tokens, 1)  # echo only: one token is generated and dropped
     if req.min_tokens > max_tokens:
         raise invalid("min_tokens", f"min_tokens ({req.min_tokens}) is over {param} "
                                     f"({max_tokens})")
@@ -331,11 +355,17 @@ def sampling_fields(req: CompletionRequest | ChatCompletionRequest, *,
     }
     if req.seed is not None:
         fields["seed"] = req.seed
+    if req.logit_bias:
+        fields["logit_bias"] = {int(k): float(v) for k, v in req.logit_bias.items()}
+    if grammar is not None:
+        fields["grammar"] = {"kind": grammar[0], "spec": grammar[1]}
     if chat:
         if req.logprobs:
             fields["logprobs"] = req.top_logprobs or 0
     elif req.logprobs is not None:
         fields["logprobs"] = req.logprobs
+        if req.echo:
+            fields["prompt_logprobs"] = req.logprobs
     return fields
 
 

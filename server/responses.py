@@ -2,7 +2,8 @@
 log-probabilities. Token texts come in already decoded; nothing here knows a tokenizer.
 
 A logprob entry is any object with `token` (its text), `logprob` and `top` (the
-alternatives as (text, logprob) pairs, best first), such as generation.TextLogprob.
+alternatives as (text, logprob) pairs, best first), such as generation.TextLogprob;
+both None for the first prompt token of an echo, which nothing predicts (null in JSON).
 """
 
 import math
@@ -37,16 +38,22 @@ def completion_response(request_id: str, model: str, created: int, choices: list
 
 def chat_response(request_id: str, model: str, created: int, choices: list[dict],
                   usage: dict) -> dict:
-    """`choices`: dicts with index, text (the message content), finish_reason and
-    optionally logprobs (as chat_logprobs makes them)."""
+    """`choices`: dicts with index, text (the message content, None when there is only
+    tool calls), finish_reason, and optionally logprobs (as chat_logprobs makes them) and
+    tool_calls (OpenAI's list)."""
     return {"id": _id(request_id, "chatcmpl-"), "object": "chat.completion",
             "created": created, "model": model,
-            "choices": [{"index": c["index"],
-                         "message": {"role": "assistant", "content": c["text"],
-                                     "refusal": None},
+            "choices": [{"index": c["index"], "message": _message(c),
                          "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
                         for c in choices],
             "usage": usage}
+
+
+def _message(choice: dict) -> dict:
+    message = {"role": "assistant", "content": choice["text"], "refusal": None}
+    if choice.get("tool_calls"):
+        message["tool_calls"] = choice["tool_calls"]
+    return message
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
@@ -78,7 +85,9 @@ def usage_chunk(request_id: str, model: str, created: int, usage: dict, *, chat:
             "created": created, "model": model, "choices": [], "usage": usage}
 
 
-def _finite(logprob: float) -> float:
+def _finite(logprob: float | None) -> float | None:
+    if logprob is None:
+        return None
     return float(logprob) if math.isfinite(logprob) else MIN_LOGPROB
 
 
@@ -92,7 +101,8 @@ def completion_logprobs(entries: Iterable, offset: int = 0) -> dict:
         offset += len(e.token)
     return {"tokens": [e.token for e in entries],
             "token_logprobs": [_finite(e.logprob) for e in entries],
-            "top_logprobs": [{text: _finite(lp) for text, lp in e.top} for e in entries],
+            "top_logprobs": [None if e.top is None else {text: _finite(lp) for text, lp in e.top}
+                             for e in entries],
             "text_offset": offsets}
 
 

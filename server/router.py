@@ -54,6 +54,13 @@ class PrefillEvent:
 
 
 @dataclass
+class PromptLogprobsEvent:
+    """Before the first token, when asked for: a TokenEvent per prompt position."""
+
+    tokens: list[TokenEvent]
+
+
+@dataclass
 class FinishEvent:
     reason: str
     prompt_tokens: int
@@ -77,6 +84,10 @@ def _token(msg) -> TokenEvent:
     top = [(alt.token_id, alt.logprob) for alt in msg.top_logprobs]
     return TokenEvent(msg.token_id, msg.logprob if msg.HasField("logprob") else None, top,
                       msg.cached_prompt_tokens)
+
+
+def _prompt_logprobs(msg) -> PromptLogprobsEvent:
+    return PromptLogprobsEvent([_token(token) for token in msg.tokens])
 
 
 class Router:
@@ -171,6 +182,8 @@ class Router:
                                    response.transfer_seconds, response.transfer_tail_seconds,
                                    response.kv_bytes, prefill_address,
                                    response.kv_bytes_skipped)
+                if response.HasField("prompt_logprobs"):
+                    yield _prompt_logprobs(response.prompt_logprobs)
                 yield _token(response.first_token)
                 async for event in self._rest(decode, call):
                     yield event
@@ -222,6 +235,8 @@ class Router:
         if kind == "finished":
             f = message.finished
             return FinishEvent(f.finish_reason, f.prompt_tokens, f.completion_tokens)
+        if kind == "prompt_logprobs":
+            return _prompt_logprobs(message.prompt_logprobs)
         raise APIError(502, f"decode worker sent an unexpected {kind!r} message")
 
 

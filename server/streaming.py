@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from server import responses
 from server.errors import APIError
 from server.generation import Delta, Generation, StreamBroken
+from server.tools import CallStream, ToolDef, parse_calls
 
 log = logging.getLogger("pdserve.gateway.stream")
 
@@ -26,6 +27,8 @@ class ResponseView:
     req: object
     prompts: list[list[int]]
     echo_texts: list[str] | None
+    # Chat: the tools whose calls are read back from the output (none: plain content).
+    tools: list[ToolDef] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -46,11 +49,21 @@ class ResponseView:
             return responses.chat_logprobs(delta.logprobs)
         return responses.completion_logprobs(delta.logprobs, offset)
 
-    def chunk(self, delta: Delta, text: str, offset: int = 0) -> dict:
+    @property
+    def max_calls(self) -> int | None:
+        return 1 if getattr(self.req, "parallel_tool_calls", None) is False else None
+
+    def call_stream(self) -> CallStream | None:
+        return CallStream(self.tools, self.max_calls) if self.tools else None
+
+    def chunk(self, delta: Delta, text: str, offset: int = 0, message: dict | None = None,
+              finish_reason: str | None = None) -> dict:
         if self.chat:
+            if message is None:
+                message = {"content": text} if text else {}
             return responses.chat_chunk(self.id, self.model, self.created, delta.index,
-                                       {"content": text} if text else {},
-                                       delta.finish_reason, self.logprobs(delta))
+                                       message, finish_reason or delta.finish_reason,
+                                       self.logprobs(delta))
         return responses.completion_chunk(self.id, self.model, self.created, delta.index, text,
                                          delta.finish_reason, self.logprobs(delta, offset))
 
@@ -66,19 +79,26 @@ def _sse(payload: dict) -> str:
 async def sse_events(gen: Generation, view: ResponseView, recorder):
     started: set[int] = set()
     offsets: dict[int, int] = {}
+    calls: dict[int, CallStream | None] = {}
     completion_tokens, cached_tokens, reason = 0, 0, "stop"
     try:
         async for delta in gen.deltas():
             text = delta.text
             if delta.index not in started:
                 started.add(delta.index)
+                calls[delta.index] = view.call_stream()
                 if view.chat:  # OpenAI opens every chat choice with the role
                     yield _sse(responses.chat_role_chunk(view.id, view.model, view.created,
                                                          delta.index))
                 text = view.echo(delta.index) + text
-            offset = offsets.get(delta.index, 0)
-            offsets[delta.index] = offset + len(text)
-            yield _sse(view.chunk(delta, text, offset))
+            stream = calls[delta.index]
+            if stream is not None:
+                for chunk in _tool_chunks(view, stream, delta):
+                    yield _sse(chunk)
+            else:
+                offset = offsets.get(delta.index, 0)
+                offsets[delta.index] = offset + len(text)
+                yield _sse(view.chunk(delta, text, offset))
             if delta.finish_reason is not None:
                 completion_tokens += delta.completion_tokens
                 cached_tokens += delta.cached_tokens
@@ -96,6 +116,29 @@ async def sse_events(gen: Generation, view: ResponseView, recorder):
         recorder.finish("error")
         yield _sse(error.body())
     yield "data: [DONE]\n\n"
+
+
+def _tool_chunks(view: ResponseView, stream: CallStream, delta: Delta) -> list[dict]:
+    """A chat delta's chunks when tool calls are read from the output: content and
+    tool-call argument deltas as CallStream splits them; the logprobs ride on the first
+    chunk, the finish reason ("tool_calls" once a call was made) on the last."""
+    parts = stream.feed(delta.text)
+    if delta.finish_reason is not None:
+        parts += stream.finish()
+    if not parts and (delta.logprobs or delta.finish_reason is not None):
+        parts = [{}]
+    reason = _finish_reason(delta.finish_reason, bool(stream.calls))
+    chunks = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        piece = Delta(delta.index, logprobs=delta.logprobs if i == 0 else [],
+                      finish_reason=reason if last else None)
+        chunks.append(view.chunk(piece, "", message=part))
+    return chunks
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if reason == "stop" and called else reason
 
 
 async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
@@ -124,8 +167,14 @@ async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
     for index in sorted(texts):
         text = view.echo(index) + "".join(texts[index])
         entries = Delta(index, logprobs=logprobs[index])
-        choices.append({"index": index, "text": text, "finish_reason": finish.get(index),
-                        "logprobs": view.logprobs(entries, len(view.echo(index)))})
+        choice = {"index": index, "text": text, "finish_reason": finish.get(index),
+                  "logprobs": view.logprobs(entries, len(view.echo(index)))}
+        if view.tools:
+            choice["text"], calls = parse_calls(text, view.tools)
+            if calls:
+                choice["tool_calls"] = calls[:view.max_calls]
+                choice["finish_reason"] = _finish_reason(choice["finish_reason"], True)
+        choices.append(choice)
     usage = view.usage(completion_tokens, cached_tokens)
     if view.chat:
         return responses.chat_response(view.id, view.model, view.created, choices, usage)

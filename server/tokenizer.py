@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
@@ -89,6 +90,9 @@ class GatewayTokenizer:
         # so a compile error is kept and reported only when a chat request comes in.
         self._template: jinja2.Template | None = None
         self._template_error = "the model has no chat template; use /v1/completions"
+        # Whether the template renders a `tools` variable itself (else server.tools
+        # describes the tools in the system message).
+        self.template_takes_tools = False
         if template:
             env = ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True,
@@ -98,6 +102,8 @@ class GatewayTokenizer:
             env.filters["tojson"] = _tojson
             try:
                 self._template = env.from_string(template)
+                self.template_takes_tools = "tools" in jinja2.meta.find_undeclared_variables(
+                    env.parse(template))
             except jinja2.exceptions.TemplateError as exc:
                 self._template_error = f"the model's chat template does not compile: {exc}"
 
@@ -131,7 +137,8 @@ class GatewayTokenizer:
         # want one), which is what calling an HF tokenizer on plain text does.
         return self._tok.encode(text).ids
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
         if self._template is None:
             raise ValueError(self._template_error)
         # HF drops keys whose value is None (OpenAI clients send "name": null and the
@@ -142,7 +149,7 @@ class GatewayTokenizer:
         try:
             # tools/documents are passed as None, as HF does, so `is none` tests in
             # templates behave the same.
-            return self._template.render(messages=messages, tools=None, documents=None,
+            return self._template.render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=add_generation_prompt,
                                          **self.special_tokens)
         except jinja2.exceptions.TemplateError as exc:
@@ -153,11 +160,11 @@ class GatewayTokenizer:
             raise ValueError(f"chat template could not render these messages: "
                              f"{type(exc).__name__}: {exc}") from None
 
-    def apply_chat_template(self, messages: list[dict],
-                            add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         # The rendered text already holds the special tokens (BOS and the like); HF adds
         # none of its own when it tokenizes a rendered template, so neither do we.
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, tools)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

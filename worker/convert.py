@@ -5,7 +5,9 @@ and describe their model the same way, or a seeded request would draw different
 tokens (or KV would be read as another model's) depending on the path it took.
 """
 
+import asyncio
 
+from engine.grammar import Grammar, compiled
 from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -23,7 +25,11 @@ def params_from_proto(msg) -> SamplingParams:
         frequency_penalty=msg.frequency_penalty, n=1,
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-        logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        logit_bias=tuple(msg.logit_bias.items()),
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        grammar=Grammar(msg.grammar.kind, msg.grammar.spec) if msg.HasField("grammar")
+        else None)
 
 
 def params_to_proto(params: SamplingParams):
@@ -37,6 +43,11 @@ def params_to_proto(params: SamplingParams):
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    msg.logit_bias.update(dict(params.logit_bias))
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
+    if params.grammar is not None:
+        msg.grammar.kind, msg.grammar.spec = params.grammar.kind, params.grammar.spec
     return msg
 
 
@@ -47,6 +58,13 @@ def token_to_proto(token_id: int, index: int, logprob: TokenLogprob | None):
         msg.top_logprobs.extend(common_pb2.TopLogprob(token_id=t, logprob=lp)
                                 for t, lp in logprob.top.items())
     return msg
+
+
+def prompt_logprobs_to_proto(prompt: list[int], entries: list[TokenLogprob | None]):
+    """The prompt's logprobs as a PromptLogprobs message (see common.proto)."""
+    return common_pb2.PromptLogprobs(tokens=[
+        token_to_proto(token_id, position, entry)
+        for position, (token_id, entry) in enumerate(zip(prompt, entries, strict=True))])
 
 
 def token_from_proto(msg) -> SampledToken:
@@ -63,3 +81,10 @@ def engine_fingerprint(engine: LLMEngine):
     shape = KvShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, runner.dtype)
     return make_fingerprint(cfg.architecture, shape, runner.weights_digest,
                             runner.quantization)
+
+
+async def compile_grammar(params: SamplingParams) -> None:
+    """Compile the request's grammar (once per spec: cached) in a thread, so that neither
+    the event loop nor the engine thread waits for it; InvalidRequestError when bad."""
+    if params.grammar is not None:
+        await asyncio.to_thread(compiled, params.grammar)

@@ -50,11 +50,13 @@ class Finished(_message.Message):
     def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., kv_wait_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("reserved", "token", "finished")
+    __slots__ = ("reserved", "token", "finished", "prompt_logprobs")
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     reserved: Reserved
     token: _common_pb2.Token
     finished: Finished
-    def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: _common_pb2.PromptLogprobs
+    def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.PromptLogprobs, _Mapping]] = ...) -> None: ...

@@ -171,7 +171,8 @@ def test_429_over_the_admission_bound(stack):
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
-    ({"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": [10**9]}, 400, "prompt"),
     ({"prompt": "word " * 9000}, 400, "prompt"),
@@ -190,8 +191,8 @@ def test_chat_unsupported_field_and_bad_json(stack):
     with stack.client() as http:
         r = http.post("/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"type": "function", "function": {"name": "f"}}]})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+            "functions": [{"name": "f"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "functions"
         r = http.post("/v1/chat/completions", content=b"{not json",
                       headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
@@ -277,6 +278,55 @@ def test_no_worker_gives_503():
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+@pytest.mark.parametrize("index", [5, 0])  # colocated (5 tokens) and disaggregated
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(client, prompts, hf_model,
+                                                                index):
+    import torch
+
+    prompt = prompts[index]
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                    logprobs=2, temperature=0)
+    choice = out.choices[0]
+    assert out.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(prompt) and logprobs.token_logprobs[0] is None
+    assert logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        want = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), -1)
+    for position in range(1, len(prompt)):
+        expected = want[position - 1, prompt[position]].item()
+        assert logprobs.token_logprobs[position] == pytest.approx(expected, abs=2e-3)
+        assert len(logprobs.top_logprobs[position]) == 2
+        best = max(logprobs.top_logprobs[position].values())
+        assert best == pytest.approx(want[position - 1].max().item(), abs=2e-3)
+    assert choice.text == client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True).choices[0].text
+
+
+def test_logit_bias_changes_greedy_output_as_in_transformers(client, tokenizer, prompts,
+                                                             expected, hf_model):
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    prompt, banned = prompts[0], expected[0][0]
+
+    class Bias(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, banned] += -100
+            return scores
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        hf = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                               do_sample=False, logits_processor=LogitsProcessorList([Bias()]))
+    want = hf[0, len(prompt):].tolist()
+    assert want[0] != banned
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                    logit_bias={str(banned): -100})
+    assert out.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+    assert out.choices[0].text != tokenizer.decode(expected[0][:16], skip_special_tokens=True)
 
 
 def children_of(pid: int) -> list[int]:

@@ -2,6 +2,7 @@
 the mapping onto SamplingParams, per-choice seeds, and response shapes checked against
 the official openai package's types."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 from pdserve_proto.v1 import common_pb2
 from server import protocol, responses
 from server.errors import APIError
+from server.prompts import check_token_ids, prompt_inputs, template_messages
 
 
 def completion(**fields) -> dict:
@@ -34,14 +36,14 @@ def rejects(parse, body: dict) -> APIError:
 
 # ----- unsupported OpenAI fields ----------------------------------------------------------
 
-UNSUPPORTED = [
-    ("logit_bias", {"50256": -100}),
+COMPLETION_ONLY_UNSUPPORTED = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+]
+UNSUPPORTED = [
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", {"name": "f"}),
-    ("response_format", {"type": "json_object"}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
@@ -72,10 +74,12 @@ def test_unsupported_fields_at_their_off_value_are_accepted(name, value):
     protocol.parse_completion_request(completion(**{name: value}))
 
 
-def test_parallel_tool_calls_with_tools_is_refused():
-    error = rejects(protocol.parse_chat_request, chat(
-        parallel_tool_calls=True, tools=[{"type": "function", "function": {"name": "f"}}]))
-    assert error.param == "tools" and error.code == "unsupported_parameter"
+@pytest.mark.parametrize("name,value", COMPLETION_ONLY_UNSUPPORTED)
+def test_tools_are_refused_on_completions_only(name, value):
+    error = rejects(protocol.parse_completion_request, completion(**{name: value}))
+    assert error.param == name and error.code == "unsupported_parameter"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    protocol.parse_chat_request(chat(**{"tools": tools, name: value}))
 
 
 def test_suffix_and_best_of():
@@ -170,9 +174,15 @@ def test_completion_logprobs_accepted_up_to_20():
         assert protocol.parse_completion_request(completion(logprobs=value)).logprobs == value
 
 
-def test_echo_with_logprobs_is_refused():
+def test_echo_with_logprobs_asks_for_the_prompt_logprobs_and_max_tokens_0_is_echo_only():
+    req = protocol.parse_completion_request(completion(echo=True, logprobs=2, max_tokens=0))
+    fields = protocol.sampling_fields(req, default_max_tokens=16)
+    assert (fields["prompt_logprobs"], fields["logprobs"], fields["max_tokens"]) == (2, 2, 1)
+    plain = protocol.sampling_fields(protocol.parse_completion_request(completion(logprobs=2)),
+                                     default_max_tokens=16)
+    assert "prompt_logprobs" not in plain
     assert rejects(protocol.parse_completion_request,
-                   completion(echo=True, logprobs=1)).param == "echo"
+                   completion(max_tokens=0)).param == "max_tokens"
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -209,8 +219,9 @@ def test_chat_logprobs_and_max_completion_tokens(fields, param):
     ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
      "messages.0.content"),
     ([{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
-     "messages.0.tool_calls"),
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{"}}]}],
+     "messages.0.tool_calls.0.function.arguments"),
+    ([{"role": "tool", "content": "4"}], "messages.0.tool_call_id"),
 ])
 def test_bad_messages(messages, param):
     error = rejects(protocol.parse_chat_request, chat(messages=messages))
@@ -231,14 +242,11 @@ def test_good_messages():
         {"role": "user", "content": [{"type": "text", "text": "a"},
                                      {"type": "text", "text": "b"}], "name": "bob"},
         {"role": "assistant", "content": None},
-        {"role": "tool", "content": "42", "tool_call_id": "1"},
         {"role": "user", "content": "c", "extra_key": 1},
     ]))
-    dumped = [m.model_dump(exclude_none=True) for m in req.messages]
-    assert protocol.template_messages(dumped) == [
+    assert template_messages(req, template_takes_tools=False) == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"},
-        {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"},
-        {"role": "user", "content": "c"}]
+        {"role": "assistant", "content": ""}, {"role": "user", "content": "c"}]
 
 
 # ----- defaults ---------------------------------------------------------------------------
@@ -289,7 +297,7 @@ def test_integer_valued_floats_are_accepted():
     ([[1, 2], [3]], [[1, 2], [3]]),
 ])
 def test_prompt_inputs(prompt, expected):
-    assert protocol.prompt_inputs(protocol.parse_completion_request(
+    assert prompt_inputs(protocol.parse_completion_request(
         completion(prompt=prompt))) == expected
 
 
@@ -297,15 +305,15 @@ def test_prompt_inputs(prompt, expected):
 def test_empty_prompts(prompt):
     req = protocol.parse_completion_request(completion(prompt=prompt))
     with pytest.raises(APIError) as info:
-        protocol.prompt_inputs(req)
+        prompt_inputs(req)
     assert info.value.status == 400 and info.value.param == "prompt"
 
 
 def test_check_token_ids():
-    protocol.check_token_ids([0, 5, 99], 100)
+    check_token_ids([0, 5, 99], 100)
     for ids in ([100], [-1], [3, 10**9]):
         with pytest.raises(APIError) as info:
-            protocol.check_token_ids(ids, 100)
+            check_token_ids(ids, 100)
         assert info.value.status == 400 and info.value.param == "prompt"
         assert str(ids[-1]) in info.value.message
 
@@ -510,3 +518,56 @@ def test_response_shapes_are_exact():
     assert d == {"id": "cmpl-x", "object": "text_completion", "created": 5, "model": "m",
                  "choices": [{"index": 1, "text": "a", "logprobs": None,
                               "finish_reason": "length"}]}
+
+
+# ----- logit_bias ---------------------------------------------------------------------------
+
+def test_logit_bias_reaches_the_sampling_fields_as_token_ids():
+    req = protocol.parse_chat_request(chat(logit_bias={"42": -100, "7": 2.5}))
+    fields = protocol.sampling_fields(req, default_max_tokens=4)
+    assert fields["logit_bias"] == {42: -100.0, 7: 2.5}
+    params = common_pb2.SamplingParams(**fields)
+    assert dict(params.logit_bias) == {42: -100.0, 7: 2.5}
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"-3": 1}, {"5": 101}, {"5": -100.5},
+                                  {"5": "high"}, ["5"]])
+def test_bad_logit_bias_is_a_400_naming_it(bias):
+    error = rejects(protocol.parse_completion_request, completion(logit_bias=bias))
+    assert error.param.startswith("logit_bias")
+
+
+def test_strict_json_schema_closes_every_object():
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+        "c": {"type": "array", "items": {"properties": {"d": {"type": "string"}}}},
+        "e": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "f": {"type": "object", "additionalProperties": {"type": "integer"}}},
+        "$defs": {"g": {"type": "object"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    loose = protocol.output_grammar(protocol.parse_chat_request(chat(response_format=fmt)))
+    assert json.loads(loose[1]) == schema  # not strict: as given
+    fmt["json_schema"]["strict"] = True
+    kind, spec, param = protocol.output_grammar(protocol.parse_chat_request(
+        chat(response_format=fmt)))
+    strict = json.loads(spec)
+    assert (kind, param) == ("json_schema", "response_format.json_schema.schema")
+    props = strict["properties"]
+    assert strict["additionalProperties"] is False
+    assert props["a"]["additionalProperties"] is False
+    assert props["c"]["items"]["additionalProperties"] is False
+    assert props["e"]["anyOf"][0]["additionalProperties"] is False
+    assert props["e"]["anyOf"][1] == {"type": "null"}
+    assert props["f"]["additionalProperties"] == {"type": "integer"}  # kept as written
+    assert strict["$defs"]["g"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"guided_choice": ["a"], "guided_grammar": "start: \"a\""}, "guided_grammar"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+])
+def test_conflicting_or_incomplete_constraints(fields, param):
+    with pytest.raises(APIError) as info:
+        protocol.output_grammar(protocol.parse_chat_request(chat(**fields)))
+    assert info.value.status == 400 and info.value.param == param

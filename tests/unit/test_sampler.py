@@ -390,3 +390,28 @@ def test_seeded_tokens_are_the_same_on_cuda_and_cpu():
     on_cpu = Sampler((EOS,))(logits, seqs)
     on_cuda = Sampler((EOS,))(logits.cuda(), seqs)
     assert [t.token_id for t in on_cuda] == [t.token_id for t in on_cpu]
+
+
+def test_logit_bias_is_added_before_greedy_and_sampling():
+    logits = row(t5=2.0, t6=1.5, t9=0.5)
+    assert pick(logits, make_seq(temperature=0)) == 5
+    assert pick(logits, make_seq(temperature=0, logit_bias={5: -100})) == 6
+    assert pick(logits, make_seq(temperature=0, logit_bias={9: 1.6})) == 9  # 0.5 + 1.6
+    # Sampling sees the biased logits: a token pushed to -100 is never drawn.
+    draws = {pick(logits, make_seq(temperature=1.0, seed=s, logit_bias={5: -100, 6: -100}))
+             for s in range(40)}
+    assert draws == {9}
+    # Ids past the vocabulary are ignored; the raw logprobs ignore the bias.
+    out = sample([logits], [make_seq(temperature=0, logprobs=0, logit_bias={5: -100, 99: 5})])
+    assert out[0].token_id == 6
+    assert out[0].logprob.logprob == pytest.approx(
+        torch.log_softmax(logits, -1)[6].item())
+
+
+@pytest.mark.parametrize("bias, field", [({1: 101}, "logit_bias"), ({-1: 1}, "logit_bias"),
+                                          ({1: float("nan")}, "logit_bias")])
+def test_bad_logit_bias_names_the_field(bias, field):
+    from engine.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(logit_bias=bias)

@@ -1,0 +1,43 @@
+"""/openapi.json with the request bodies the completion endpoints accept.
+
+The handlers read and validate the body themselves (so that every bad request gets a
+400 naming the field, and `null` means the default, as with OpenAI), which hides the
+body from FastAPI's generated document. This adds each endpoint's pydantic request
+model as its documented body, with the models it refers to under components/schemas,
+so that schema-driven clients and fuzzers see every field pdserve accepts.
+"""
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+REQUEST_BODIES = {"/v1/completions": CompletionRequest,
+                  "/v1/chat/completions": ChatCompletionRequest}
+_REF = "#/components/schemas/{model}"
+
+
+def install(app: FastAPI) -> None:
+    """Make `app.openapi()` document the request bodies (built once, then cached)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            add_request_bodies(document)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def add_request_bodies(document: dict) -> None:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in REQUEST_BODIES.items():
+        schema = model.model_json_schema(ref_template=_REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        operation = document["paths"][path]["post"]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(
+                model=model.__name__)}}}}
