@@ -16,6 +16,8 @@ Each worker gets one thread; figures are the best of `--rounds`.
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from kvtransfer.codec import KvShape, make_fingerprint  # noqa: E402
 from kvtransfer.sender import KvSender  # noqa: E402
 from pdserve.launch import ChildProcess, pdserve_argv  # noqa: E402
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS as GRPC_OPTIONS  # noqa: E402
+from pdserve_proto.security import SecurityConfig  # noqa: E402
 from pdserve_proto.v1 import common_pb2, decode_pb2, kv_pb2  # noqa: E402
 from worker.convert import params_to_proto  # noqa: E402
 
@@ -44,9 +47,13 @@ START_TIMEOUT = 300
 
 
 def start_worker(role: str, *args: str) -> ChildProcess:
-    """A worker with one thread on a free port; its address is `.address`."""
+    """A worker with one thread on a free port; its address is `.address`. Its gRPC is
+    open whatever this shell's PDSERVE_INTERNAL_TOKEN / PDSERVE_TLS_*: the benchmark's
+    plaintext channels are its only callers, on loopback."""
+    secured = {"PDSERVE_" + f.name.upper() for f in dataclasses.fields(SecurityConfig)}
+    env = {k: v for k, v in os.environ.items() if k not in secured}
     child = ChildProcess(role, pdserve_argv("--log-level", "WARNING", role, "--port", "0",
-                                            "--num-threads", "1", *args))
+                                            "--num-threads", "1", *args), env=env)
     child.wait_listening(START_TIMEOUT)
     return child
 

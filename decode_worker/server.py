@@ -4,14 +4,16 @@ import asyncio
 
 from decode_worker.config import DecodeConfig
 from engine.config import EngineConfig
+from pdserve_proto.security import SecurityConfig
 
 
-def run(config: DecodeConfig, engine_config: EngineConfig) -> int:
-    asyncio.run(_serve(config, engine_config))
+def run(config: DecodeConfig, engine_config: EngineConfig, security: SecurityConfig) -> int:
+    asyncio.run(_serve(config, engine_config, security))
     return 0
 
 
-async def _serve(config: DecodeConfig, engine_config: EngineConfig) -> None:
+async def _serve(config: DecodeConfig, engine_config: EngineConfig,
+                 security: SecurityConfig) -> None:
     # Imported here: `pdserve --help` and config errors must not wait for torch.
     from decode_worker.service import DecodeService
     from engine.llm_engine import LLMEngine
@@ -23,6 +25,6 @@ async def _serve(config: DecodeConfig, engine_config: EngineConfig) -> None:
     engine = LLMEngine(engine_config)
     engine_loop = EngineLoop(engine, asyncio.get_running_loop())
     service = DecodeService(engine_loop, engine_fingerprint(engine), config.lease_timeout)
-    await serve("decode", config, engine_loop,
+    await serve("decode", config, security, engine_loop,
                 lambda server: add_decode_service(service, server),
                 service_name="pdserve.v1.DecodeService")

@@ -15,8 +15,11 @@ from engine.config import EngineConfig
 from pdserve import healthcheck, stack
 from pdserve.config_flags import add_config_flags, config_from_args
 from pdserve.env_flags import apply_env_defaults
+from pdserve_proto.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
+
+SECURITY_TITLE = "gRPC between pdserve's processes"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,15 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     prefill = commands.add_parser("prefill", help="run a prefill worker (gRPC)")
     add_config_flags(prefill, PrefillConfig)
     add_config_flags(prefill, EngineConfig, title="engine")
+    add_config_flags(prefill, SecurityConfig, title=SECURITY_TITLE)
     prefill.set_defaults(func=_prefill)
 
     decode = commands.add_parser("decode", help="run a decode worker (gRPC)")
     add_config_flags(decode, DecodeConfig)
     add_config_flags(decode, EngineConfig, title="engine")
+    add_config_flags(decode, SecurityConfig, title=SECURITY_TITLE)
     decode.set_defaults(func=_decode)
 
     gateway = commands.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     add_config_flags(gateway, GatewayConfig)
+    add_config_flags(gateway, SecurityConfig, title=SECURITY_TITLE)
     gateway.set_defaults(func=_gateway)
 
     up = commands.add_parser("up", help="start gateway and workers on this machine")
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(up, GatewayConfig, exclude=stack.GATEWAY_EXCLUDED, title="gateway")
     add_config_flags(up, EngineConfig, exclude=stack.ENGINE_EXCLUDED,
                      title="engine (every worker)")
+    add_config_flags(up, SecurityConfig, title=f"{SECURITY_TITLE} (every process)")
     up.set_defaults(func=stack.run)
 
     generate = commands.add_parser("generate", help="generate text for one prompt, streaming")
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="probe a gateway or worker once "
                                  "(exit 0 when healthy), for container health checks")
     healthcheck.add_arguments(health)
+    add_config_flags(health, SecurityConfig, title=f"{SECURITY_TITLE} (grpc:// targets)")
     health.set_defaults(func=healthcheck.run)
 
     from bench import cli as bench_cli
@@ -85,20 +93,20 @@ def _configs(args: argparse.Namespace, *classes):
 def _prefill(args: argparse.Namespace) -> int:
     from prefill_worker.server import run
 
-    return run(*_configs(args, PrefillConfig, EngineConfig))
+    return run(*_configs(args, PrefillConfig, EngineConfig, SecurityConfig))
 
 
 def _decode(args: argparse.Namespace) -> int:
     from decode_worker.server import run
 
-    return run(*_configs(args, DecodeConfig, EngineConfig))
+    return run(*_configs(args, DecodeConfig, EngineConfig, SecurityConfig))
 
 
 def _gateway(args: argparse.Namespace) -> int:
     from server.gateway import run
 
-    (config,) = _configs(args, GatewayConfig)
-    return run(config, args.log_level)
+    config, security = _configs(args, GatewayConfig, SecurityConfig)
+    return run(config, args.log_level, security)
 
 
 def _add_generate_flags(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from pdserve.config_flags import flag_name
 from pdserve.env_flags import PREFIX
 from pdserve.stack import ENGINE_EXCLUDED, GATEWAY_EXCLUDED, StackConfig
+from pdserve_proto.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
@@ -30,6 +31,8 @@ SECTIONS = (
      f"`--num-threads`, passed on to every worker)", StackConfig),
     ("Engine flags, of every process that runs a model (`prefill`, `decode`, `generate`)",
      EngineConfig),
+    ("gRPC security flags, of `gateway`, `prefill`, `decode`, `health` and `up` (which "
+     "passes them on to every process, the token by environment)", SecurityConfig),
 )
 assert ENGINE_EXCLUDED == ("num_threads",)  # as the heading above says
 

@@ -4,6 +4,10 @@ TARGET is `http://host:port/path` (the gateway's /health or /ready: healthy on 2
 `grpc://host:port` (a worker's standard grpc.health.v1 service: healthy on SERVING).
 Exit status 0 when healthy, 1 when not, 2 for a malformed target; one line says why.
 It imports neither torch nor the engine, so a probe costs a fraction of a second.
+
+A grpc:// probe is secured as the workers' own calls are, from the same flags and
+PDSERVE_INTERNAL_TOKEN / PDSERVE_TLS_* variables: with mutual TLS a worker answers
+only a caller with a certificate, and the token goes along wherever one is set.
 """
 
 import argparse
@@ -11,6 +15,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
+
+from pdserve.config_flags import config_from_args
+from pdserve_proto.security import NO_SECURITY, SecurityConfig
 
 DEFAULT_TARGET_ENV = "PDSERVE_HEALTH_TARGET"
 
@@ -28,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        healthy, detail = probe(args.target, args.timeout)
+        security = config_from_args(SecurityConfig, args)
+        healthy, detail = probe(args.target, args.timeout, security)
     except ValueError as exc:
         print(f"pdserve health: {exc}", file=sys.stderr)
         return 2
@@ -36,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-def probe(target: str, timeout: float) -> tuple[bool, str]:
+def probe(target: str, timeout: float,
+          security: SecurityConfig = NO_SECURITY) -> tuple[bool, str]:
     if target.startswith(("http://", "https://")):
         return _probe_http(target, timeout)
     if target.startswith("grpc://"):
-        return _probe_grpc(target.removeprefix("grpc://"), timeout)
+        return _probe_grpc(target.removeprefix("grpc://"), timeout, security)
     raise ValueError(f"target {target!r} must start with http://, https:// or grpc://")
 
 
@@ -54,13 +63,13 @@ def _probe_http(url: str, timeout: float) -> tuple[bool, str]:
         return False, str(getattr(exc, "reason", exc))
 
 
-def _probe_grpc(address: str, timeout: float) -> tuple[bool, str]:
+def _probe_grpc(address: str, timeout: float, security: SecurityConfig) -> tuple[bool, str]:
     if not address or ":" not in address:
         raise ValueError(f"grpc target needs host:port, got {address!r}")
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with security.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)

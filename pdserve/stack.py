@@ -5,9 +5,11 @@ of the CPU cores; the gateway starts once every worker listens, and the stack co
 up when the gateway's /ready says so. Ctrl-C or SIGTERM stops every child; the children
 also get SIGTERM from the kernel if this process dies, so none is ever orphaned.
 
-`pdserve up` takes the gateway's flags and the engine's (every worker gets the same
-engine settings); each is passed on to the children only when it differs from its
-default, so the children's own defaults and environment variables apply otherwise.
+`pdserve up` takes the gateway's flags, the engine's (every worker gets the same
+engine settings) and the gRPC security flags (every process gets them); each is passed
+on to the children only when it differs from its default, so the children's own
+defaults and environment variables apply otherwise. Secrets (the API key, the internal
+token) go in the children's environment, never on a command line that `ps` shows.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from pdserve.config_flags import changed_flags, config_from_args, flag
 from pdserve.launch import ChildProcess, pdserve_argv
+from pdserve_proto.security import SecurityConfig
 from server.gateway import GatewayConfig
 
 START_TIMEOUT = 300.0
@@ -30,6 +33,8 @@ START_TIMEOUT = 300.0
 GATEWAY_EXCLUDED = ("decode", "prefill", "colocated", "model")
 # Engine settings `pdserve up` decides per worker.
 ENGINE_EXCLUDED = ("num_threads",)
+# Settings passed by environment, not by flag.
+SECRETS = {"api_key": "PDSERVE_API_KEY", "internal_token": "PDSERVE_INTERNAL_TOKEN"}
 
 
 @dataclass(frozen=True)
@@ -57,17 +62,17 @@ def core_shares(cores: list[int], workers: int) -> list[list[int]]:
 def _worker_argv(role: str, args: argparse.Namespace, threads: int) -> list[str]:
     return pdserve_argv("--log-level", args.log_level, role, "--host", "127.0.0.1",
                         "--port", "0", "--num-threads", str(threads),
-                        *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED))
+                        *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED),
+                        *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)))
 
 
 def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]]) -> list[str]:
     argv = pdserve_argv("--log-level", args.log_level, "gateway", "--host", args.host,
                         "--port", str(args.port), "--model", args.model,
                         "--decode", ",".join(addresses["decode"]),
-                        # The key travels in the environment, never on a command line
-                        # that `ps` shows.
-                        *changed_flags(GatewayConfig, args,
-                                       exclude=(*GATEWAY_EXCLUDED, "host", "port", "api_key")))
+                        *changed_flags(GatewayConfig, args, exclude=(
+                            *GATEWAY_EXCLUDED, "host", "port", *SECRETS)),
+                        *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)))
     if addresses["prefill"]:
         argv += ["--prefill", ",".join(addresses["prefill"])]
     return argv
@@ -87,9 +92,21 @@ def _wait_ready(url: str, children: list[ChildProcess], timeout: float) -> None:
     raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
 
 
+def _child_env(args: argparse.Namespace, role: str) -> dict[str, str]:
+    """The children's environment, with the secrets set by flag added: the token for
+    every process, the API keys for the gateway only."""
+    env = dict(os.environ)
+    for name, variable in SECRETS.items():
+        value = getattr(args, name, None)
+        if value and (name == "internal_token" or role == "gateway"):
+            env[variable] = value
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     stack = config_from_args(StackConfig, args)
     engine = config_from_args(EngineConfig, args)  # checked here, before any child starts
+    config_from_args(SecurityConfig, args)  # the TLS files exist
     if engine.model == "default":  # convert once here, not in every worker at the same time
         from model_store.default_model import ensure_default_model
         ensure_default_model()
@@ -107,15 +124,14 @@ def run(args: argparse.Namespace) -> int:
             threads = len(share) if share else max(1, len(cores) // len(roles))
             children.append(ChildProcess(f"{role}-{counts[role]}",
                                          _worker_argv(role, args, threads), cores=share,
-                                         echo=True, die_with_parent=True))
+                                         env=_child_env(args, role), echo=True,
+                                         die_with_parent=True))
         addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
         for child in children:
             addresses[child.name.split("-")[0]].append(child.wait_listening(START_TIMEOUT))
-        env = dict(os.environ)
-        if args.api_key:
-            env["PDSERVE_API_KEY"] = args.api_key
-        children.append(ChildProcess("gateway", _gateway_argv(args, addresses), env=env,
-                                     echo=True, die_with_parent=True))
+        children.append(ChildProcess("gateway", _gateway_argv(args, addresses),
+                                     env=_child_env(args, "gateway"), echo=True,
+                                     die_with_parent=True))
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, children, START_TIMEOUT)
         _announce(url, args, stack, len(cores))
@@ -147,7 +163,10 @@ def _supervise(children: list[ChildProcess], stop: threading.Event) -> int:
 
 
 def _announce(url: str, args, stack: StackConfig, num_cores: int) -> None:
-    auth = ' -H "Authorization: Bearer $PDSERVE_API_KEY"' if args.api_key else ""
+    auth = ""
+    if args.api_key or args.api_key_file:
+        one_key = args.api_key and "," not in args.api_key and not args.api_key_file
+        auth = f' -H "Authorization: Bearer {"$PDSERVE_API_KEY" if one_key else "KEY"}"'
     print(f"pdserve is up at {url} ({stack.prefill} prefill, {stack.decode} decode workers "
           f"on {num_cores} cores). Try:\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"

@@ -3,15 +3,17 @@
 import asyncio
 
 from engine.config import EngineConfig
+from pdserve_proto.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 
 
-def run(config: PrefillConfig, engine_config: EngineConfig) -> int:
-    asyncio.run(_serve(config, engine_config))
+def run(config: PrefillConfig, engine_config: EngineConfig, security: SecurityConfig) -> int:
+    asyncio.run(_serve(config, engine_config, security))
     return 0
 
 
-async def _serve(config: PrefillConfig, engine_config: EngineConfig) -> None:
+async def _serve(config: PrefillConfig, engine_config: EngineConfig,
+                 security: SecurityConfig) -> None:
     # Imported here: `pdserve --help` and config errors must not wait for torch.
     from engine.llm_engine import LLMEngine
     from pdserve_proto.v1 import prefill_pb2_grpc
@@ -24,8 +26,8 @@ async def _serve(config: PrefillConfig, engine_config: EngineConfig) -> None:
     engine_loop = EngineLoop(engine, asyncio.get_running_loop())
     service = PrefillService(engine_loop, engine_fingerprint(engine), layerwise=config.layerwise,
                              max_chunk_bytes=config.kv_chunk_bytes,
-                             transfer_timeout=config.transfer_timeout)
-    await serve("prefill", config, engine_loop,
+                             transfer_timeout=config.transfer_timeout, security=security)
+    await serve("prefill", config, security, engine_loop,
                 lambda server: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(
                     service, server), service_name="pdserve.v1.PrefillService")
     await service.close()

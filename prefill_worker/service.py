@@ -24,6 +24,7 @@ from engine.errors import InvalidRequestError
 from kvtransfer.codec import shape_of
 from kvtransfer.sender import KvSender, KvSendError
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
+from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
 from worker.convert import (
     compile_grammar,
@@ -38,9 +39,12 @@ from worker.status import StatusError, status_of
 log = logging.getLogger("pdserve.prefill")
 
 # Statuses of a failed PushKv that say the decode worker refused this KV, passed through.
+# UNAUTHENTICATED: this worker's internal token is not the decode worker's, which the
+# gateway must report as such rather than as a decode worker out of reach.
 _REJECTIONS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
                grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT,
-               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
+               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED,
+               grpc.StatusCode.UNAUTHENTICATED}
 
 
 @dataclass
@@ -69,13 +73,18 @@ class _Transfer:
 
 class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool,
-                 max_chunk_bytes: int, transfer_timeout: float):
+                 max_chunk_bytes: int, transfer_timeout: float,
+                 security: SecurityConfig = NO_SECURITY):
         self.loop = engine_loop
         self.engine = engine_loop.engine
         self.fingerprint = fingerprint
         self.layerwise = layerwise
         self.max_chunk_bytes = max_chunk_bytes
         self.transfer_timeout = transfer_timeout
+        # The KV goes out with this worker's own token and certificate: a decode worker
+        # that requires others refuses it, and with mutual TLS one whose certificate
+        # our CA did not sign is never sent a byte.
+        self.security = security
         self._transfers: dict[str, _Transfer] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         shape = shape_of(fingerprint)
@@ -208,8 +217,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address,
-                                                                options=MESSAGE_SIZE_OPTIONS)
+            self._channels[address] = self.security.aio_channel(address, MESSAGE_SIZE_OPTIONS)
         return self._channels[address]
 
     async def close(self) -> None:

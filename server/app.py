@@ -18,8 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
+from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from server import openapi_schema
 from server.admission import Admission
+from server.api_keys import ApiKeys
 from server.errors import APIError
 from server.gateway import GatewayConfig
 from server.metrics import GatewayMetrics
@@ -55,7 +57,11 @@ def _default_model_folder() -> Path:
     return folder
 
 
-def create_app(config: GatewayConfig) -> FastAPI:
+def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) -> FastAPI:
+    try:
+        api_keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
+    except ValueError as exc:
+        raise SystemExit(f"pdserve gateway: {exc}") from None
     folder, name = _model_folder(config.model)
     tokenizer = GatewayTokenizer.from_folder(folder)
     metrics = GatewayMetrics()
@@ -73,7 +79,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
                               h.queued_prompt_tokens if h else 0, hit_ratio)
 
     pool_args = dict(poll_interval=config.health_interval,
-                     resolve_interval=config.resolve_interval, on_health=on_health)
+                     resolve_interval=config.resolve_interval, on_health=on_health,
+                     security=security)
     decode = WorkerPool("decode", list(config.decode), **pool_args)
     prefill = WorkerPool("prefill", list(config.prefill), **pool_args) if config.prefill else None
 
@@ -82,8 +89,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         for pool in (decode, prefill):
             if pool is not None:
                 await pool.start()
-        log.info("gateway up: decode %s, prefill %s", ",".join(config.decode),
-                 ",".join(config.prefill) or "none (colocated)")
+        log.info("gateway up: decode %s, prefill %s; %d API key(s); to the workers: "
+                 "internal token %s, mutual TLS %s", ",".join(config.decode),
+                 ",".join(config.prefill) or "none (colocated)", len(api_keys),
+                 "on" if security.internal_token else "off", "on" if security.tls else "off")
         yield
         for pool in (decode, prefill):
             if pool is not None:
@@ -103,18 +112,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
                               request_timeout=config.request_timeout)
     app.state.started = int(time.time())
     app.include_router(openai_routes)
-    _install_handlers(app, config)
+    _install_handlers(app, config, api_keys)
     return app
 
 
-def _install_handlers(app: FastAPI, config: GatewayConfig) -> None:
+def _install_handlers(app: FastAPI, config: GatewayConfig, api_keys: ApiKeys) -> None:
     @app.middleware("http")
     async def request_context(request: Request, call_next):
         rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
         request.state.request_id = rid
         token = request_id_var.set(rid)
         try:
-            error = _check_request(request, config)
+            error = _check_request(request, config, api_keys)
             response = (JSONResponse(error.body(), error.status, headers=error.headers)
                         if error else await call_next(request))
             if error:
@@ -165,11 +174,11 @@ def _install_handlers(app: FastAPI, config: GatewayConfig) -> None:
              "owned_by": "pdserve", "max_model_len": _max_context(app)}]}
 
 
-def _check_request(request: Request, config: GatewayConfig) -> APIError | None:
+def _check_request(request: Request, config: GatewayConfig,
+                   api_keys: ApiKeys) -> APIError | None:
     """Auth and body size, before any body is read."""
-    if config.api_key and request.url.path.startswith("/v1/"):
-        auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {config.api_key}":
+    if api_keys and request.url.path.startswith("/v1/"):
+        if not api_keys.accepts(request.headers.get("authorization", "")):
             return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                             code="invalid_api_key")
     length = request.headers.get("content-length")

@@ -5,6 +5,7 @@ each default and help text is written here once.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_PORT = 8000
 
@@ -34,7 +35,11 @@ class GatewayConfig:
                                   "the default model's tokenizer)")
     served_model_name: str | None = _flag(None, "model name clients use (default: the "
                                                 "model's name)")
-    api_key: str | None = _flag(None, "require 'Authorization: Bearer KEY' on /v1/*")
+    api_key: str | None = _flag(None, "require 'Authorization: Bearer KEY' on /v1/*; "
+                                      "several keys: KEY,KEY,... (any one is accepted)")
+    api_key_file: str | None = _flag(None, "file of accepted API keys, one a line (blank "
+                                           "lines and # comments skipped), read at start; "
+                                           "adds to --api-key")
     max_inflight: int = _flag(64, "requests generating at once; more wait in the queue")
     max_queue: int = _flag(256, "requests waiting for a slot; beyond it: 429")
     local_prefill_max_tokens: int = _flag(32, "prompts shorter than this prefill on the "
@@ -49,8 +54,11 @@ class GatewayConfig:
             raise ValueError("--decode: at least one decode worker address is required")
         if self.colocated:
             object.__setattr__(self, "prefill", ())  # normalised once, before any use
-        if not self.api_key:
-            object.__setattr__(self, "api_key", None)  # an empty key means none
+        for name in ("api_key", "api_key_file"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, None)  # an empty variable means none
+        if self.api_key_file and not Path(self.api_key_file).is_file():
+            raise ValueError(f"--api-key-file {self.api_key_file}: no such file")
         for name in ("max_inflight", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -62,12 +70,14 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
 
 
-def run(config: GatewayConfig, log_level: str) -> int:
+def run(config: GatewayConfig, log_level: str, security) -> int:
+    """Serve until stopped; `security` (pdserve_proto.security.SecurityConfig) secures
+    the gateway's calls to the workers."""
     import uvicorn
 
     from server.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, security)
     # `pdserve up` and tests wait for /ready; this line says where to look.
     print(f"pdserve gateway listening on http://{config.host}:{config.port}", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level.lower(),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
+from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from server.prefix_index import PromptBlocks
 
@@ -117,7 +118,8 @@ def resolve(spec: str) -> list[str]:
 class WorkerPool:
     def __init__(self, role: str, specs: list[str], *, poll_interval: float,
                  resolve_interval: float, fail_after: int = 2,
-                 health_timeout: float = 2.0, on_health=None):
+                 health_timeout: float = 2.0, on_health=None,
+                 security: SecurityConfig = NO_SECURITY):
         if role not in _STUBS:
             raise ValueError(f"unknown worker role {role!r}")
         for spec in specs:
@@ -129,6 +131,7 @@ class WorkerPool:
         self.fail_after = fail_after
         self.health_timeout = health_timeout
         self.on_health = on_health  # callback(worker) after every poll, for metrics
+        self.security = security  # every channel's token and TLS
         self.workers: dict[str, Worker] = {}
         self._tasks: list[asyncio.Task] = []
         self._resolved_at = 0.0
@@ -172,7 +175,7 @@ class WorkerPool:
                 log.warning("%s pool: cannot resolve %s: %s", self.role, spec, exc)
         self._resolved_at = time.monotonic()
         for address in addresses - self.workers.keys():
-            channel = grpc.aio.insecure_channel(address, options=MESSAGE_SIZE_OPTIONS)
+            channel = self.security.aio_channel(address, MESSAGE_SIZE_OPTIONS)
             self.workers[address] = Worker(address, self.role, channel,
                                            _STUBS[self.role](channel))
             log.info("%s pool: %s joined", self.role, address)

@@ -9,7 +9,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.prefix import short
+from pdserve_proto.security import SecurityConfig
 from pdserve_proto.v1 import common_pb2
+from worker.auth import server_interceptors
 from worker.config import WorkerConfig
 from worker.engine_loop import EngineLoop
 from worker.metrics import WorkerMetrics
@@ -50,35 +52,42 @@ def _names(blocks) -> list[bytes]:
     return []
 
 
-async def serve(role: str, config: WorkerConfig, engine_loop: EngineLoop, add_services,
-                service_name: str) -> None:
+async def serve(role: str, config: WorkerConfig, security: SecurityConfig,
+                engine_loop: EngineLoop, add_services, service_name: str) -> None:
     """Serve a worker until SIGTERM/SIGINT: its Prometheus metrics (when asked), the
-    engine thread, and its gRPC services as `add_services(server)` registers them."""
+    engine thread, and its gRPC services as `add_services(server)` registers them,
+    behind the token and TLS of `security` when it has them."""
     if config.metrics_port is not None:
         metrics = WorkerMetrics(role, engine_loop, engine_loop.engine.config.model)
         metrics.serve(config.host, config.metrics_port)
     engine_loop.start()
-    await run_server(role, config.host, config.port, add_services, engine_loop.stop,
-                     service_name)
+    await run_server(role, config.host, config.port, security, add_services,
+                     engine_loop.stop, service_name)
 
 
-async def run_server(role: str, host: str, port: int, add_services, on_stop,
-                     service_name: str) -> None:
+async def run_server(role: str, host: str, port: int, security: SecurityConfig, add_services,
+                     on_stop, service_name: str) -> None:
     """Serve until SIGTERM/SIGINT; `on_stop()` runs after the server stopped taking calls.
 
     The standard grpc.health.v1 service is served beside the worker's own, so
     Kubernetes' native gRPC probes and `pdserve health grpc://...` work without knowing
     pdserve's protos; it says SERVING only once the model is loaded (this runs after)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=server_interceptors(security.internal_token))
     add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if security.tls:
+        bound = server.add_secure_port(f"{host}:{port}", security.server_credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"{role} worker: cannot listen on {host}:{port}")
     await server.start()
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s worker: internal token %s, mutual TLS %s", role,
+             "required" if security.internal_token else "off", "on" if security.tls else "off")
     # `pdserve up`, tests and benchmarks read this line to learn the port (with --port 0).
     print(f"pdserve {role} worker listening on {host}:{bound}", flush=True)
     stop = asyncio.Event()

@@ -6,11 +6,13 @@ import socket
 import time
 from pathlib import Path
 
-import grpc
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.launch import ChildProcess, listening_address, pdserve_argv
+from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from tests.integration.workers import security_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,12 +23,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kv_transfer_bytes(url: str) -> float:
+    """The KV bytes a gateway has seen moved from prefill to decode workers."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "pdserve_kv_transfer_bytes_total")
+
+
 class Stack:
-    def __init__(self, *args: str, api_key: str | None = None, timeout: float = 240):
+    def __init__(self, *args: str, api_key: str | None = None, timeout: float = 240,
+                 security: SecurityConfig = NO_SECURITY):
+        """`security`: the gRPC token and TLS of every process, and of the test's own
+        channels to the workers."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.security = security
+        env = security_env(security)
         env.pop("PDSERVE_API_KEY", None)
         if api_key:
             env["PDSERVE_API_KEY"] = api_key
@@ -55,8 +68,21 @@ class Stack:
     def health(self, name: str):
         stub = (decode_pb2_grpc.DecodeServiceStub if name.startswith("decode")
                 else prefill_pb2_grpc.PrefillServiceStub)
-        with grpc.insecure_channel(self.workers[name]) as channel:
+        with self.security.channel(self.workers[name]) as channel:
             return stub(channel).Health(common_pb2.HealthRequest(), timeout=5)
+
+    def complete_disaggregated(self, model: str, count: int = 3) -> None:
+        """`count` short completions, each prefilled remotely (with a stack started with
+        --local-prefill-max-tokens 1): KV crossed from prefill to decode for them."""
+        before = kv_transfer_bytes(self.url)
+        with self.client() as http:
+            for i in range(count):
+                r = http.post("/v1/completions", json={
+                    "model": model, "prompt": f"Request {i}: the river and the stone",
+                    "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["completion_tokens"] == 4
+        assert kv_transfer_bytes(self.url) > before
 
     def wait_idle(self, timeout: float = 5.0) -> dict:
         """Every worker's Health once all its blocks are free (or at the timeout)."""

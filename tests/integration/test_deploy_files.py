@@ -221,3 +221,84 @@ def test_grafana_provisioning_points_at_the_shipped_dashboard():
     grafana = compose()["services"]["grafana"]
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == "/var/lib/grafana/dashboards/pdserve.json"
+
+
+# ----- who may reach the workers ------------------------------------------------------------
+
+WORKERS = ("prefill", "decode")
+# Who may call each worker's gRPC port: the gateway, and for decode the prefill workers,
+# whose KV push is a call of the decode worker's gRPC service (PushKv).
+GRPC_CALLERS = {"prefill": {"pdserve-gateway"}, "decode": {"pdserve-gateway", "pdserve-prefill"}}
+
+
+def test_compose_workers_publish_no_ports():
+    for path in COMPOSE_FILES:
+        services = yaml.safe_load(path.read_text())["services"]
+        for role in WORKERS:
+            assert "ports" not in services.get(role, {}), f"{path.name}: {role} publishes ports"
+    published = {name for name, s in compose()["services"].items() if "ports" in s}
+    assert published == {"gateway", "prometheus", "grafana"}
+
+
+def test_every_compose_process_gets_the_same_internal_token():
+    services = compose()["services"]
+    tokens = {services[role]["environment"].get("PDSERVE_INTERNAL_TOKEN") for role in ROLES}
+    (token,) = tokens
+    # From the operator's environment, with a default the README documents.
+    default = re.fullmatch(r"\$\{PDSERVE_INTERNAL_TOKEN:-(.+)\}", token).group(1)
+    assert f"`{default}`" in (ROOT / "README.md").read_text()
+
+
+def test_every_kubernetes_process_gets_the_internal_token_from_one_secret():
+    refs = {}
+    for d in (d for d in k8s_docs() if d["kind"] == "Deployment"):
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "PDSERVE_INTERNAL_TOKEN" in env, d["metadata"]["name"]
+        ref = env["PDSERVE_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert not ref.get("optional", False), "a process without the token cannot serve"
+        refs[d["metadata"]["name"]] = (ref["name"], ref["key"])
+    assert set(refs) == {"pdserve-gateway", "pdserve-prefill", "pdserve-decode"}
+    assert len(set(refs.values())) == 1
+
+
+def _pod_names(peer: dict) -> str:
+    """The app.kubernetes.io/name a NetworkPolicy peer selects (in this namespace only
+    when it has no namespaceSelector)."""
+    assert set(peer) <= {"podSelector", "namespaceSelector"} and "podSelector" in peer, peer
+    labels = peer["podSelector"]["matchLabels"]
+    assert set(labels) == {"app.kubernetes.io/name"}, peer
+    return labels["app.kubernetes.io/name"]
+
+
+def test_network_policies_let_only_the_gateway_and_prefill_reach_the_workers():
+    docs = k8s_docs()
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    for name in ("pdserve-gateway", "pdserve-prefill", "pdserve-decode"):
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == name  # what the policies select on
+    for role in WORKERS:
+        name = f"pdserve-{role}"
+        pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        (policy,) = [p for p in policies if all(
+            pod_labels.get(k) == v for k, v in p["spec"]["podSelector"]["matchLabels"].items())]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        args = build_parser().parse_args(container["args"])
+        assert (ports["grpc"], ports["metrics"]) == (args.port, args.metrics_port)
+        allowed: dict[str, set[tuple[str, bool]]] = {}
+        for rule in policy["spec"]["ingress"]:
+            # A rule without `from` or `ports` would let anyone in.
+            assert rule.get("from") and rule.get("ports"), rule
+            for port in rule["ports"]:
+                assert port["port"] in ports, f"{name}: no port named {port['port']}"
+                allowed.setdefault(port["port"], set()).update(
+                    (_pod_names(peer), "namespaceSelector" in peer) for peer in rule["from"])
+        assert allowed == {
+            "grpc": {(caller, False) for caller in GRPC_CALLERS[role]},
+            "metrics": {("prometheus", True)}}, name
+    # The gateway's own port stays open to its clients.
+    assert all(p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] !=
+               "pdserve-gateway" for p in policies)

@@ -1,18 +1,21 @@
 """Real worker processes on loopback and the calls a gateway makes to them.
 
 Each worker is started as `python -m pdserve prefill|decode --port 0 ...`; pdserve.launch
-reads its port from the line it prints once it listens.
+reads its port from the line it prints once it listens. A worker's gRPC security (token,
+mutual TLS) is given as its PDSERVE_ variables, and the test's own channel to it carries
+the same, as the gateway's would.
 """
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from engine.sampling_params import SamplingParams
+from pdserve.env_flags import PREFIX
 from pdserve.launch import ChildProcess, pdserve_argv
+from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import (
     common_pb2,
     decode_pb2,
@@ -26,16 +29,27 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120
 
 
+def security_env(security: SecurityConfig, environ=os.environ) -> dict[str, str]:
+    """`environ` with `security` as the PDSERVE_ variables of its flags, and none of
+    those variables from the test's own environment."""
+    env = dict(environ, PYTHONUNBUFFERED="1")
+    for f in dataclasses.fields(SecurityConfig):
+        env.pop(PREFIX + f.name.upper(), None)
+        if getattr(security, f.name):
+            env[PREFIX + f.name.upper()] = getattr(security, f.name)
+    return env
+
+
 class Worker:
-    def __init__(self, role: str, *args: str):
+    def __init__(self, role: str, *args: str, security: SecurityConfig = NO_SECURITY):
         self.role = role
         self.child = ChildProcess(
             role, pdserve_argv("--log-level", os.environ.get("PDSERVE_TEST_LOG_LEVEL", "INFO"),
                                role, "--port", "0", "--num-threads", "1", *args),
-            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            cwd=ROOT, env=security_env(security))
         self.proc = self.child.proc
         self.address = self.child.wait_listening(START_TIMEOUT)
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = security.channel(self.address)
         stub = decode_pb2_grpc.DecodeServiceStub if role == "decode" else \
             prefill_pb2_grpc.PrefillServiceStub
         self.stub = stub(self.channel)

@@ -15,22 +15,25 @@ from engine.config import BF16_CPU_FLAGS, EngineConfig
 from pdserve import stack
 from pdserve.cli import build_parser, main
 from pdserve.config_flags import changed_flags, config_from_args
+from pdserve_proto.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
 # Which config classes each command's flags come from (and which fields it leaves out).
 COMMANDS = {
-    "prefill": [(PrefillConfig, ()), (EngineConfig, ())],
-    "decode": [(DecodeConfig, ()), (EngineConfig, ())],
-    "gateway": [(GatewayConfig, ())],
+    "prefill": [(PrefillConfig, ()), (EngineConfig, ()), (SecurityConfig, ())],
+    "decode": [(DecodeConfig, ()), (EngineConfig, ()), (SecurityConfig, ())],
+    "gateway": [(GatewayConfig, ()), (SecurityConfig, ())],
     "up": [(stack.StackConfig, ()), (GatewayConfig, stack.GATEWAY_EXCLUDED),
-           (EngineConfig, stack.ENGINE_EXCLUDED)],
+           (EngineConfig, stack.ENGINE_EXCLUDED), (SecurityConfig, ())],
     "generate": [(EngineConfig, ())],
+    "health": [(SecurityConfig, ())],
 }
 
 # Flags of one request, not of a process: no config holds them.
 HAND_WRITTEN = {"generate": {"prompt", "chat", "max_tokens", "temperature", "top_p", "top_k",
-                             "sample_seed"}}
+                             "sample_seed"},
+                "health": {"timeout"}}
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
@@ -127,6 +130,40 @@ def test_up_passes_on_only_the_settings_that_differ_from_their_defaults():
         "gateway", "--host", "127.0.0.1", "--port", "9000", "--model", "random:tiny",
         "--decode", "127.0.0.1:1", "--max-inflight", "8"]
     assert "secret" not in " ".join(worker + gateway)  # the key goes by environment
+
+
+def test_up_passes_tls_by_flag_and_the_token_by_environment(tmp_path, monkeypatch):
+    for name in ("ca", "cert", "key"):
+        (tmp_path / f"{name}.pem").write_text("PEM")
+    monkeypatch.delenv("PDSERVE_INTERNAL_TOKEN", raising=False)
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    args = build_parser().parse_args([
+        "up", "--internal-token", "t0ken", "--api-key", "k1,k2",
+        "--tls-ca", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "cert.pem"),
+        "--tls-key", str(tmp_path / "key.pem"), "--tls-server-name", "pdserve-worker"])
+    tls = ["--tls-ca", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "cert.pem"),
+           "--tls-key", str(tmp_path / "key.pem"), "--tls-server-name", "pdserve-worker"]
+    worker = stack._worker_argv("prefill", args, threads=1)
+    gateway = stack._gateway_argv(args, {"decode": ["127.0.0.1:1"], "prefill": []})
+    for argv in (worker, gateway):
+        assert argv[-len(tls):] == tls
+        assert "t0ken" not in " ".join(argv) and "k1" not in " ".join(argv)
+    assert stack._child_env(args, "prefill")["PDSERVE_INTERNAL_TOKEN"] == "t0ken"
+    assert "PDSERVE_API_KEY" not in stack._child_env(args, "decode")  # the gateway's only
+    gateway_env = stack._child_env(args, "gateway")
+    assert (gateway_env["PDSERVE_INTERNAL_TOKEN"], gateway_env["PDSERVE_API_KEY"]) == \
+        ("t0ken", "k1,k2")
+
+
+def test_security_settings_are_checked_at_start(tmp_path, monkeypatch):
+    monkeypatch.setattr("prefill_worker.server.run", lambda *a: pytest.fail("started"))
+    with pytest.raises(SystemExit, match="missing --tls-cert, --tls-key"):
+        main(["prefill", "--tls-ca", str(tmp_path)])
+    monkeypatch.setenv("PDSERVE_TLS_CA", str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("PDSERVE_TLS_CERT", str(tmp_path / "cert.pem"))
+    monkeypatch.setenv("PDSERVE_TLS_KEY", str(tmp_path / "key.pem"))
+    with pytest.raises(SystemExit, match="--tls-ca .*ca.pem: no such file"):
+        main(["prefill"])
 
 
 def test_changed_flags_round_trip_through_the_parser():
