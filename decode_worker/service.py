@@ -46,6 +46,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         rid = request.request_id
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        resume = list(request.resume_token_ids)
+        if resume and request.remote_prefill:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
+                                "(resume_token_ids) is prefilled here, not remotely")
         try:
             params = params_from_proto(request.params)
             self.engine.validate_prompt(list(request.prompt_token_ids))
@@ -64,7 +68,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                     cached_tokens=lease.seq.num_cached_tokens))
             else:
                 await self._call(lambda e: e.add_request(rid, list(request.prompt_token_ids),
-                                                         params), context)
+                                                         params, resume_token_ids=resume),
+                                 context)
             async for message in self._stream(outputs, request, started, context):
                 finished = message.HasField("finished")
                 yield message

@@ -96,9 +96,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, *, export_kv: bool = False,
-                    prefill_only: bool = False) -> list[Sequence]:
-        """Queue a request; one sequence per sample (`params.n`)."""
+                    prefill_only: bool = False,
+                    resume_token_ids: list[int] = ()) -> list[Sequence]:
+        """Queue a request; one sequence per sample (`params.n`). `resume_token_ids`:
+        the output a failed worker had generated; the sequence starts as if it had been
+        preempted after them (their KV is recomputed, then it samples the next token)."""
+        if resume_token_ids:
+            self._check_resume(prompt_token_ids, params, resume_token_ids)
         seqs = self._new_sequences(request_id, prompt_token_ids, params)
+        if resume_token_ids:
+            for seq in seqs:
+                seq.output_token_ids = list(resume_token_ids)
         for seq in seqs:
             seq.export_kv, seq.prefill_only = export_kv, prefill_only
             self.scheduler.add(seq)
@@ -226,6 +234,16 @@ class LLMEngine:
                 path / "tokenizer.json", self.model_config.vocab_size,
                 self.model_config.eos_token_ids)
         return self._grammar_tokenizer
+
+    def _check_resume(self, prompt: list[int], params: SamplingParams,
+                      resume: list[int]) -> None:
+        if not isinstance(params, SamplingParams) or params.n != 1:
+            raise InvalidRequestError("resume_token_ids", "a resumed request has one sample")
+        if len(resume) >= params.max_tokens:
+            raise InvalidRequestError(
+                "resume_token_ids", f"{len(resume)} tokens resumed leave nothing of "
+                f"max_tokens={params.max_tokens} to generate")
+        self.validate_prompt(list(prompt) + list(resume))
 
     def validate_prompt(self, prompt: list[int]) -> None:
         if not isinstance(prompt, list | tuple) or not prompt:

@@ -2,8 +2,10 @@
 
 Workers start on free ports (they print where they listen), each pinned to its own share
 of the CPU cores; the gateway starts once every worker listens, and the stack counts as
-up when the gateway's /ready says so. Ctrl-C or SIGTERM stops every child; the children
-also get SIGTERM from the kernel if this process dies, so none is ever orphaned.
+up when the gateway's /ready says so. A worker that exits is started again on its port
+with backoff (pdserve.supervisor); the gateway takes it back into the rotation once it
+answers Health. Ctrl-C or SIGTERM stops every child; the children also get SIGTERM from
+the kernel if this process dies, so none is ever orphaned.
 
 `pdserve up` takes the gateway's flags, the engine's (every worker gets the same
 engine settings) and the gRPC security flags (every process gets them); each is passed
@@ -20,11 +22,13 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from pdserve.config_flags import changed_flags, config_from_args, flag
 from pdserve.launch import ChildProcess, pdserve_argv
+from pdserve.supervisor import Supervisor
 from pdserve_proto.security import SecurityConfig
 from server.gateway import GatewayConfig
 
@@ -59,9 +63,10 @@ def core_shares(cores: list[int], workers: int) -> list[list[int]]:
     return [[cores[i % len(cores)]] for i in range(workers)]
 
 
-def _worker_argv(role: str, args: argparse.Namespace, threads: int) -> list[str]:
+def _worker_argv(role: str, args: argparse.Namespace, threads: int,
+                 port: int = 0) -> list[str]:
     return pdserve_argv("--log-level", args.log_level, role, "--host", "127.0.0.1",
-                        "--port", "0", "--num-threads", str(threads),
+                        "--port", str(port), "--num-threads", str(threads),
                         *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED),
                         *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)))
 
@@ -117,15 +122,20 @@ def run(args: argparse.Namespace) -> int:
     cores = sorted(os.sched_getaffinity(0))
     shares = core_shares(cores, len(roles)) if stack.pin else [None] * len(roles)
     children: list[ChildProcess] = []
+    restart: dict[str, Callable[[int], ChildProcess]] = {}  # name -> start again on a port
     try:
         counts: dict[str, int] = {}
         for role, share in zip(roles, shares, strict=True):
             counts[role] = counts.get(role, 0) + 1
+            name = f"{role}-{counts[role]}"
             threads = len(share) if share else max(1, len(cores) // len(roles))
-            children.append(ChildProcess(f"{role}-{counts[role]}",
-                                         _worker_argv(role, args, threads), cores=share,
-                                         env=_child_env(args, role), echo=True,
+            children.append(ChildProcess(name, _worker_argv(role, args, threads),
+                                         cores=share, env=_child_env(args, role), echo=True,
                                          die_with_parent=True))
+            restart[name] = (lambda port, name=name, role=role, threads=threads, share=share:
+                             ChildProcess(name, _worker_argv(role, args, threads, port),
+                                          cores=share, env=_child_env(args, role), echo=True,
+                                          die_with_parent=True))
         addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
         for child in children:
             addresses[child.name.split("-")[0]].append(child.wait_listening(START_TIMEOUT))
@@ -135,31 +145,13 @@ def run(args: argparse.Namespace) -> int:
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, children, START_TIMEOUT)
         _announce(url, args, stack, len(cores))
-        return _supervise(children, stop)
+        return Supervisor(children, restart).run(stop)
     except RuntimeError as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 1
     finally:
         for child in reversed(children):  # gateway first, so no request hits a dead worker
             child.stop()
-
-
-def _supervise(children: list[ChildProcess], stop: threading.Event) -> int:
-    reported: set[str] = set()
-    while not stop.wait(0.5):
-        for child in children:
-            if child.alive or child.name in reported:
-                continue
-            if child.name == "gateway":
-                print(f"pdserve up: the gateway exited with code {child.proc.returncode}; "
-                      "stopping the stack", file=sys.stderr)
-                return 1
-            # The gateway takes a dead worker out of the rotation and serves on with
-            # the others (or answers 503); the stack stays up for them.
-            reported.add(child.name)
-            print(f"pdserve up: {child.name} exited with code {child.proc.returncode}",
-                  file=sys.stderr)
-    return 0
 
 
 def _announce(url: str, args, stack: StackConfig, num_cores: int) -> None:

@@ -70,9 +70,12 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
         if removed:
             metrics.forget_worker(worker.address, worker.role)
             return
-        h = worker.health
+        # A worker out of the rotation shows as down with no load: its last report
+        # would keep showing the batch it had when it died.
+        h = worker.health if worker.healthy else None
         hit_ratio = (h.prefix_hit_tokens / h.prefix_queried_tokens
                      if h and h.prefix_queried_tokens else 0.0)
+        metrics.worker_restarts(worker.address, worker.role, worker.restarts)
         metrics.worker_health(worker.address, worker.role, worker.healthy,
                               h.free_kv_blocks if h else 0, h.total_kv_blocks if h else 0,
                               h.running if h else 0, h.waiting if h else 0,
@@ -109,7 +112,9 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     app.state.decode, app.state.prefill = decode, prefill
     app.state.router = Router(decode, prefill,
                               local_prefill_max_tokens=config.local_prefill_max_tokens,
-                              request_timeout=config.request_timeout)
+                              request_timeout=config.request_timeout,
+                              migration_limit=config.migration_limit,
+                              on_migrate=metrics.migrated)
     app.state.started = int(time.time())
     app.include_router(openai_routes)
     _install_handlers(app, config, api_keys)

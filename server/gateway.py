@@ -46,6 +46,8 @@ class GatewayConfig:
                                               "decode worker")
     max_body_bytes: int = _flag(4 << 20, "largest request body; larger: 413")
     request_timeout: float = _flag(600.0, "seconds a request may take end to end")
+    migration_limit: int = _flag(3, "times one request may move to another decode worker "
+                                    "when the one serving it fails mid-stream (0: never)")
     health_interval: float = _flag(1.0, "seconds between Health polls of every worker")
     resolve_interval: float = _flag(10.0, "seconds between DNS look-ups of the worker names")
 
@@ -62,7 +64,7 @@ class GatewayConfig:
         for name in ("max_inflight", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("max_queue", "local_prefill_max_tokens"):
+        for name in ("max_queue", "local_prefill_max_tokens", "migration_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("request_timeout", "health_interval", "resolve_interval"):

@@ -63,6 +63,13 @@ class GatewayMetrics:
             self.requests.labels(reason)
         for status in ("400", "401", "404", "413", "429", "500", "502", "503", "504"):
             self.errors.labels(status)
+        self.migrations = Counter(
+            "pdserve_migrations", "Requests moved to another decode worker mid-stream, "
+            "after the one serving them failed or stopped answering.", registry=r)
+        self.restarts = Counter(
+            "pdserve_worker_restarts", "Times a new worker process was seen answering at a "
+            "worker's address.", WORKER_LABELS, registry=r)
+        self._restarts_seen: dict[tuple[str, str], int] = {}
         self.running = Gauge("pdserve_requests_running", "Requests generating.", registry=r)
         self.waiting = Gauge("pdserve_requests_waiting", "Requests waiting for admission.",
                              registry=r)
@@ -97,8 +104,20 @@ class GatewayMetrics:
         g["waiting"].set(waiting)
         g["queued"].set(queued_prompt_tokens)
 
+    def worker_restarts(self, address: str, role: str, restarts: int) -> None:
+        """The pool's count of a worker's restarts, as a counter."""
+        seen = self._restarts_seen.get((address, role), 0)
+        counter = self.restarts.labels(address, role)  # exists at 0 from the first report
+        if restarts > seen:
+            counter.inc(restarts - seen)
+            self._restarts_seen[address, role] = restarts
+
+    def migrated(self) -> None:
+        self.migrations.inc()
+
     def forget_worker(self, address: str, role: str) -> None:
-        for gauge in self.worker_gauges.values():
+        self._restarts_seen.pop((address, role), None)
+        for gauge in (*self.worker_gauges.values(), self.restarts):
             try:
                 gauge.remove(address, role)
             except KeyError:

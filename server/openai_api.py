@@ -4,6 +4,7 @@ streamed as server-sent events or answered whole."""
 import asyncio
 import json
 import logging
+import secrets
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -76,14 +77,12 @@ def _check_model(state, model: str) -> None:
 
 
 def _check_pools(state, prompts: list[list[int]]) -> None:
-    """503 up front, so that a streaming request gets a status instead of a broken stream."""
-    needed = [state.decode]
-    if state.prefill is not None and any(state.router.remote(len(p)) for p in prompts):
-        needed.append(state.prefill)
-    for pool in needed:
-        if not pool.healthy():
-            raise APIError(503, f"no healthy {pool.role} worker", code="no_worker",
-                           headers={"Retry-After": "1"})
+    """503 up front, so that a streaming request gets a status instead of a broken stream.
+    Only the decode pool is needed: without a healthy prefill worker, decode workers
+    prefill the prompts themselves (server.router)."""
+    if not state.decode.healthy():
+        raise APIError(503, "no healthy decode worker", code="no_worker",
+                       headers={"Retry-After": "1"})
 
 
 def _context_check(state, prompts: list[list[int]], req) -> int | None:
@@ -118,8 +117,11 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
                                       grammar=grammar)
     n = req.n or 1
     drop_output = not chat and req.echo and req.max_tokens == 0
+    # Every request is seeded: noise keyed by (seed, position) lets a request that moves
+    # to another decode worker mid-stream go on with the tokens it would have had.
+    seed = req.seed if req.seed is not None else secrets.randbits(63)
     choices = [Choice(i * n + j, prompt,
-                      _with_seed(fields, protocol.choice_seed(req.seed, j)), drop_output)
+                      _with_seed(fields, protocol.choice_seed(seed, j)), drop_output)
                for i, prompt in enumerate(prompts) for j in range(n)]
     recorder = state.metrics.request(sum(len(p) for p in prompts))
     slot = state.admission.slot()

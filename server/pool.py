@@ -65,6 +65,7 @@ class Worker:
     # The worker's cached block names (64 bits each) and their version, from Health.
     prefix_blocks: frozenset = frozenset()
     prefix_version: int = 0
+    restarts: int = 0  # times its Health said a new process answers at this address
 
     def free_blocks(self) -> int:
         free = self.health.free_kv_blocks if self.health else 0
@@ -78,8 +79,13 @@ class Worker:
         reported = self.health.running + self.health.waiting if self.health else 0
         return reported + self.pending_requests
 
-    def take_report(self, health) -> None:
-        """A Health answer replaces the estimates (it already counts what was sent)."""
+    def take_report(self, health) -> bool:
+        """A Health answer replaces the estimates (it already counts what was sent).
+        True when it comes from a new process at this address (a restart)."""
+        restarted = bool(self.health and self.health.instance_id and health.instance_id
+                         and self.health.instance_id != health.instance_id)
+        if restarted:
+            self.restarts += 1
         self.health = health
         if health.prefix_blocks_sent or not health.prefix_namespace:
             self.prefix_blocks = frozenset(health.prefix_blocks)
@@ -87,6 +93,7 @@ class Worker:
         self.pending_prompt_tokens = self.pending_blocks = self.pending_requests = 0
         self.epoch += 1
         self.seen_at = time.monotonic()
+        return restarted
 
 
 def split_address(spec: str) -> tuple[str, int]:
@@ -194,7 +201,9 @@ class WorkerPool:
             if not worker.healthy:
                 log.info("%s worker %s is healthy", self.role, worker.address)
             worker.healthy, worker.failures = True, 0
-            worker.take_report(health)
+            if worker.take_report(health):
+                log.warning("%s worker %s was restarted (restart %d seen by this gateway)",
+                            self.role, worker.address, worker.restarts)
         except grpc.aio.AioRpcError as exc:
             # A worker that comes back may have lost its cache: ask for all its names.
             worker.prefix_version, worker.prefix_blocks = 0, frozenset()

@@ -8,8 +8,17 @@ A prompt whose part the chosen decode worker does not hold cached is shorter tha
 decode worker. Workers are picked by load and by how much of the prompt their prefix
 caches hold (server.pool). Leaving the generator early (client gone, stop string)
 cancels both gRPC calls, which frees the request's blocks on both workers.
+
+Migration: when the decode worker fails mid-stream (its process dies, its stream breaks,
+or it leaves the rotation because it stopped answering Health), the request goes on on
+another decode worker, which recomputes the prompt and the tokens sent so far
+(GenerateRequest.resume_token_ids) and continues from the next one; the client's stream
+goes on as if nothing happened. Sampling noise is keyed by (seed, position) and every
+request has a seed (the gateway draws one when the client set none), so the tokens are
+the ones the first worker would have produced.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +39,12 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED}
 # Statuses that say the worker itself is gone: take it out of the rotation now.
 _WORKER_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+# A decode stream failing with these after its first token moves the request elsewhere.
+_MIGRATE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED}
+# How often a wait for the next token checks that the worker is still in the rotation
+# (one that stops answering leaves it after the pool's failed Health polls).
+STALL_CHECK_SECONDS = 0.5
 
 
 @dataclass
@@ -92,24 +107,59 @@ def _prompt_logprobs(msg) -> PromptLogprobsEvent:
 
 class Router:
     def __init__(self, decode: WorkerPool, prefill: WorkerPool | None, *,
-                 local_prefill_max_tokens: int, request_timeout: float):
+                 local_prefill_max_tokens: int, request_timeout: float,
+                 migration_limit: int = 3, on_migrate=None):
         self.decode = decode
         self.prefill = prefill
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.request_timeout = request_timeout
+        self.migration_limit = migration_limit
+        self.on_migrate = on_migrate
 
-    def remote(self, num_uncached_tokens: int) -> bool:
-        """Whether a prompt with this many tokens to compute goes to a prefill worker."""
-        return self.prefill is not None and num_uncached_tokens >= self.local_prefill_max_tokens
+    def remote(self, num_uncached_tokens: int, failed_prefill: set[str] = frozenset()) -> bool:
+        """Whether a prompt with this many tokens to compute goes to a prefill worker:
+        long enough, and a healthy one that has not failed this request is there (else
+        the decode worker prefills it: slower, but the request is served)."""
+        return (self.prefill is not None
+                and num_uncached_tokens >= self.local_prefill_max_tokens
+                and any(w.address not in failed_prefill for w in self.prefill.healthy()))
 
     async def generate(self, request_id: str, prompt: list[int], params) -> AsyncIterator:
         """TokenEvent..., (PrefillEvent before the first token when disaggregated),
         then one FinishEvent. Raises APIError before the first event; after it, an
-        APIError means the stream broke (the caller reports it in-stream)."""
+        APIError means the stream broke (the caller reports it in-stream): a decode
+        worker failing mid-stream is answered by migration, up to migration_limit
+        times, before that."""
         blocks = PromptBlocks(prompt)
+        sent: list[int] = []
+        failed: set[str] = set()
+        events = self._first_run(request_id, prompt, params, blocks)
+        migrations = 0
+        while True:
+            try:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        sent.append(event.token_id)
+                    yield event
+                return
+            except _DecodeFailed as failure:
+                failed.add(failure.worker)
+                if migrations >= self.migration_limit:
+                    raise failure.error from None
+                migrations += 1
+                if self.on_migrate is not None:
+                    self.on_migrate()
+                log.warning("request %s: %s after %d tokens; continuing on another decode "
+                            "worker (migration %d of at most %d)", request_id,
+                            failure.error.message, len(sent), migrations, self.migration_limit)
+                events = self._resumed(request_id, prompt, params, list(sent), failed, blocks)
+
+    async def _first_run(self, request_id: str, prompt: list[int], params,
+                         blocks: PromptBlocks) -> AsyncIterator:
         failed_prefill: set[str] = set()
         for attempt in (1, 2):
-            worker, call, first = await self._open(request_id, prompt, params, blocks)
+            worker, call, first = await self._open(request_id, prompt, params, blocks,
+                                                   failed_prefill=failed_prefill)
             if not first.HasField("reserved"):
                 events = self._colocated(worker, call, first, len(prompt))
             else:
@@ -125,11 +175,28 @@ class Router:
                 log.warning("request %s: %s; retrying on another prefill worker",
                             request_id, retry.error.message)
 
-    async def _open(self, request_id: str, prompt: list[int], params, blocks: PromptBlocks):
+    async def _resumed(self, request_id: str, prompt: list[int], params, sent: list[int],
+                       failed: set[str], blocks: PromptBlocks) -> AsyncIterator:
+        """The rest of a migrated request, prefilled (prompt and `sent`) on a decode
+        worker that has not failed it."""
+        try:
+            worker, call, first = await self._open(request_id, prompt, params, blocks,
+                                                   exclude=failed, resume=sent)
+        except APIError as exc:
+            raise APIError(exc.status, f"the request's decode worker failed and it could "
+                                       f"not continue on another: {exc.message}",
+                           code=exc.code) from None
+        async for event in self._colocated(worker, call, first, len(prompt) + len(sent)):
+            yield event
+
+    async def _open(self, request_id: str, prompt: list[int], params, blocks: PromptBlocks,
+                    exclude: set[str] = frozenset(), resume: list[int] = (),
+                    failed_prefill: set[str] = frozenset()):
         """A Generate call on the best decode worker (server.pool), trying the next one
         when a worker is full; the prompt goes to a prefill worker when the part that
-        worker lacks is long enough. Returns (worker, call, first message)."""
-        tried: set[str] = set()
+        worker lacks is long enough (never for a resumed request). Returns (worker,
+        call, first message)."""
+        tried: set[str] = set(exclude)
         last: APIError | None = None
         while True:
             try:
@@ -140,10 +207,12 @@ class Router:
                 raise APIError(503, str(exc), code="no_worker",
                                headers={"Retry-After": "1"}) from None
             tried.add(worker.address)
-            remote = self.remote(len(prompt) - blocks.matched_tokens(worker))
+            remote = not resume and self.remote(len(prompt) - blocks.matched_tokens(worker),
+                                                failed_prefill)
             call = worker.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                           params=params, remote_prefill=remote),
+                                           params=params, remote_prefill=remote,
+                                           resume_token_ids=resume),
                 metadata=(("x-request-id", request_id),), timeout=self.request_timeout)
             try:
                 first = await call.read()
@@ -216,16 +285,44 @@ class Router:
         return response, worker.address
 
     async def _rest(self, worker: Worker, call):
-        """Tokens 2..N and the finish from the decode worker's stream."""
+        """Tokens 2..N and the finish from the decode worker's stream; _DecodeFailed
+        when the worker fails or goes silent before the finish."""
         try:
             # read(), not iteration: the first message was taken with read() already,
             # and grpc.aio refuses to mix the two on one call.
-            while (message := await call.read()) is not grpc.aio.EOF:
-                yield self._event(message)
+            while (message := await self._next(worker, call)) is not grpc.aio.EOF:
+                event = self._event(message)
+                yield event
+                if isinstance(event, FinishEvent):
+                    return
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _WORKER_DOWN:
                 self.decode.report_failure(worker, exc.details() or exc.code().name)
-            raise api_error(exc, f"decode worker {worker.address}") from None
+            error = api_error(exc, f"decode worker {worker.address}")
+            if exc.code() in _MIGRATE:
+                raise _DecodeFailed(worker.address, error) from None
+            raise error from None
+        raise _DecodeFailed(worker.address, APIError(
+            502, f"decode worker {worker.address} ended the stream before the request "
+                 "finished", code="worker_failed"))
+
+    @staticmethod
+    async def _next(worker: Worker, call):
+        """The next message, or _DecodeFailed once the worker has left the rotation
+        (stopped answering Health) while we wait."""
+        read = asyncio.ensure_future(call.read())
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=STALL_CHECK_SECONDS)
+                if done:
+                    return read.result()
+                if not worker.healthy:
+                    raise _DecodeFailed(worker.address, APIError(
+                        502, f"decode worker {worker.address} stopped answering "
+                             f"({worker.last_error})", code="worker_failed"))
+        finally:
+            if not read.done():
+                read.cancel()
 
     @staticmethod
     def _event(message):
@@ -243,4 +340,13 @@ class Router:
 class _RetryPrefill(Exception):
     def __init__(self, error: APIError):
         super().__init__(error.message)
+        self.error = error
+
+
+class _DecodeFailed(Exception):
+    """The decode worker serving a request failed mid-stream: migrate or give up."""
+
+    def __init__(self, worker: str, error: APIError):
+        super().__init__(error.message)
+        self.worker = worker
         self.error = error

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import signal
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +22,10 @@ log = logging.getLogger("pdserve.worker")
 SERVER_OPTIONS = (*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0))
 
 
+# Tells this process from an earlier one at the same address (HealthResponse.instance_id).
+INSTANCE_ID = uuid.uuid4().hex
+
+
 def health_response(role: str, engine_loop: EngineLoop, model_digest: str, request,
                     leases: int = 0):
     """The load report both workers answer Health with (read without blocking the engine):
@@ -34,7 +39,8 @@ def health_response(role: str, engine_loop: EngineLoop, model_digest: str, reque
         leases=leases, max_seq_len=engine.max_seq_len,
         prefix_namespace=blocks.namespace or b"", prefix_version=stats.prefix_version,
         prefix_queried_tokens=stats.prefix_queried_tokens,
-        prefix_hit_tokens=stats.prefix_hit_tokens, prefix_evictions=stats.prefix_evictions)
+        prefix_hit_tokens=stats.prefix_hit_tokens, prefix_evictions=stats.prefix_evictions,
+        instance_id=INSTANCE_ID)
     if blocks.namespace is not None and request.known_prefix_version != stats.prefix_version:
         response.prefix_blocks_sent = True
         response.prefix_blocks.extend(short(name) for name in _names(blocks))

@@ -1,5 +1,7 @@
 """`pdserve up` in a subprocess, and what the tests need to know about it."""
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -97,3 +99,32 @@ class Stack:
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
         return self.child.stop(timeout, sig)
+
+
+def pid_listening_on(address: str) -> int:
+    """The process listening on `address` (host:port) on this machine, found from
+    /proc/net/tcp* and the processes' socket descriptors."""
+    port = int(address.rsplit(":", 1)[1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for row in list(f)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    raise LookupError(f"nothing listens on {address}")
+
+
+def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
+    """The gateway's /metrics as {name + JSON labels: value}."""
+    text = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=10).text
+    return {sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import MAX_NEW
 from tests.integration.stack import ROOT, Stack, free_port
+from tests.integration.stack import scrape as scrape_url
 
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -217,13 +217,7 @@ def test_models_ready_health(stack):
 
 
 def scrape(stack) -> dict:
-    text = httpx.get(f"{stack.url}/metrics").text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.name + json.dumps(sample.labels, sort_keys=True)
-            values[key] = sample.value
-    return values
+    return scrape_url(stack.url)
 
 
 def test_metrics_counts_are_exact(stack, client):

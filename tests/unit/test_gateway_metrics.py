@@ -61,6 +61,22 @@ def test_worker_gauges_and_forgetting_a_worker():
     assert not any(k[1] == labels for k in samples(m))
 
 
+def test_restarts_and_migrations_count_up_once_each():
+    m = GatewayMetrics()
+    labels = (("role", "decode"), ("worker", "10.0.0.1:50052"))
+    m.worker_restarts("10.0.0.1:50052", "decode", 0)
+    assert samples(m)[("pdserve_worker_restarts_total", labels)] == 0
+    for seen in (1, 1, 3):  # the pool's running count, reported at every poll
+        m.worker_restarts("10.0.0.1:50052", "decode", seen)
+    m.migrated()
+    m.migrated()
+    s = samples(m)
+    assert s[("pdserve_worker_restarts_total", labels)] == 3
+    assert s[("pdserve_migrations_total", ())] == 2
+    m.forget_worker("10.0.0.1:50052", "decode")
+    assert not any(k[1] == labels for k in samples(m))
+
+
 def test_prefill_report_and_rejections():
     m = GatewayMetrics()
     m.request(5).prefill(compute_seconds=0.2, transfer_seconds=0.05, kv_bytes=1000)

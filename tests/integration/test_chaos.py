@@ -1,0 +1,200 @@
+"""Faults injected under load on a real `pdserve up` (1 prefill, 2 decode workers): kill -9
+of the decode worker serving greedy streams, a decode worker that stops answering
+(SIGSTOP) without dying, kill -9 of the prefill worker with prompts in flight, and
+clients leaving mid-stream. After each: every request finished (migrated where its
+worker failed) with the text of an undisturbed run, none past a time bound, every
+surviving worker's blocks free, the gateway's counts consistent, and a killed worker
+back in the pool, restarted by `pdserve up`."""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.integration.stack import Stack, pid_listening_on, scrape
+
+MODEL = "SmolLM2-135M-Instruct"
+BOUND = 90.0  # seconds any one request may take, faults included
+PROMPTS = [f"Write a long story about a {thing}." for thing in (
+    "lighthouse keeper", "lost cat", "robot chef", "mountain village", "river pilot",
+    "clockmaker", "night train", "desert garden")]
+LONG = "Summarize the following notes. " + "The committee met and discussed budgets. " * 20
+
+
+@pytest.fixture(scope="module")
+def stack():
+    stack = Stack("--prefill", "1", "--decode", "2", "--dtype", "float32",
+                  "--kv-cache-tokens", "8192", "--local-prefill-max-tokens", "16",
+                  "--max-inflight", "32")
+    yield stack
+    stack.stop()
+
+
+def body(prompt: str, **extra) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 64, "temperature": 0,
+            "ignore_eos": True, **extra}
+
+
+def stream(stack, payload: dict, progress: list, index: int) -> str:
+    """The streamed text, counting chunks in progress[index] as they come."""
+    text = ""
+    with httpx.Client(timeout=BOUND) as http, http.stream(
+            "POST", f"{stack.url}/v1/completions", json={**payload, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = httpx.Response(200, content=line[6:]).json()
+            assert "error" not in chunk, chunk
+            text += chunk["choices"][0]["text"]
+            progress[index] += 1
+    return text
+
+
+def run_streams(stack, fault=None) -> list[str]:
+    """PROMPTS streamed at once; `fault(stack)` runs once every stream has tokens."""
+    progress = [0] * len(PROMPTS)
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(stream, stack, body(p), progress, i)
+                   for i, p in enumerate(PROMPTS)]
+        if fault is not None:
+            while min(progress) < 4 and not any(f.done() for f in futures):
+                time.sleep(0.02)
+            fault(stack)
+        texts = [f.result(timeout=BOUND) for f in futures]
+    assert time.monotonic() - started < BOUND
+    return texts
+
+
+def busiest_decode(stack) -> str:
+    names = [n for n in stack.workers if n.startswith("decode")]
+    return max(names, key=lambda n: stack.health(n).running)
+
+
+def assert_idle(stack, timeout=30.0):
+    reports = stack.wait_idle(timeout)
+    for name, health in reports.items():
+        assert health.free_kv_blocks == health.total_kv_blocks, name
+        assert (health.running, health.waiting, health.leases) == (0, 0, 0), name
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def metric(stack, name: str, **labels) -> float:
+    values = scrape(stack.url)
+    return sum(v for k, v in values.items() if k.startswith(name + "{")
+               and all(f'"{key}": "{value}"' in k for key, value in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def reference(stack):
+    return run_streams(stack)
+
+
+def test_kill_9_of_a_decode_worker_migrates_its_streams_and_it_comes_back(stack, reference):
+    killed: dict = {}
+
+    def kill(stack):
+        name = busiest_decode(stack)
+        killed["name"], killed["address"] = name, stack.workers[name]
+        killed["running"] = stack.health(name).running
+        os.kill(pid_listening_on(stack.workers[name]), signal.SIGKILL)
+
+    migrations = metric(stack, "pdserve_migrations_total")
+    assert run_streams(stack, kill) == reference
+    assert killed["running"] >= 1
+    assert metric(stack, "pdserve_migrations_total") - migrations >= killed["running"]
+    # Out of the pool: shown down with no load (never the batch it died with)...
+    address = killed["address"]
+    # ...then restarted by `pdserve up` on its port and back in the rotation.
+    wait_for(lambda: metric(stack, "pdserve_worker_restarts_total", worker=address) >= 1,
+             120, "the restart")
+    wait_for(lambda: metric(stack, "pdserve_worker_up", worker=address) == 1, 60, "rejoin")
+    assert any("restarted" in line for line in stack.child.lines)
+    # Requests after the restart all succeed, and land on both workers again.
+    assert run_streams(stack) == reference
+    assert_idle(stack)
+
+
+def test_dead_worker_shows_down_with_no_load(stack):
+    name = [n for n in stack.workers if n.startswith("decode")][0]
+    address = stack.workers[name]
+    pid = pid_listening_on(address)
+    os.kill(pid, signal.SIGSTOP)  # stopped, not dead: `pdserve up` does not restart it
+    try:
+        wait_for(lambda: metric(stack, "pdserve_worker_up", worker=address) == 0, 30, "down")
+        for gauge in ("pdserve_batch_size", "pdserve_kv_cache_usage_ratio",
+                      "pdserve_worker_waiting", "pdserve_worker_queued_prompt_tokens"):
+            assert metric(stack, gauge, worker=address) == 0, gauge
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: metric(stack, "pdserve_worker_up", worker=address) == 1, 30, "up")
+
+
+def test_a_decode_worker_that_stops_answering_loses_no_stream(stack, reference):
+    stopped: dict = {}
+
+    def freeze(stack):
+        name = busiest_decode(stack)
+        stopped["pid"] = pid_listening_on(stack.workers[name])
+        os.kill(stopped["pid"], signal.SIGSTOP)
+
+    try:
+        assert run_streams(stack, freeze) == reference
+    finally:
+        os.kill(stopped["pid"], signal.SIGCONT)
+    assert_idle(stack)  # the frozen worker, resumed, freed what the gateway cancelled
+
+
+def test_kill_9_of_the_prefill_worker_with_prompts_in_flight(stack):
+    before = dict(ok=metric(stack, "pdserve_requests_total"))
+
+    def one(i: int) -> int:
+        payload = body(f"{i}. {LONG}", max_tokens=8)
+        return httpx.post(f"{stack.url}/v1/completions", json=payload, timeout=BOUND).status_code
+
+    prefill = stack.workers["prefill-1"]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        time.sleep(0.3)
+        os.kill(pid_listening_on(prefill), signal.SIGKILL)
+        codes = [f.result(timeout=BOUND) for f in futures]
+    # Retried on the decode workers (no other prefill worker): every one served.
+    assert codes == [200] * 6
+    assert metric(stack, "pdserve_requests_total") - before["ok"] == 6
+    wait_for(lambda: metric(stack, "pdserve_worker_up", worker=prefill) == 1, 120,
+             "the prefill worker's restart")
+    assert_idle(stack)
+
+
+def test_clients_leaving_mid_stream(stack, reference):
+    progress = [0] * len(PROMPTS)
+    leave = threading.Event()
+
+    def impatient(i: int) -> str | None:
+        with httpx.Client(timeout=BOUND) as http, http.stream(
+                "POST", f"{stack.url}/v1/completions",
+                json={**body(PROMPTS[i]), "stream": True}) as r:
+            for _ in r.iter_lines():
+                progress[i] += 1
+                if i % 2 and progress[i] >= 3:
+                    leave.set()
+                    return None  # closes the connection mid-stream
+        return "done"
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(impatient, range(len(PROMPTS))))
+    assert results == ["done" if i % 2 == 0 else None for i in range(len(PROMPTS))]
+    assert leave.is_set()
+    assert_idle(stack)

@@ -1,0 +1,59 @@
+"""`pdserve up`'s supervisor with real child processes: a worker that exits is started
+again on its port after a backoff that doubles while it keeps failing, and the gateway
+exiting ends the watch."""
+
+import sys
+import threading
+import time
+
+from pdserve.launch import ChildProcess
+from pdserve.supervisor import Supervisor
+
+LISTEN = "print('w listening on 127.0.0.1:4567', flush=True)"
+
+
+def child(name: str, code: str) -> ChildProcess:
+    process = ChildProcess(name, [sys.executable, "-c", code])
+    if "listening" in code:
+        process.wait_listening(30)
+    return process
+
+
+def test_a_failing_worker_is_restarted_on_its_port_with_growing_delays(capsys):
+    starts: list[tuple[float, int]] = []
+
+    def restart(port: int) -> ChildProcess:
+        starts.append((time.monotonic(), port))
+        # Fails twice more, then stays up.
+        return child("decode-1", LISTEN + ("; import time; time.sleep(60)"
+                                           if len(starts) >= 3 else "; raise SystemExit(3)"))
+
+    gateway = child("gateway", "import time; time.sleep(60)")
+    children = [child("decode-1", LISTEN + "; raise SystemExit(1)"), gateway]
+    supervisor = Supervisor(children, {"decode-1": restart}, first_delay=0.2, max_delay=5)
+    stop = threading.Event()
+    began = time.monotonic()
+    runner = threading.Thread(target=lambda: supervisor.run(stop, interval=0.05))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(starts) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert [port for _, port in starts] == [4567] * 3
+        gaps = [b - a for (a, _), (b, _) in zip([(began, 0), *starts], starts, strict=False)]
+        assert gaps[1] > gaps[0] * 1.5 and gaps[2] > gaps[1] * 1.5  # backing off
+        assert children[0].alive and supervisor.watches["decode-1"].restarts == 3
+    finally:
+        stop.set()
+        runner.join(10)
+        for c in children:
+            c.stop(1)
+    err = capsys.readouterr().err
+    assert "decode-1 exited with code 1; restarting it on port 4567" in err
+    assert "decode-1 restarted (restart 3)" in err
+
+
+def test_the_gateway_exiting_ends_the_watch():
+    children = [child("gateway", "raise SystemExit(2)")]
+    assert Supervisor(children, {}).run(threading.Event(), interval=0.05) == 1
