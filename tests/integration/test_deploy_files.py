@@ -214,7 +214,8 @@ def test_grafana_provisioning_points_at_the_shipped_dashboard():
     titles = [p["title"] for p in dashboard["panels"]]
     for needed in ("Time to first token", "Time per output token", "Inter-token latency",
                    "Request throughput", "Token throughput", "Queue", "Running requests",
-                   "KV cache usage per worker", "KV transfer time", "KV transfer bytes"):
+                   "KV cache usage per worker", "KV transfer time", "KV transfer bytes",
+                   "Migrations and worker restarts"):
         assert needed in titles
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == uid and panel["targets"]
