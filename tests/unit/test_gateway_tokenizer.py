@@ -141,3 +141,40 @@ def test_none_keys_dropped_and_special_tokens_passed_like_hf(tmp_path, model_dir
     assert hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == expected
     assert tok.apply_chat_template(chat) == list(hf.apply_chat_template(
         chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+# A Hermes-style template that takes tools, as Qwen2.5's and others do.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
+    "({{ t.function.parameters | tojson }}){% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} "
+    "{{ c.function.arguments | tojson }}</call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_takes_tools_renders_them_and_the_calls(tmp_path, model_dir, hf):
+    from server import protocol
+    from server.prompts import template_messages, template_tools
+
+    tok = make_folder(tmp_path, model_dir, template=TOOLS_TEMPLATE)
+    assert tok.template_takes_tools
+    assert not GatewayTokenizer.from_folder(model_dir).template_takes_tools
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    req = protocol.parse_chat_request({"model": "m", "tools": [weather], "messages": [
+        {"role": "user", "content": "Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "content": "4 C", "tool_call_id": "c1"}]})
+    messages = template_messages(req, template_takes_tools=True)
+    tools = template_tools(req)
+    text = tok.render_chat(messages, tools=tools)
+    assert text.startswith('<|im_start|>system\nTools: get_weather({"type": "object", '
+                           '"properties": {"city": {"type": "string"}}})<|im_end|>')
+    assert '<call>get_weather {"city": "Oslo"}</call>' in text
+    assert "<|im_start|>tool\n4 C<|im_end|>" in text
+    # transformers renders the same template with the same inputs the same way.
+    hf_text = hf.apply_chat_template(messages, tools=tools, chat_template=TOOLS_TEMPLATE,
+                                     add_generation_prompt=True, tokenize=False)
+    assert text == hf_text
