@@ -5,9 +5,9 @@ regex or Lark grammar into a token mask in tens of microseconds and follows the 
 a sequence samples. (xgrammar, the other maintained choice, pulls in triton on Linux, a
 GPU compiler, even to run on the CPU.) Grammars are turned into llguidance's form once
 per spec (pdserve_proto.grammars, cached), a matcher per sequence follows its tokens,
-and the sampler masks the logits of constrained rows. A matcher is rebuilt from a
-sequence's output tokens when it has none, so a decode worker continues exactly where
-the prefill worker's first token left it, without anything new on the wire.
+and the sampler masks the logits of constrained rows. An imported sequence's matcher
+follows the first token the prefill worker sampled, so a decode worker continues (or
+stops) exactly where that token left it, without anything new on the wire.
 """
 
 from dataclasses import dataclass

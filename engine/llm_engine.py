@@ -305,6 +305,11 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.name_full_blocks(seq)
         self.scheduler.add_running(seq)
+        if seq.params.grammar is not None:
+            # Made before the first token, so that it follows that token as the worker
+            # that sampled it did: one the grammar refuses (llguidance allows a few that
+            # it then rejects) stops the matcher and ends the sequence, as colocated.
+            seq.matcher = self.grammar_tokenizer.matcher(seq.params.grammar, [])
         return self._append(seq, first)
 
     def read_kv(self, seq: Sequence, layer: int, start: int, end: int):

@@ -22,6 +22,9 @@ from engine.sequence import Sequence, TokenLogprob
 # Dividing by a denormal temperature would overflow to inf and turn softmax into NaN;
 # below this the distribution is one-hot for any practical logits anyway.
 _MIN_TEMPERATURE = 1e-6
+# The most a repetition penalty may scale a logit by: far enough from float32's limits
+# that a scaled logit over the smallest temperature stays finite.
+_MIN_PENALTY = 1e-20
 # U in [0, 1) keeps -log(U) > 0, but were q ever 0, p / 0 would beat every real token.
 _MIN_NOISE = torch.finfo(torch.float32).tiny
 # Candidates examined for top-p, widening, before sorting the whole row.
@@ -187,6 +190,11 @@ def _apply_repetition(work: torch.Tensor, seqs: list[Sequence], rows: list[int])
     seen = [set(seqs[i].prompt_token_ids).union(seqs[i].output_token_ids) for i in rows]
     sizes = torch.tensor([len(ids) for ids in seen])
     penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rows])
+    # Beyond this range float32 fails: a logit over a penalty near 0 overflows to inf
+    # (softmax of the row is then NaN), a masked token's -inf times a penalty that
+    # rounds to 0 is NaN, and a NaN wins the draw whatever the grammar allows. Within
+    # it a seen token already beats (or loses to) every other.
+    penalty.clamp_(_MIN_PENALTY, 1 / _MIN_PENALTY)
     where = _flat_index(rows, sizes, seen, work.device)
     penalty = penalty.repeat_interleave(sizes).to(work.device)
     vals = work[where]
@@ -265,6 +273,7 @@ def _outside_nucleus(probs: torch.Tensor, limit: torch.Tensor, k: int):
     top_probs, top_ids = probs.topk(k, dim=-1)  # sorted, most likely first
     mass_before = top_probs.cumsum(dim=-1).sub_(top_probs)  # exactly 0 for the top token
     keep = mass_before < limit
+    keep[:, 0] = True  # even where top_p is below float32's smallest (0 < 0 is false)
     drop = torch.ones_like(probs, dtype=torch.bool).scatter_(1, top_ids, ~keep)
     spills = keep[:, -1] if k < probs.shape[1] else torch.zeros_like(keep[:, -1])
     return drop, spills

@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
 from pdserve_proto.security import NO_SECURITY, SecurityConfig
@@ -148,6 +149,13 @@ def _install_handlers(app: FastAPI, config: GatewayConfig, api_keys: ApiKeys) ->
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return await api_error(request, APIError(400, f"invalid request: {exc.errors()[:1]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, exc: StarletteHTTPException):
+        """No such path, or another method than the path takes: OpenAI's shape too."""
+        return await api_error(request, APIError(
+            exc.status_code, f"{exc.detail} ({request.method} {request.url.path})",
+            headers=dict(exc.headers or {})))
 
     @app.get("/health")
     async def health():

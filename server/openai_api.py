@@ -65,9 +65,36 @@ async def _json_body(request: Request) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested about a thousand deep
+        raise APIError(400, "the body is not valid JSON: nested too deeply",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    if _has_lone_surrogate(body):
+        raise APIError(400, "the body is not valid JSON: a string holds a lone UTF-16 "
+                            "surrogate (such as \\ud800), which is no character",
+                       code="invalid_json")
     return body
+
+
+def _has_lone_surrogate(body) -> bool:
+    """JSON's escapes let a string hold half of a UTF-16 pair (and Python's json reads
+    one from raw bytes too); no tokenizer and no UTF-8 response can take it. Walked
+    without recursion: the body may be nested hundreds deep."""
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value)
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def _check_model(state, model: str) -> None:

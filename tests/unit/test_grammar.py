@@ -8,6 +8,7 @@ import pytest
 
 from engine.errors import InvalidRequestError
 from engine.grammar import Grammar
+from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from tests.unit.conftest import tiny_engine
 
@@ -63,11 +64,35 @@ def test_a_matcher_rebuilt_from_the_output_continues_the_same_way(engine):
     # The same request, its first token given, its matcher made from it: as the decode
     # worker does after a remote prefill.
     seq = engine.reserve("continued", [9, 8, 7], params)
-    from engine.sampler import SampledToken
     engine.commit_imported(seq, SampledToken(whole.output_token_ids[0], None))
     while engine.has_unfinished_requests():
         engine.step()
     assert seq.output_token_ids == whole.output_token_ids
+
+
+@pytest.mark.parametrize("rule", [Grammar("regex", "\U000798a0x"),  # llguidance's own
+                                  Grammar("choice", json.dumps(["yes", "no"]))])
+def test_an_imported_token_off_the_grammar_ends_its_request_as_where_it_was_sampled(
+        engine, rule):
+    # llguidance allows the first byte of U+798A0 and then refuses it; colocated, that
+    # token stops the matcher and the sequence. Imported, its matcher was made from it
+    # in step(), raised, and killed the decode worker's engine thread.
+    params = SamplingParams(max_tokens=8, temperature=0, grammar=rule)
+    (colocated,) = engine.generate([[9, 8, 7]], params)[0]
+    allowed = engine.grammar_tokenizer.matcher(rule, []).allowed()
+    first = (colocated.output_token_ids[0] if rule.kind == "regex"
+             else int(allowed.logical_not().nonzero()[0]))  # one it never allows
+    seq = engine.reserve(f"off-grammar-{rule.kind}", [9, 8, 7], params)
+    engine.commit_imported(seq, SampledToken(first, None))
+    (beside,) = engine.add_request("beside", [1, 2, 3], SamplingParams(max_tokens=4,
+                                                                         temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seq.output_token_ids == [first] and seq.finish_reason == "stop"
+    if rule.kind == "regex":
+        assert colocated.output_token_ids == [first] and colocated.finish_reason == "stop"
+    assert beside.finish_reason == "length" and beside.num_output_tokens == 4
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 @pytest.mark.parametrize("grammar", [Grammar("json_schema", "{not json"),

@@ -117,6 +117,36 @@ def test_all_penalties_combine_in_order(other, expected):
     assert pick(row(t5=2.0, t6=other), seq) == expected
 
 
+class OnlyAllowed:
+    """A grammar's matcher that allows these tokens and no others."""
+
+    def __init__(self, *ids: int, vocab: int = 32):
+        self.mask = torch.zeros(vocab, dtype=torch.bool)
+        self.mask[list(ids)] = True
+
+    def allowed(self) -> torch.Tensor:
+        return self.mask
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=1),
+                                      dict(temperature=1.0),
+                                      dict(temperature=0.7, top_p=0.9, min_p=0.1, seed=2),
+                                      dict(temperature=1.5, top_k=3, seed=3)])
+def test_extreme_repetition_penalties_keep_the_draw_among_allowed_tokens(sampling):
+    # 1e-301 is 0 in float32: seen logits divided by it were inf, a seen token masked
+    # by the grammar (-inf) times it NaN, softmax of the row NaN, and the draw fell on
+    # token 0 whatever the grammar allowed.
+    logits = row(t5=2.0, t6=1.5, t7=-1.0, t9=3.0)
+    tiny = make_seq(prompt=(5, 6, 7), repetition_penalty=1e-301, **sampling)
+    assert pick(logits, tiny) in (5, 6)
+    tiny.matcher = OnlyAllowed(6, 7, 9)
+    assert pick(logits, tiny) == 6
+    huge = make_seq(prompt=(5, 6, 7), repetition_penalty=1e301, **sampling)
+    assert pick(logits, huge) in (5, 6, 9)  # 7 is at -1e20
+    huge.matcher = OnlyAllowed(5, 7)
+    assert pick(logits, huge) == 5
+
+
 def test_presence_and_frequency_ignore_prompt_tokens():
     seq = make_seq(prompt=[5, 5, 5], output=[9], temperature=0,
                    presence_penalty=2.0, frequency_penalty=2.0)
@@ -169,9 +199,12 @@ def test_top_k_keeps_exactly_the_k_best():
     assert {t.token_id for t in Sampler((EOS,))(logits, seqs)} == {3, 4}
 
 
-def test_small_top_p_keeps_only_the_top_token():
+@pytest.mark.parametrize("top_p", [0.01, 1e-300])
+def test_small_top_p_keeps_only_the_top_token(top_p):
+    # 1e-300 is 0 in float32: no token's mass was below it, all were dropped, and the
+    # draw fell on token 0 whatever the grammar allowed.
     logits = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
-    seqs = [make_seq(temperature=1.0, top_p=0.01) for _ in range(64)]
+    seqs = [make_seq(temperature=1.0, top_p=top_p) for _ in range(64)]
     assert [t.token_id for t in Sampler((EOS,))(logits, seqs)] == logits.argmax(-1).tolist()
 
 
