@@ -151,12 +151,31 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
             item.seq.prompt_logprobs.update(out.prompt_logprobs.get(item.seq.seq_id, {}))
             self.blocks.name_full_blocks(item.seq)
-        for seq in sampling:
+        failed = []
+        for i, seq in enumerate(sampling):
             if seq.params.grammar is not None and seq.matcher is None:
-                seq.matcher = self.grammar_tokenizer.matcher(seq.params.grammar,
-                                                             seq.output_token_ids)
-        sampled = self.sampler(out.logits, sampling)
-        return [self._append(seq, token) for seq, token in zip(sampling, sampled, strict=True)]
+                try:
+                    seq.matcher = self.grammar_tokenizer.matcher(seq.params.grammar,
+                                                                 seq.output_token_ids)
+                except Exception:  # this sequence's grammar state, not the batch's
+                    log.exception("grammar state of %s could not be built", seq)
+                    failed.append(i)
+        if failed:
+            outputs = [self._fail(sampling[i]) for i in failed]
+            keep = [i for i in range(len(sampling)) if i not in set(failed)]
+            sampling = [sampling[i] for i in keep]
+            logits = out.logits[keep]
+        else:
+            outputs, logits = [], out.logits
+        if not sampling:
+            return outputs
+        try:
+            sampled = self.sampler(logits, sampling)
+        except Exception:  # never leave the sequences (and their blocks) behind
+            log.exception("sampling failed; failing %d sequences", len(sampling))
+            return outputs + [self._fail(seq) for seq in sampling]
+        return outputs + [self._append(seq, token)
+                          for seq, token in zip(sampling, sampled, strict=True)]
 
     def _append(self, seq: Sequence, token: SampledToken) -> StepOutput:
         seq.output_token_ids.append(token.token_id)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.llm_engine import LLMEngine, StepOutput
+from engine.sequence import FinishReason
 from worker.status import StatusError
 
 log = logging.getLogger("pdserve.engine")
@@ -111,12 +112,26 @@ class EngineLoop:
                 task()
             if self.engine.has_unfinished_requests():
                 start = time.perf_counter()
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # a bug must not stop the thread: every request hangs
+                    log.exception("engine step failed; aborting every request")
+                    outputs = self._abort_all()
                 elapsed = time.perf_counter() - start
                 self.deliver(outputs)
                 for observe in self.step_observers:
                     observe(elapsed, outputs)
             self.stats = self._snapshot()
+
+    def _abort_all(self) -> list[StepOutput]:
+        """Every request ended as failed (their streams end with INTERNAL, their blocks
+        are freed): the engine's state is not to be trusted after an unexpected error."""
+        outputs = []
+        for request_id in list(self.engine.requests):
+            for out in self.engine.abort_request(request_id):
+                out.finish_reason = FinishReason.ERROR
+                outputs.append(out)
+        return outputs
 
     def _run_commands(self, block: bool) -> None:
         try:
