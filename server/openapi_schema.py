@@ -4,7 +4,9 @@ The handlers read and validate the body themselves (so that every bad request ge
 400 naming the field, and `null` means the default, as with OpenAI), which hides the
 body from FastAPI's generated document. This adds each endpoint's pydantic request
 model as its documented body, with the models it refers to under components/schemas,
-so that schema-driven clients and fuzzers see every field pdserve accepts.
+so that schema-driven clients and fuzzers see every field pdserve accepts, and the
+answers: the JSON response or, with `stream: true`, server-sent events, and every error
+status in OpenAI's error shape.
 """
 
 from fastapi import FastAPI
@@ -15,6 +17,22 @@ from server.protocol import ChatCompletionRequest, CompletionRequest
 REQUEST_BODIES = {"/v1/completions": CompletionRequest,
                   "/v1/chat/completions": ChatCompletionRequest}
 _REF = "#/components/schemas/{model}"
+ERROR_STATUSES = {
+    "400": "invalid request: the field at fault is named in `param`",
+    "401": "missing or wrong API key",
+    "404": "unknown model",
+    "413": "request body over --max-body-bytes",
+    "429": "admission queue full (Retry-After)",
+    "502": "a worker failed the request",
+    "503": "no healthy worker (Retry-After)",
+    "504": "the request ran past --request-timeout",
+}
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}}
 
 
 def install(app: FastAPI) -> None:
@@ -41,3 +59,14 @@ def add_request_bodies(document: dict) -> None:
             "required": True,
             "content": {"application/json": {"schema": {"$ref": _REF.format(
                 model=model.__name__)}}}}
+        operation["responses"] = {
+            "200": {"description": "the completion; with `stream: true`, server-sent "
+                                   "events of chunks ending with `data: [DONE]` (an error "
+                                   "after the first chunk comes as an event in the error "
+                                   "shape)",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **{status: {"description": text, "content": {"application/json": {
+                "schema": {"$ref": _REF.format(model="Error")}}}}
+               for status, text in ERROR_STATUSES.items()}}
+    schemas["Error"] = ERROR_SCHEMA

@@ -61,3 +61,16 @@ def test_tools_and_response_format_are_described(document):
 def test_every_reference_resolves(document):
     for ref in refs(document):
         assert isinstance(resolve(document, ref), dict)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_responses_name_every_status_and_the_error_shape(document, path):
+    from server.errors import APIError
+
+    responses = document["paths"][path]["post"]["responses"]
+    assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    for status in ("400", "401", "404", "413", "429", "502", "503", "504"):
+        schema = resolve(document, responses[status]["content"]["application/json"]
+                         ["schema"]["$ref"])
+        body = APIError(int(status), "x", param="p", code="c").body()
+        assert set(schema["properties"]["error"]["required"]) == set(body["error"])
