@@ -146,6 +146,10 @@ class Router:
                 failed.add(failure.worker)
                 if migrations >= self.migration_limit:
                     raise failure.error from None
+                ended = finished_by(sent, params, len(prompt), self.decode.max_seq_len)
+                if ended is not None:  # it had sent its last token; only the finish was lost
+                    yield FinishEvent(ended, len(prompt), len(sent))
+                    return
                 migrations += 1
                 if self.on_migrate is not None:
                     self.on_migrate()
@@ -335,6 +339,19 @@ class Router:
         if kind == "prompt_logprobs":
             return _prompt_logprobs(message.prompt_logprobs)
         raise APIError(502, f"decode worker sent an unexpected {kind!r} message")
+
+
+def finished_by(sent: list[int], params, prompt_tokens: int,
+                max_seq_len: int | None) -> str | None:
+    """The finish reason of a request whose worker failed after sending `sent`, when
+    those tokens already end it (the worker died between its last token and the
+    finish); None when it has more to generate."""
+    if len(sent) >= params.max_tokens or (
+            max_seq_len is not None and prompt_tokens + len(sent) >= max_seq_len):
+        return "length"
+    if sent and sent[-1] in params.stop_token_ids and len(sent) >= params.min_tokens:
+        return "stop"
+    return None
 
 
 class _RetryPrefill(Exception):
