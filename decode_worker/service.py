@@ -56,7 +56,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             await compile_grammar(params)
         except InvalidRequestError as exc:
             await status_of(exc).abort(context)
-        outputs = self.loop.subscribe(rid)
+        try:
+            outputs = self.loop.subscribe(rid)
+        except StatusError as exc:
+            await exc.abort(context)
         started = time.monotonic()
         finished = False
         try:

@@ -123,7 +123,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         sender = KvSender(self._channel(request.decode_address), header, asyncio.get_running_loop(),
                           layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
         arrived = time.monotonic()
-        outputs = self.loop.subscribe(rid)
+        outputs = self.loop.subscribe(rid)  # StatusError (ALREADY_EXISTS) ends the call
         transfer = self._transfers[rid] = _Transfer(
             sender, [first] * self.engine.model_config.num_layers)
         sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))

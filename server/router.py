@@ -156,18 +156,22 @@ class Router:
                 log.warning("request %s: %s after %d tokens; continuing on another decode "
                             "worker (migration %d of at most %d)", request_id,
                             failure.error.message, len(sent), migrations, self.migration_limit)
-                events = self._resumed(request_id, prompt, params, list(sent), failed, blocks)
+                events = self._resumed(f"{request_id}-m{migrations}", prompt, params,
+                                       list(sent), failed, blocks)
 
     async def _first_run(self, request_id: str, prompt: list[int], params,
                          blocks: PromptBlocks) -> AsyncIterator:
         failed_prefill: set[str] = set()
         for attempt in (1, 2):
-            worker, call, first = await self._open(request_id, prompt, params, blocks,
+            # A retry may land on the same decode worker before it has dropped the
+            # cancelled first attempt: a request id of its own, never "already running".
+            rid = request_id if attempt == 1 else f"{request_id}-retry"
+            worker, call, first = await self._open(rid, prompt, params, blocks,
                                                    failed_prefill=failed_prefill)
             if not first.HasField("reserved"):
                 events = self._colocated(worker, call, first, len(prompt))
             else:
-                events = self._disaggregated(request_id, prompt, params, worker, call,
+                events = self._disaggregated(rid, prompt, params, worker, call,
                                              first.reserved, failed_prefill, blocks, attempt)
             try:
                 async for event in events:

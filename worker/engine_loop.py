@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
+
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.sequence import FinishReason
 from worker.status import StatusError
@@ -66,7 +68,12 @@ class EngineLoop:
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
         """Outputs of this request: StepOutput items, or a StatusError when it fails
-        outside the model step (a lease expired, its KV was rejected)."""
+        outside the model step (a lease expired, its KV was rejected). A StatusError
+        (ALREADY_EXISTS) when the id is in flight already: taking over its queue would
+        leave the first caller waiting forever."""
+        if request_id in self._queues:
+            raise StatusError(grpc.StatusCode.ALREADY_EXISTS,
+                              f"request {request_id!r} is already in flight on this worker")
         q = self._queues[request_id] = asyncio.Queue()
         return q
 

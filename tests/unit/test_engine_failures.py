@@ -96,3 +96,24 @@ def test_a_step_that_raises_aborts_every_request_and_the_loop_goes_on(monkeypatc
             loop.stop()
 
     asyncio.run(main())
+
+
+def test_a_request_id_in_flight_is_refused_without_taking_its_queue():
+    import grpc
+
+    from worker.status import StatusError
+
+    async def main():
+        loop = EngineLoop(tiny_engine(), asyncio.get_running_loop())
+        first = loop.subscribe("same")
+        try:
+            loop.subscribe("same")
+        except StatusError as exc:
+            assert exc.code == grpc.StatusCode.ALREADY_EXISTS and "same" in exc.message
+        else:
+            raise AssertionError("a second subscription to an id in flight was accepted")
+        assert loop._queues["same"] is first
+        loop.unsubscribe("same")
+        loop.subscribe("same")  # free again once the first is done
+
+    asyncio.run(main())
