@@ -112,14 +112,16 @@ class LLMEngine:
             self.scheduler.add(seq)
         return seqs
 
-    def abort_request(self, request_id: str) -> list[StepOutput]:
-        """Cancel a request in any state and free its blocks at once."""
+    def abort_request(self, request_id: str,
+                      reason: FinishReason = FinishReason.ABORT) -> list[StepOutput]:
+        """Cancel a request in any state and free its blocks at once (`reason` ERROR:
+        it failed rather than being cancelled)."""
         outputs = []
         for seq in list(self.requests.get(request_id, ())):
             if not seq.is_finished:
-                self._finish(seq, FinishReason.ABORT)
+                self._finish(seq, reason)
                 outputs.append(StepOutput(request_id, seq.sample_index, None, None,
-                                          FinishReason.ABORT, seq, seq.num_output_tokens))
+                                          reason, seq, seq.num_output_tokens))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -151,24 +153,13 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
             item.seq.prompt_logprobs.update(out.prompt_logprobs.get(item.seq.seq_id, {}))
             self.blocks.name_full_blocks(item.seq)
-        failed = []
-        for i, seq in enumerate(sampling):
-            if seq.params.grammar is not None and seq.matcher is None:
-                try:
-                    seq.matcher = self.grammar_tokenizer.matcher(seq.params.grammar,
-                                                                 seq.output_token_ids)
-                except Exception:  # this sequence's grammar state, not the batch's
-                    log.exception("grammar state of %s could not be built", seq)
-                    failed.append(i)
-        if failed:
-            outputs = [self._fail(sampling[i]) for i in failed]
-            keep = [i for i in range(len(sampling)) if i not in set(failed)]
-            sampling = [sampling[i] for i in keep]
-            logits = out.logits[keep]
-        else:
-            outputs, logits = [], out.logits
-        if not sampling:
-            return outputs
+        outputs = [self._fail(seq) for seq in sampling if not self._has_matcher(seq)]
+        logits = out.logits
+        if outputs:  # rows of failed sequences leave the batch (a copy only then)
+            keep = [i for i, seq in enumerate(sampling) if not seq.is_finished]
+            sampling, logits = [sampling[i] for i in keep], logits[keep]
+            if not sampling:
+                return outputs
         try:
             sampled = self.sampler(logits, sampling)
         except Exception:  # never leave the sequences (and their blocks) behind
@@ -176,6 +167,18 @@ class LLMEngine:
             return outputs + [self._fail(seq) for seq in sampling]
         return outputs + [self._append(seq, token)
                           for seq, token in zip(sampling, sampled, strict=True)]
+
+    def _has_matcher(self, seq: Sequence) -> bool:
+        """Whether a constrained sequence has its grammar state (made at its first
+        sample); False when it cannot be built, which fails that sequence only."""
+        if seq.params.grammar is not None and seq.matcher is None:
+            try:
+                seq.matcher = self.grammar_tokenizer.matcher(seq.params.grammar,
+                                                             seq.output_token_ids)
+            except Exception:
+                log.exception("grammar state of %s could not be built", seq)
+                return False
+        return True
 
     def _append(self, seq: Sequence, token: SampledToken) -> StepOutput:
         seq.output_token_ids.append(token.token_id)

@@ -122,20 +122,18 @@ def run(args: argparse.Namespace) -> int:
     cores = sorted(os.sched_getaffinity(0))
     shares = core_shares(cores, len(roles)) if stack.pin else [None] * len(roles)
     children: list[ChildProcess] = []
-    restart: dict[str, Callable[[int], ChildProcess]] = {}  # name -> start again on a port
+    restart: dict[str, Callable[[int], ChildProcess]] = {}  # name -> start on a port
     try:
         counts: dict[str, int] = {}
         for role, share in zip(roles, shares, strict=True):
             counts[role] = counts.get(role, 0) + 1
             name = f"{role}-{counts[role]}"
             threads = len(share) if share else max(1, len(cores) // len(roles))
-            children.append(ChildProcess(name, _worker_argv(role, args, threads),
-                                         cores=share, env=_child_env(args, role), echo=True,
-                                         die_with_parent=True))
             restart[name] = (lambda port, name=name, role=role, threads=threads, share=share:
                              ChildProcess(name, _worker_argv(role, args, threads, port),
                                           cores=share, env=_child_env(args, role), echo=True,
                                           die_with_parent=True))
+            children.append(restart[name](0))  # any free port; a restart reuses it
         addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
         for child in children:
             addresses[child.name.split("-")[0]].append(child.wait_listening(START_TIMEOUT))

@@ -67,7 +67,7 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     tokenizer = GatewayTokenizer.from_folder(folder)
     metrics = GatewayMetrics()
 
-    def on_health(worker, removed: bool = False) -> None:
+    def on_health(worker, removed: bool = False, restarted: bool = False) -> None:
         if removed:
             metrics.forget_worker(worker.address, worker.role)
             return
@@ -76,7 +76,8 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
         h = worker.health if worker.healthy else None
         hit_ratio = (h.prefix_hit_tokens / h.prefix_queried_tokens
                      if h and h.prefix_queried_tokens else 0.0)
-        metrics.worker_restarts(worker.address, worker.role, worker.restarts)
+        if restarted:
+            metrics.worker_restarted(worker.address, worker.role)
         metrics.worker_health(worker.address, worker.role, worker.healthy,
                               h.free_kv_blocks if h else 0, h.total_kv_blocks if h else 0,
                               h.running if h else 0, h.waiting if h else 0,

@@ -69,7 +69,6 @@ class GatewayMetrics:
         self.restarts = Counter(
             "pdserve_worker_restarts", "Times a new worker process was seen answering at a "
             "worker's address.", WORKER_LABELS, registry=r)
-        self._restarts_seen: dict[tuple[str, str], int] = {}
         self.running = Gauge("pdserve_requests_running", "Requests generating.", registry=r)
         self.waiting = Gauge("pdserve_requests_waiting", "Requests waiting for admission.",
                              registry=r)
@@ -96,6 +95,7 @@ class GatewayMetrics:
                       total_blocks: int, running: int, waiting: int,
                       queued_prompt_tokens: int, prefix_hit_ratio: float = 0.0) -> None:
         g = {k: v.labels(address, role) for k, v in self.worker_gauges.items()}
+        self.restarts.labels(address, role)  # the series exists at 0 from the first report
         g["prefix_hit"].set(prefix_hit_ratio)
         g["up"].set(1 if up else 0)
         g["usage"].set(1 - free_blocks / total_blocks if total_blocks else 0)
@@ -104,19 +104,13 @@ class GatewayMetrics:
         g["waiting"].set(waiting)
         g["queued"].set(queued_prompt_tokens)
 
-    def worker_restarts(self, address: str, role: str, restarts: int) -> None:
-        """The pool's count of a worker's restarts, as a counter."""
-        seen = self._restarts_seen.get((address, role), 0)
-        counter = self.restarts.labels(address, role)  # exists at 0 from the first report
-        if restarts > seen:
-            counter.inc(restarts - seen)
-            self._restarts_seen[address, role] = restarts
+    def worker_restarted(self, address: str, role: str) -> None:
+        self.restarts.labels(address, role).inc()
 
     def migrated(self) -> None:
         self.migrations.inc()
 
     def forget_worker(self, address: str, role: str) -> None:
-        self._restarts_seen.pop((address, role), None)
         for gauge in (*self.worker_gauges.values(), self.restarts):
             try:
                 gauge.remove(address, role)

@@ -137,7 +137,8 @@ class WorkerPool:
         self.resolve_interval = resolve_interval
         self.fail_after = fail_after
         self.health_timeout = health_timeout
-        self.on_health = on_health  # callback(worker) after every poll, for metrics
+        # callback(worker, removed=, restarted=) after every poll, for metrics
+        self.on_health = on_health
         self.security = security  # every channel's token and TLS
         self.workers: dict[str, Worker] = {}
         self._tasks: list[asyncio.Task] = []
@@ -194,6 +195,7 @@ class WorkerPool:
             log.info("%s pool: %s left (no longer behind its name)", self.role, address)
 
     async def _poll(self, worker: Worker) -> None:
+        restarted = False
         try:
             health = await worker.stub.Health(
                 common_pb2.HealthRequest(known_prefix_version=worker.prefix_version),
@@ -201,7 +203,8 @@ class WorkerPool:
             if not worker.healthy:
                 log.info("%s worker %s is healthy", self.role, worker.address)
             worker.healthy, worker.failures = True, 0
-            if worker.take_report(health):
+            restarted = worker.take_report(health)
+            if restarted:
                 log.warning("%s worker %s was restarted (restart %d seen by this gateway)",
                             self.role, worker.address, worker.restarts)
         except grpc.aio.AioRpcError as exc:
@@ -209,7 +212,7 @@ class WorkerPool:
             worker.prefix_version, worker.prefix_blocks = 0, frozenset()
             self.report_failure(worker, f"{exc.code().name}: {exc.details()}", poll=True)
         if self.on_health:
-            self.on_health(worker, removed=False)
+            self.on_health(worker, removed=False, restarted=restarted)
 
     def report_failure(self, worker: Worker, error: str, *, poll: bool = False) -> None:
         """A failed poll counts towards `fail_after`; a failed call takes it out at once."""

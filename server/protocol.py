@@ -68,10 +68,11 @@ class _Common(Guided):
     # Token id (as a string, JSON keys are) -> bias added to its logit.
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] \
         | None = None
+    # false: at most one tool call is read back (chat; see server.tools).
+    parallel_tool_calls: bool | None = None
     # OpenAI fields pdserve does not implement: refused unless at their "off" value.
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: bool | None = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -121,7 +122,6 @@ class ChatCompletionRequest(_Common):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
 
     @property
     def callable_tools(self) -> list[ToolDef]:
@@ -173,10 +173,10 @@ def parse_chat_request(body: dict) -> ChatCompletionRequest:
             if part.text is None:
                 raise invalid(param, f"{param}.{j}: a text part needs a 'text' string")
     check_history(req.messages)
-    if req.forces_call and requested_grammar(req) is not None:
+    constraint = requested_grammar(req)
+    if req.forces_call and constraint is not None:
         raise invalid("tool_choice", f"tool_choice {_show(_dump(req.tool_choice))} forces a "
-                                     f"tool call and cannot be combined with "
-                                     f"{requested_grammar(req)[2]}")
+                                     f"tool call and cannot be combined with {constraint[2]}")
     return req
 
 

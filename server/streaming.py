@@ -51,19 +51,20 @@ class ResponseView:
 
     @property
     def max_calls(self) -> int | None:
-        return 1 if getattr(self.req, "parallel_tool_calls", None) is False else None
+        return 1 if self.req.parallel_tool_calls is False else None
 
     def call_stream(self) -> CallStream | None:
         return CallStream(self.tools, self.max_calls) if self.tools else None
 
-    def chunk(self, delta: Delta, text: str, offset: int = 0, message: dict | None = None,
-              finish_reason: str | None = None) -> dict:
+    def chunk(self, delta: Delta, text: str, offset: int = 0,
+              message: dict | None = None) -> dict:
+        """A chunk of `delta` with `text`; chat: with `message` as its delta instead,
+        when given (a tool call's part)."""
         if self.chat:
             if message is None:
                 message = {"content": text} if text else {}
             return responses.chat_chunk(self.id, self.model, self.created, delta.index,
-                                       message, finish_reason or delta.finish_reason,
-                                       self.logprobs(delta))
+                                       message, delta.finish_reason, self.logprobs(delta))
         return responses.completion_chunk(self.id, self.model, self.created, delta.index, text,
                                          delta.finish_reason, self.logprobs(delta, offset))
 

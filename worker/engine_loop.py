@@ -133,12 +133,8 @@ class EngineLoop:
     def _abort_all(self) -> list[StepOutput]:
         """Every request ended as failed (their streams end with INTERNAL, their blocks
         are freed): the engine's state is not to be trusted after an unexpected error."""
-        outputs = []
-        for request_id in list(self.engine.requests):
-            for out in self.engine.abort_request(request_id):
-                out.finish_reason = FinishReason.ERROR
-                outputs.append(out)
-        return outputs
+        return [out for request_id in list(self.engine.requests)
+                for out in self.engine.abort_request(request_id, FinishReason.ERROR)]
 
     def _run_commands(self, block: bool) -> None:
         try:

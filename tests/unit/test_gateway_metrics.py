@@ -64,10 +64,11 @@ def test_worker_gauges_and_forgetting_a_worker():
 def test_restarts_and_migrations_count_up_once_each():
     m = GatewayMetrics()
     labels = (("role", "decode"), ("worker", "10.0.0.1:50052"))
-    m.worker_restarts("10.0.0.1:50052", "decode", 0)
+    m.worker_health("10.0.0.1:50052", "decode", True, free_blocks=1, total_blocks=1,
+                    running=0, waiting=0, queued_prompt_tokens=0)
     assert samples(m)[("pdserve_worker_restarts_total", labels)] == 0
-    for seen in (1, 1, 3):  # the pool's running count, reported at every poll
-        m.worker_restarts("10.0.0.1:50052", "decode", seen)
+    for _ in range(3):  # a restart seen by the pool
+        m.worker_restarted("10.0.0.1:50052", "decode")
     m.migrated()
     m.migrated()
     s = samples(m)
