@@ -144,12 +144,12 @@ class Router:
                 return
             except _DecodeFailed as failure:
                 failed.add(failure.worker)
-                if migrations >= self.migration_limit:
-                    raise failure.error from None
                 ended = finished_by(sent, params, len(prompt), self.decode.max_seq_len)
                 if ended is not None:  # it had sent its last token; only the finish was lost
                     yield FinishEvent(ended, len(prompt), len(sent))
                     return
+                if migrations >= self.migration_limit:
+                    raise failure.error from None
                 migrations += 1
                 if self.on_migrate is not None:
                     self.on_migrate()
