@@ -22,8 +22,8 @@ async def _serve(config: DecodeConfig, engine_config: EngineConfig,
     from worker.engine_loop import EngineLoop
     from worker.grpc_server import serve
 
-    engine = LLMEngine(engine_config)
-    engine_loop = EngineLoop(engine, asyncio.get_running_loop())
+    engine_loop = await EngineLoop.create(lambda: LLMEngine(engine_config))
+    engine = engine_loop.engine
     service = DecodeService(engine_loop, engine_fingerprint(engine), config.lease_timeout)
     await serve("decode", config, security, engine_loop,
                 lambda server: add_decode_service(service, server),

@@ -22,8 +22,8 @@ async def _serve(config: PrefillConfig, engine_config: EngineConfig,
     from worker.engine_loop import EngineLoop
     from worker.grpc_server import serve
 
-    engine = LLMEngine(engine_config)
-    engine_loop = EngineLoop(engine, asyncio.get_running_loop())
+    engine_loop = await EngineLoop.create(lambda: LLMEngine(engine_config))
+    engine = engine_loop.engine
     service = PrefillService(engine_loop, engine_fingerprint(engine), layerwise=config.layerwise,
                              max_chunk_bytes=config.kv_chunk_bytes,
                              transfer_timeout=config.transfer_timeout, security=security)
