@@ -3,7 +3,7 @@ prefill and decode speed for 1 and 16 streams, with 97- and 512-token prompts.
 
     .venv/bin/python bench/engine_throughput.py [--streams 1 16] [--prompt-tokens 97 512]
         [--new-tokens 128] [--rounds 3] [--quantization none int8 int4] [--dtype bfloat16]
-        [--no-llama-cpp] [--transformers]
+        [--eager] [--no-llama-cpp] [--transformers]
 
 pdserve: the engine in this process, the default model (converted from the GGUF file
 that llama.cpp reads), `--streams` prompts of the corpus added together; prefill tok/s
@@ -14,8 +14,9 @@ build` (skipped, saying why, where it is not built): one stream from `llama-benc
 streams from `llama-server` with that many slots and its prompt cache off, the same
 prompts sent at once (decode tok/s: generated tokens over the longest generation
 phase in its timings). `--transformers` adds transformers' `generate()` in the same
-dtype, the earlier baseline. Best of `--rounds`, alternating, so that a noisy
-neighbour slows every engine rather than one.
+dtype, the earlier baseline. `--eager` adds each quantization with its decode steps run
+eagerly (`--no-decode-graphs`), to measure what the recorded graphs save. Best of
+`--rounds`, alternating, so that a noisy neighbour slows every engine rather than one.
 """
 
 import argparse
@@ -114,6 +115,8 @@ def parse_args() -> argparse.Namespace:
                         choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"],
                         choices=["none", "int8", "int4"])
+    parser.add_argument("--eager", action="store_true",
+                        help="also each quantization with --no-decode-graphs")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--transformers", action="store_true")
     return parser.parse_args()
@@ -144,18 +147,21 @@ def peers(args) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    engines = {q: LLMEngine(EngineConfig(
+    variants = [(q, True) for q in args.quantization]
+    if args.eager:
+        variants += [(q, False) for q in args.quantization]
+    engines = {f"{q}{'' if graphs else ' eager'}": LLMEngine(EngineConfig(
         model="default", device="cpu", dtype=args.dtype, quantization=q,
         kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens + 16),
-        max_num_seqs=max(args.streams), max_num_batched_tokens=2048))
-        for q in args.quantization}
+        max_num_seqs=max(args.streams), max_num_batched_tokens=2048, decode_graphs=graphs))
+        for q, graphs in variants}
     from engine.loader import load_tokenizer
 
     tokenizer = load_tokenizer(next(iter(engines.values())).files)
     others = peers(args)
     print(f"default model ({args.dtype}), {args.threads} threads, {args.new_tokens} new tokens "
           f"per stream, best of {args.rounds} alternating rounds; tok/s (prefill, decode)")
-    print(f"{'engine':>16} {'streams':>7} {'prompt':>6} {'prefill':>9} {'decode':>8}")
+    print(f"{'engine':>20} {'streams':>7} {'prompt':>6} {'prefill':>9} {'decode':>8}")
     for streams in args.streams:
         for length in args.prompt_tokens:
             prompts = corpus_prompts(tokenizer, streams, length)
@@ -169,7 +175,7 @@ def main() -> None:
                     best[name] = tuple(max(a, b) for a, b in zip(best[name], rates,
                                                                  strict=True))
             for name, (prefill, decode) in best.items():
-                print(f"{name:>16} {streams:>7} {length:>6} {prefill:>9.1f} {decode:>8.1f}",
+                print(f"{name:>20} {streams:>7} {length:>6} {prefill:>9.1f} {decode:>8.1f}",
                       flush=True)
 
 

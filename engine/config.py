@@ -61,6 +61,9 @@ class EngineConfig:
     prefix_caching: bool = _flag(True, "keep the full KV blocks of finished sequences and "
                                        "reuse them for later prompts with the same prefix")
     num_threads: int | None = _flag(None, "CPU threads for torch (default: torch's choice)")
+    decode_graphs: bool = _flag(True, "CPU: replay decode steps of up to 16 sequences from a "
+                                      "graph recorded once per batch size (the same ops "
+                                      "without Python's per-op cost; same output)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

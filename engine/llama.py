@@ -24,11 +24,16 @@ LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class Linear(nn.Linear):
-    # A oneDNN copy of the weight for CPU GEMMs (engine.cpu_linear), set by prepack(),
-    # and the weight-only kernel of a quantized layer, set by quantize(). Plain
-    # attributes rather than buffers: they are derived, never saved or loaded.
-    packed: torch.Tensor | None = None
+    # The weight-only kernel of a quantized layer, set by quantize(); derived, never saved.
     quantized = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A oneDNN copy of the weight for CPU GEMMs (engine.cpu_linear), set by
+        # prepack(). A buffer outside the state dict: derived, never saved or loaded, and
+        # a recorded decode step (engine.decode_graph) reads it as the module's own
+        # (TorchScript cannot hold a oneDNN tensor as a constant).
+        self.register_buffer("packed", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed, self.quantized)

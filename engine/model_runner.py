@@ -17,6 +17,7 @@ from engine.config import (
     DEFAULT_CUDA_KV_FRACTION,
     EngineConfig,
 )
+from engine.decode_graph import DecodeGraphs
 from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
 from engine.llama import LlamaModel
 from engine.loader import ModelFiles, iter_weights
@@ -123,6 +124,8 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(config)
         self.kv_cache = KVCache(files.config, self.num_blocks, self.block_size,
                                 self.dtype, self.device)
+        self.decode_graphs = (DecodeGraphs(self.model, self.kv_cache)
+                              if config.decode_graphs and self.device.type == "cpu" else None)
         log.info("model %s on %s/%s, quantization %s, KV cache %d blocks x %d tokens",
                  files.name, self.device, str(self.dtype).removeprefix("torch."),
                  self.quantization, self.num_blocks, self.block_size)
@@ -162,7 +165,12 @@ class ModelRunner:
         ordered = sampling_order(batch)
         input_ids, positions, meta, spans = self._prepare(ordered)
         callback = _export_callback(ordered, spans, export) if export else None
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, callback)
+        hidden = None
+        if callback is None and self.decode_graphs is not None \
+                and self.decode_graphs.covers(meta):
+            hidden = self.decode_graphs.run(input_ids, positions, meta)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, callback)
         prompt_logprobs = self._prompt_logprobs(ordered, spans, hidden)
         last = [end - 1 for item, (_, end, _) in zip(ordered, spans, strict=True)
                 if item.samples]

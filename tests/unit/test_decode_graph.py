@@ -1,0 +1,75 @@
+"""Decode steps replayed from recorded graphs (engine.decode_graph) give the same logits,
+bit for bit, as the eager model: every batch size, growing contexts across block
+boundaries, each dtype and quantization."""
+
+import pytest
+import torch
+
+from engine.sampling_params import SamplingParams
+from tests.unit.conftest import tiny_engine
+
+
+def recorded_logits(engine, prompts, max_tokens):
+    """Every step's logits while `prompts` generate together (greedy)."""
+    steps = []
+    run = engine.runner.run
+
+    def recording(batch, export=None):
+        out = run(batch, export)
+        steps.append(out.logits.clone())
+        return out
+
+    engine.runner.run = recording
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
+    engine.generate(prompts, params)
+    return steps
+
+
+# Prompts of different lengths and outputs that end at different steps, so the batch
+# shrinks (new batch sizes) while the contexts cross the 4-token blocks.
+PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17], [20 + i for i in range(13)], [99]]
+MAX_TOKENS = [9, 14, 6, 11]
+
+
+# Which batch sizes of 1-4 get a graph: those whose linear layers avoid oneDNN's prepacked
+# GEMM (float32 from 4 rows, bf16 unless a weight-only kernel takes the rows).
+@pytest.mark.parametrize("dtype,quantization,recorded", [
+    ("float32", "none", [1, 2, 3]), ("bfloat16", "none", []), ("bfloat16", "int4", [1, 2, 3, 4]),
+    ("bfloat16", "int8", [1, 2, 3, 4]), ("float32", "int8", [1, 2, 3, 4])])
+def test_replayed_decode_steps_equal_the_eager_model(dtype, quantization, recorded):
+    eager = tiny_engine(dtype=dtype, quantization=quantization, decode_graphs=False)
+    graphs = tiny_engine(dtype=dtype, quantization=quantization)
+    assert eager.runner.decode_graphs is None
+    want = recorded_logits(eager, PROMPTS, MAX_TOKENS)
+    got = recorded_logits(graphs, PROMPTS, MAX_TOKENS)
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), f"step {step} differs"
+    # Batches of 4, 3, 2 and 1 sequences decoded, each from its own graph where it can.
+    assert graphs.runner.decode_graphs.recorded == recorded
+
+
+def test_a_graph_recorded_at_one_context_serves_every_other():
+    """The first graph records a short context; later steps of much longer ones must
+    read their whole context (a baked-in length would cut it or fail)."""
+    eager = tiny_engine(decode_graphs=False)
+    graphs = tiny_engine()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    short = graphs.generate([[7, 8]], params)[0][0].output_token_ids
+    assert short == eager.generate([[7, 8]], params)[0][0].output_token_ids
+    long_prompt = [(13 * i) % 200 + 1 for i in range(150)]
+    want = recorded_logits(eager, [long_prompt], [20])
+    got = recorded_logits(graphs, [long_prompt], [20])
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert graphs.runner.decode_graphs.recorded == [1]
+
+
+def test_large_batches_and_prompt_chunks_run_eagerly():
+    engine = tiny_engine()
+    graphs = engine.runner.decode_graphs
+    graphs.max_rows = 2
+    prompts = [[3 + i, 50 + i] for i in range(5)]
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    # Five sequences decode together: too many rows; no graph for 5 (or for prefills).
+    assert graphs.recorded == []
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
