@@ -8,9 +8,12 @@ same bits (tests/unit/test_decode_graph.py). On 2 cores the default model's one-
 forward took 9.1 ms replayed against 12.4 ms eager.
 
 One graph per batch size, because the linear layers pick their kernel by row count
-(engine.cpu_linear); sizes are recorded on first use, each in about the time of a step
-plus 0.3 s. The graph takes the slot tables and the padding mask as inputs, so the
-context length varies freely. Steps with a prompt chunk, more than `max_rows` rows or a
+(engine.cpu_linear). Recording one takes about 0.3 s, so it never happens inside a
+step: `record_next()` records the smallest missing size on a scratch KV cache of one
+block, and the workers call it while the engine is idle (worker.engine_loop), from
+startup on; a step whose size has no graph yet runs eagerly. The graph takes the KV
+cache, the slot tables and the padding mask as inputs, so the context length varies
+freely. Steps with a prompt chunk, more than `max_rows` rows or a
 KV export run eagerly, and so do batch sizes whose step cannot be recorded: oneDNN's
 prepacked GEMM (bf16 layers that are not quantized, float32 from 4 rows) takes an
 argument the tracer cannot hold. The default model in bf16 with int4 weights is recorded
@@ -68,37 +71,45 @@ class DecodeGraphs:
         return sorted(self._graphs)
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        return (not meta.prefills and 0 < meta.num_decode <= self.max_rows
-                and meta.num_decode not in self._eager)
+        return not meta.prefills and meta.num_decode in self._graphs
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states after the final norm, as LlamaModel.forward returns them (None
-        when this batch size cannot be recorded: run the model eagerly)."""
-        args = (input_ids, positions, self._kv, meta.slot_mapping, meta.decode_slots,
-                meta.decode_mask)
-        graph = self._graphs.get(meta.num_decode)
-        if graph is None:
-            graph = self._record(meta.num_decode, args)
-            if graph is None:
-                return None
-        return graph(*args)
+        """Hidden states after the final norm, as LlamaModel.forward returns them."""
+        return self._graphs[meta.num_decode](input_ids, positions, self._kv,
+                                             meta.slot_mapping, meta.decode_slots,
+                                             meta.decode_mask)
 
-    def _record(self, rows: int, args) -> torch.jit.ScriptModule | None:
-        # Recording runs the step: K/V written into the cache before a failure are the
-        # values the eager step then writes again into the same slots.
-        with warnings.catch_warnings():
+    def record_next(self) -> bool:
+        """Record the smallest batch size not tried yet; False when none is left."""
+        for rows in range(1, self.max_rows + 1):
+            if rows not in self._graphs and rows not in self._eager:
+                self._record(rows)
+                return True
+        return False
+
+    def record_all(self) -> None:
+        while self.record_next():
+            pass
+
+    def _record(self, rows: int) -> None:
+        # Scratch inputs: one block of KV (every row writes and reads slot 0), so the
+        # recording touches no block of the real cache, which may hold cached prefixes.
+        kv = self._kv
+        scratch = kv.new_zeros(kv.shape[0], kv.shape[1], 1, *kv.shape[3:])
+        ids = torch.zeros(rows, dtype=torch.long, device=kv.device)
+        slots = torch.zeros(rows, 1, dtype=torch.long, device=kv.device)
+        mask = torch.zeros(rows, 1, 1, 1, dtype=kv.dtype, device=kv.device)
+        args = (ids, ids, scratch, ids, slots, mask)
+        with warnings.catch_warnings(), torch.inference_mode():
             # Shapes read while tracing warn; the ones read here are the batch size,
             # fixed per graph, and the model's constants. torch.jit is deprecated in
             # favour of torch.compile, which is slower here (see above).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                graph = torch.jit.trace(self._step, args, check_trace=False)
+                self._graphs[rows] = torch.jit.trace(self._step, args, check_trace=False)
             except (RuntimeError, AttributeError) as error:
                 log.debug("decode steps of %d rows run eagerly: %s", rows,
                           str(error).splitlines()[0] if str(error) else type(error).__name__)
                 self._eager.add(rows)
-                return None
-        self._graphs[rows] = graph
-        return graph

@@ -165,11 +165,10 @@ class ModelRunner:
         ordered = sampling_order(batch)
         input_ids, positions, meta, spans = self._prepare(ordered)
         callback = _export_callback(ordered, spans, export) if export else None
-        hidden = None
         if callback is None and self.decode_graphs is not None \
                 and self.decode_graphs.covers(meta):
             hidden = self.decode_graphs.run(input_ids, positions, meta)
-        if hidden is None:
+        else:
             hidden = self.model(input_ids, positions, self.kv_cache, meta, callback)
         prompt_logprobs = self._prompt_logprobs(ordered, spans, hidden)
         last = [end - 1 for item, (_, end, _) in zip(ordered, spans, strict=True)

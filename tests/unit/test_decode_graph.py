@@ -39,7 +39,10 @@ MAX_TOKENS = [9, 14, 6, 11]
 def test_replayed_decode_steps_equal_the_eager_model(dtype, quantization, recorded):
     eager = tiny_engine(dtype=dtype, quantization=quantization, decode_graphs=False)
     graphs = tiny_engine(dtype=dtype, quantization=quantization)
-    assert eager.runner.decode_graphs is None
+    assert eager.runner.decode_graphs is None and not eager.record_decode_graph()
+    graphs.runner.decode_graphs.max_rows = 4
+    while graphs.record_decode_graph():
+        pass
     want = recorded_logits(eager, PROMPTS, MAX_TOKENS)
     got = recorded_logits(graphs, PROMPTS, MAX_TOKENS)
     assert len(got) == len(want)
@@ -47,16 +50,18 @@ def test_replayed_decode_steps_equal_the_eager_model(dtype, quantization, record
         assert torch.equal(a, b), f"step {step} differs"
     # Batches of 4, 3, 2 and 1 sequences decoded, each from its own graph where it can.
     assert graphs.runner.decode_graphs.recorded == recorded
+    assert graphs.blocks.num_free_blocks == graphs.blocks.num_blocks
 
 
-def test_a_graph_recorded_at_one_context_serves_every_other():
-    """The first graph records a short context; later steps of much longer ones must
-    read their whole context (a baked-in length would cut it or fail)."""
+def test_a_graph_recorded_on_scratch_inputs_serves_every_context():
+    """Graphs are recorded on a one-slot scratch cache; steps of long contexts must read
+    their whole context from the real one (a baked-in length or cache would not)."""
     eager = tiny_engine(decode_graphs=False)
     graphs = tiny_engine()
-    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    short = graphs.generate([[7, 8]], params)[0][0].output_token_ids
-    assert short == eager.generate([[7, 8]], params)[0][0].output_token_ids
+    graphs.runner.decode_graphs.max_rows = 1
+    kv_before = graphs.runner.kv_cache.tensor.clone()
+    assert graphs.record_decode_graph() and not graphs.record_decode_graph()
+    assert torch.equal(graphs.runner.kv_cache.tensor, kv_before)  # recording wrote none
     long_prompt = [(13 * i) % 200 + 1 for i in range(150)]
     want = recorded_logits(eager, [long_prompt], [20])
     got = recorded_logits(graphs, [long_prompt], [20])
@@ -64,12 +69,18 @@ def test_a_graph_recorded_at_one_context_serves_every_other():
     assert graphs.runner.decode_graphs.recorded == [1]
 
 
-def test_large_batches_and_prompt_chunks_run_eagerly():
+def test_steps_without_a_graph_run_eagerly_and_record_nothing():
     engine = tiny_engine()
     graphs = engine.runner.decode_graphs
     graphs.max_rows = 2
+    while engine.record_decode_graph():
+        pass
+    assert graphs.recorded == [1, 2]
     prompts = [[3 + i, 50 + i] for i in range(5)]
     engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    # Five sequences decode together: too many rows; no graph for 5 (or for prefills).
-    assert graphs.recorded == []
+    # Five sequences decode together: no graph for 5 rows, none recorded in a step.
+    assert graphs.recorded == [1, 2]
+    fresh = tiny_engine()
+    fresh.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert fresh.runner.decode_graphs.recorded == []
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

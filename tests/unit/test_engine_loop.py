@@ -60,3 +60,26 @@ def test_a_loop_stopped_before_it_started_ends_its_thread():
 
     thread = asyncio.run(scenario())
     assert not thread.is_alive()
+
+
+def test_decode_graphs_are_recorded_while_the_engine_is_idle():
+    async def scenario():
+        loop = await EngineLoop.create(lambda: tiny_engine(kv_cache_tokens=256, seed=1))
+        loop.start()
+        try:
+            recorded: list[int] = []
+            deadline = time.monotonic() + 30
+            while recorded != [1, 2, 3] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                recorded = await loop.call(lambda e: e.runner.decode_graphs.recorded)
+            queue = loop.subscribe("r1")
+            params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+            await loop.call(lambda e: e.add_request("r1", [5, 6, 7, 8], params))
+            while not (await asyncio.wait_for(queue.get(), 30)).finished:
+                pass
+            return recorded
+        finally:
+            loop.stop()
+
+    # float32: one to three rows avoid oneDNN's prepacked GEMM (engine.decode_graph).
+    assert asyncio.run(scenario()) == [1, 2, 3]
