@@ -158,9 +158,9 @@ def main() -> None:
         # the first round's KV and time no prefill at all.
         prefix_caching=False))
         for q, graphs in variants}
-    for engine in engines.values():  # as a worker does while idle
-        while engine.record_decode_graph():
-            pass
+    for engine in engines.values():  # what a worker records while idle, up front
+        if engine.runner.decode_graphs is not None:
+            engine.runner.decode_graphs.record_all()
     from engine.loader import load_tokenizer
 
     tokenizer = load_tokenizer(next(iter(engines.values())).files)

@@ -8,10 +8,12 @@ same bits (tests/unit/test_decode_graph.py). On 2 cores the default model's one-
 forward took 9.1 ms replayed against 12.4 ms eager.
 
 One graph per batch size, because the linear layers pick their kernel by row count
-(engine.cpu_linear). Recording one takes about 0.3 s, so it never happens inside a
-step: `record_next()` records the smallest missing size on a scratch KV cache of one
-block, and the workers call it while the engine is idle (worker.engine_loop), from
-startup on; a step whose size has no graph yet runs eagerly. The graph takes the KV
+(engine.cpu_linear). Recording one takes 0.3-1 s, so it never happens inside a step:
+a decode step whose size has no graph runs eagerly and asks for one, and
+`record_next()` records it on a scratch KV cache of one block, which the workers call
+while the engine is idle (worker.engine_loop). Only sizes that were used get recorded:
+a prefill worker, which runs no decode steps, records none, and a worker start costs
+nothing (recording all 16 sizes up front took 8-17 s of CPU a worker). The graph takes the KV
 cache, the slot tables and the padding mask as inputs, so the context length varies
 freely. Steps with a prompt chunk, more than `max_rows` rows or a
 KV export run eagerly, and so do batch sizes whose step cannot be recorded: oneDNN's
@@ -64,6 +66,7 @@ class DecodeGraphs:
         self._kv = kv_cache.tensor
         self._graphs: dict[int, torch.jit.ScriptModule] = {}
         self._eager: set[int] = set()  # batch sizes whose step could not be recorded
+        self._wanted: set[int] = set()  # sizes run eagerly so far, to record when idle
         self.max_rows = max_rows
 
     @property
@@ -71,7 +74,16 @@ class DecodeGraphs:
         return sorted(self._graphs)
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        return not meta.prefills and meta.num_decode in self._graphs
+        """Whether this step replays a graph; a decode step of a size without one asks
+        for it to be recorded."""
+        if meta.prefills:
+            return False
+        rows = meta.num_decode
+        if rows in self._graphs:
+            return True
+        if rows <= self.max_rows and rows not in self._eager:
+            self._wanted.add(rows)
+        return False
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:
@@ -81,14 +93,18 @@ class DecodeGraphs:
                                              meta.decode_mask)
 
     def record_next(self) -> bool:
-        """Record the smallest batch size not tried yet; False when none is left."""
-        for rows in range(1, self.max_rows + 1):
-            if rows not in self._graphs and rows not in self._eager:
-                self._record(rows)
-                return True
-        return False
+        """Record the smallest size asked for; False when none is waiting."""
+        if not self._wanted:
+            return False
+        rows = min(self._wanted)
+        self._wanted.discard(rows)
+        self._record(rows)
+        return True
 
     def record_all(self) -> None:
+        """Every size up to max_rows at once (benchmarks, tests)."""
+        self._wanted.update(r for r in range(1, self.max_rows + 1)
+                            if r not in self._graphs and r not in self._eager)
         while self.record_next():
             pass
 

@@ -128,8 +128,9 @@ class LLMEngine:
         return self.scheduler.has_work
 
     def record_decode_graph(self) -> bool:
-        """Idle-time work: record one more decode graph (engine.decode_graph), about
-        0.3 s for the default model. False when there is nothing left to record."""
+        """Idle-time work: record a decode graph that a step asked for
+        (engine.decode_graph), 0.3-1 s for the default model. False when none is
+        waiting."""
         graphs = self.runner.decode_graphs
         return graphs is not None and graphs.record_next()
 

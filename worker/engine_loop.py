@@ -149,7 +149,7 @@ class EngineLoop:
             q.put_nowait(error)
 
     def _run(self) -> None:
-        recording = True  # decode graphs are left to record, a batch size per idle turn
+        recording = False  # a decode graph may be waiting to be recorded (idle work)
         while not self._stop.is_set():
             busy = self.engine.has_unfinished_requests()
             self._run_commands(block=not busy and not recording)
@@ -166,6 +166,7 @@ class EngineLoop:
                 self.deliver(outputs)
                 for observe in self.step_observers:
                     observe(elapsed, outputs)
+                recording = True  # the step may have asked for a graph
             elif recording:
                 recording = self._record_decode_graph()
             self.stats = self._snapshot()

@@ -41,8 +41,7 @@ def test_replayed_decode_steps_equal_the_eager_model(dtype, quantization, record
     graphs = tiny_engine(dtype=dtype, quantization=quantization)
     assert eager.runner.decode_graphs is None and not eager.record_decode_graph()
     graphs.runner.decode_graphs.max_rows = 4
-    while graphs.record_decode_graph():
-        pass
+    graphs.runner.decode_graphs.record_all()
     want = recorded_logits(eager, PROMPTS, MAX_TOKENS)
     got = recorded_logits(graphs, PROMPTS, MAX_TOKENS)
     assert len(got) == len(want)
@@ -60,7 +59,7 @@ def test_a_graph_recorded_on_scratch_inputs_serves_every_context():
     graphs = tiny_engine()
     graphs.runner.decode_graphs.max_rows = 1
     kv_before = graphs.runner.kv_cache.tensor.clone()
-    assert graphs.record_decode_graph() and not graphs.record_decode_graph()
+    graphs.runner.decode_graphs.record_all()
     assert torch.equal(graphs.runner.kv_cache.tensor, kv_before)  # recording wrote none
     long_prompt = [(13 * i) % 200 + 1 for i in range(150)]
     want = recorded_logits(eager, [long_prompt], [20])
@@ -69,18 +68,21 @@ def test_a_graph_recorded_on_scratch_inputs_serves_every_context():
     assert graphs.runner.decode_graphs.recorded == [1]
 
 
-def test_steps_without_a_graph_run_eagerly_and_record_nothing():
+def test_steps_without_a_graph_run_eagerly_and_ask_for_one():
     engine = tiny_engine()
     graphs = engine.runner.decode_graphs
     graphs.max_rows = 2
-    while engine.record_decode_graph():
-        pass
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert not engine.record_decode_graph()  # nothing asked for yet: a start costs nothing
+    engine.generate([[3, 50]], params)
+    # One row decoded eagerly (no recording inside a step) and asked for its graph.
+    assert graphs.recorded == []
+    assert engine.record_decode_graph() and not engine.record_decode_graph()
+    assert graphs.recorded == [1]
+    # Five rows: above max_rows, never asked for; two rows: asked for, recorded later.
+    engine.generate([[3 + i, 50 + i] for i in range(5)], params)
+    engine.generate([[7, 8], [9, 10]], params)
+    assert graphs.recorded == [1]
+    assert engine.record_decode_graph() and not engine.record_decode_graph()
     assert graphs.recorded == [1, 2]
-    prompts = [[3 + i, 50 + i] for i in range(5)]
-    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    # Five sequences decode together: no graph for 5 rows, none recorded in a step.
-    assert graphs.recorded == [1, 2]
-    fresh = tiny_engine()
-    fresh.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    assert fresh.runner.decode_graphs.recorded == []
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
