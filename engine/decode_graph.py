@@ -8,20 +8,19 @@ same bits (tests/unit/test_decode_graph.py). On 2 cores the default model's one-
 forward took 9.1 ms replayed against 12.4 ms eager.
 
 One graph per batch size, because the linear layers pick their kernel by row count
-(engine.cpu_linear). Recording one takes 0.3-1 s, so it never happens inside a step:
-a decode step whose size has no graph runs eagerly and asks for one, and
-`record_next()` records it on a scratch KV cache of one block, which the workers call
-while the engine is idle (worker.engine_loop). Only sizes that were used get recorded:
-a prefill worker, which runs no decode steps, records none, and a worker start costs
-nothing (recording all 16 sizes up front took 8-17 s of CPU a worker). The graph takes the KV
-cache, the slot tables and the padding mask as inputs, so the context length varies
-freely. Steps with a prompt chunk, more than `max_rows` rows or a
-KV export run eagerly, and so do batch sizes whose step cannot be recorded: oneDNN's
-prepacked GEMM (bf16 layers that are not quantized, float32 from 4 rows) takes an
-argument the tracer cannot hold. The default model in bf16 with int4 weights is recorded
-up to 10 rows, where its int4 kernels serve. torch.compile was tried first and was
-slower here (dynamo's guard checks cost about 60 us a layer; compiling the whole model
-copies the KV cache).
+(engine.cpu_linear). Recording one takes 0.3-1 s, so it never happens inside a step: a
+decode step whose size has no graph runs eagerly and asks for one, and `record_next()`
+records it on a scratch KV cache of one block, which the workers call while the engine
+is idle (worker.engine_loop). Only sizes that were used get recorded: a prefill worker,
+which runs no decode steps, records none, and a worker start costs nothing (recording
+all 16 sizes up front took 8-17 s of CPU a worker). The graph takes the KV cache, the
+slot tables and the padding mask as inputs, so the context length varies freely. Steps
+with a prompt chunk, more than `max_rows` rows or a KV export run eagerly, and so do
+batch sizes whose step cannot be recorded: oneDNN's prepacked GEMM (bf16 layers that are
+not quantized, float32 from 4 rows) takes an argument the tracer cannot hold. The
+default model in bf16 with int4 weights is recorded up to 10 rows, where its int4
+kernels serve. torch.compile was tried first and was slower here (dynamo's guard checks
+cost about 60 us a layer; compiling the whole model copies the KV cache).
 """
 
 import logging
@@ -51,12 +50,8 @@ class _DecodeStep(nn.Module):
     def forward(self, input_ids, positions, kv, slot_mapping, decode_slots, decode_mask):
         meta = AttentionMetadata(slot_mapping, input_ids.shape[0], decode_slots,
                                  decode_mask, [])
-        model = self.model
-        hidden = model.embed_tokens(input_ids)
-        cos, sin = model.rotary.tables(positions, hidden.dtype)
-        for index, layer in enumerate(model.layers):
-            hidden, _, _ = layer(hidden, cos, sin, kv[0, index], kv[1, index], meta)
-        return model.norm(hidden)
+        return self.model.run_layers(input_ids, positions,
+                                     lambda index: (kv[0, index], kv[1, index]), meta)
 
 
 class DecodeGraphs:

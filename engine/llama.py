@@ -114,10 +114,17 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, on_layer_kv: LayerKVCallback | None = None):
         """Hidden states after the final norm for every token of the flat batch."""
+        return self.run_layers(input_ids, positions, kv_cache.layer, meta, on_layer_kv)
+
+    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                   layer_cache: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                   meta: AttentionMetadata, on_layer_kv: LayerKVCallback | None = None):
+        """forward() with the cache given as layer index -> (K, V) cache tensors: a
+        recorded decode step (engine.decode_graph) takes the cache as a traced input."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(positions, hidden.dtype)
         for index, layer in enumerate(self.layers):
-            k_cache, v_cache = kv_cache.layer(index)
+            k_cache, v_cache = layer_cache(index)
             hidden, k, v = layer(hidden, cos, sin, k_cache, v_cache, meta)
             if on_layer_kv is not None:
                 on_layer_kv(index, k, v)
