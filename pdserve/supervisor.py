@@ -66,7 +66,7 @@ class Supervisor:
         if watch.due is None:
             watch.due = now + watch.delay
             _say(f"{child.name} exited with code {child.proc.returncode}; restarting it "
-                 f"on port {self.ports[child.name]} in {watch.delay:.0f} s")
+                 f"on port {self.ports[child.name]} in {watch.delay:g} s")
             return None
         if now < watch.due:
             return None
