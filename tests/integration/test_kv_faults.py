@@ -246,7 +246,7 @@ def test_lease_expires_when_no_kv_arrives(w):
     started = time.monotonic()
 
     err = stream_error(stream)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # the 1 s lease (slack for a busy machine)
     # The worker's status, not the client's 30 s deadline.
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
     assert "expired" in err.details() and reserved.lease_id in err.details()
@@ -367,7 +367,7 @@ def test_full_decode_worker_refuses_reservation_at_once(w):
 
     started = time.monotonic()
     err = rpc_error(lambda: reserve(w.small, "full-2", prompt_of(200, seed=10)))
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20  # at once, not after the held 60 s lease
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
     assert "200 prompt tokens" in err.details() and "free" in err.details()
     # Refused before any prefill work: the prefill worker saw nothing.
