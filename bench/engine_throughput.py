@@ -3,7 +3,7 @@ prefill and decode speed for 1 and 16 streams, with 97- and 512-token prompts.
 
     .venv/bin/python bench/engine_throughput.py [--streams 1 16] [--prompt-tokens 97 512]
         [--new-tokens 128] [--rounds 3] [--quantization none int8 int4] [--dtype bfloat16]
-        [--eager] [--no-llama-cpp] [--transformers]
+        [--eager] [--torch-kernels] [--no-llama-cpp] [--transformers]
 
 pdserve: the engine in this process, the default model (converted from the GGUF file
 that llama.cpp reads), `--streams` prompts of the corpus added together; prefill tok/s
@@ -15,7 +15,9 @@ streams from `llama-server` with that many slots and its prompt cache off, the s
 prompts sent at once (decode tok/s: generated tokens over the longest generation
 phase in its timings). `--transformers` adds transformers' `generate()` in the same
 dtype, the earlier baseline. `--eager` adds each quantization with its decode steps run
-eagerly (`--no-decode-graphs`), to measure what the recorded graphs save. Best of
+eagerly (`--no-decode-graphs`), to measure what the recorded graphs save;
+`--torch-kernels` int8/int4 with PyTorch's weight-only kernels instead of pdserve's
+VNNI ones (`--no-native-kernels`). Best of
 `--rounds`, alternating, so that a noisy neighbour slows every engine rather than one.
 """
 
@@ -117,6 +119,8 @@ def parse_args() -> argparse.Namespace:
                         choices=["none", "int8", "int4"])
     parser.add_argument("--eager", action="store_true",
                         help="also each quantization with --no-decode-graphs")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="also int8/int4 with --no-native-kernels (PyTorch's kernels)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--transformers", action="store_true")
     return parser.parse_args()
@@ -147,17 +151,23 @@ def peers(args) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    variants = [(q, True) for q in args.quantization]
+    # (quantization, decode graphs, pdserve's kernels)
+    variants = [(q, True, True) for q in args.quantization]
     if args.eager:
-        variants += [(q, False) for q in args.quantization]
-    engines = {f"{q}{'' if graphs else ' eager'}": LLMEngine(EngineConfig(
-        model="default", device="cpu", dtype=args.dtype, quantization=q,
-        kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens + 16),
-        max_num_seqs=max(args.streams), max_num_batched_tokens=2048, decode_graphs=graphs,
-        # Each round sends the same prompts: a prefix cache would answer them from
-        # the first round's KV and time no prefill at all.
-        prefix_caching=False))
-        for q, graphs in variants}
+        variants += [(q, False, True) for q in args.quantization]
+    if args.torch_kernels:
+        variants += [(q, True, False) for q in args.quantization if q != "none"]
+    engines = {f"{q}{'' if graphs else ' eager'}{'' if native else ' torch'}": LLMEngine(
+        EngineConfig(
+            model="default", device="cpu", dtype=args.dtype, quantization=q,
+            kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens
+                                                 + 16),
+            max_num_seqs=max(args.streams), max_num_batched_tokens=2048,
+            decode_graphs=graphs, native_kernels=native,
+            # Each round sends the same prompts: a prefix cache would answer them from
+            # the first round's KV and time no prefill at all.
+            prefix_caching=False))
+        for q, graphs, native in variants}
     for engine in engines.values():  # what a worker records while idle, up front
         if engine.runner.decode_graphs is not None:
             engine.runner.decode_graphs.record_all()

@@ -27,10 +27,14 @@ from engine.scheduler import ScheduledSeq  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
-# float32 activations with int8/int4 weights isolate what the weights cost (PyTorch's
-# float32 weight-only kernels are slow, so `auto` never picks them; they are exact here).
-SETTINGS = (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"),
-            ("bfloat16", "int4"), ("float32", "int8"), ("float32", "int4"))
+# (dtype, quantization, pdserve's VNNI kernels). float32 activations with int8/int4
+# weights isolate what the weights cost (PyTorch's float32 weight-only kernels are slow,
+# so `auto` never picks them; they are exact here); bf16 int8/int4 run with pdserve's
+# kernels (int8 activations) and with PyTorch's (bf16 activations).
+SETTINGS = (("float32", "none", False), ("bfloat16", "none", False),
+            ("bfloat16", "int8", True), ("bfloat16", "int8", False),
+            ("bfloat16", "int4", True), ("bfloat16", "int4", False),
+            ("float32", "int8", False), ("float32", "int4", False))
 
 
 def teacher_forced_logits(engine: LLMEngine, tokens: list[int]) -> torch.Tensor:
@@ -69,26 +73,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {}
     tokens = want = None
-    for dtype, quantization in SETTINGS:
+    for dtype, quantization, native in SETTINGS:
         engine = LLMEngine(EngineConfig(model="default", device="cpu", dtype=dtype,
-                                        quantization=quantization, kv_cache_tokens=4096))
+                                        quantization=quantization, kv_cache_tokens=4096,
+                                        native_kernels=native))
         if tokens is None:
             from engine.loader import load_tokenizer
 
             tokens = load_tokenizer(engine.files).encode(CORPUS.read_text())[:args.tokens]
             want = targets(tokens, args.window)
-        results[(dtype, quantization)] = corpus_logits(engine, tokens, args.window)
+        results[(dtype, quantization, native)] = corpus_logits(engine, tokens, args.window)
         del engine
     reference = results[SETTINGS[0]]
     print(f"default model, {len(want)} next-token predictions over the bundled corpus "
           f"(windows of {args.window}), against {SETTINGS[0][0]}/{SETTINGS[0][1]}")
-    print(f"{'dtype':>9} {'quant':>5} {'max |err|':>10} {'mean |err|':>11} "
+    print(f"{'dtype':>9} {'quant':>5} {'kernels':>8} {'max |err|':>10} {'mean |err|':>11} "
           f"{'top-1 agree':>12} {'perplexity':>11}")
-    for (dtype, quantization), logits in results.items():
+    for (dtype, quantization, native), logits in results.items():
+        kernels = "-" if quantization == "none" else "pdserve" if native else "pytorch"
         error = (logits - reference).abs()
         agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         nll = torch.nn.functional.cross_entropy(logits, want).item()
-        print(f"{dtype:>9} {quantization:>5} {error.max().item():>10.3f} "
+        print(f"{dtype:>9} {quantization:>5} {kernels:>8} {error.max().item():>10.3f} "
               f"{error.mean().item():>11.4f} {agree:>11.1%} {math.exp(nll):>11.3f}")
 
 

@@ -12,13 +12,15 @@ Two tricks, both measured on the default model on 2 cores (AMD EPYC, AVX512-BF16
   fp32 (1.2-4.7x) and from 16 rows on in bf16 (1.1-1.4x); a single fp32 row is doubled,
   because MKL's GEMV reads the weights at a third of a 2-row GEMM's speed.
 
-Quantized weights (engine.quantization) go through PyTorch's weight-only kernels for
-the few rows of a decode step, where reading the weights is the whole cost: 4-bit codes
-are a quarter of bf16's bytes (the 120 linear layers of the default model: 15.8 ms in
-bf16, 5.9 ms in int4 for one row here). From `*_MAX_ROWS` rows on the kernels' integer
-unpacking costs more than the bytes save, and the layer multiplies by the same weights
-dequantized to the model's dtype instead (prepacked as above): one model, two kernels,
-results within the dtype's rounding of each other.
+Quantized weights (engine.quantization) go through weight-only kernels for the few
+rows of a decode step, where reading the weights is the whole cost: 4-bit codes are a
+quarter of bf16's bytes (the 120 linear layers of the default model: 15.8 ms in bf16,
+5.9 ms in int4 for one row here). With bfloat16 activations these are pdserve's own
+VNNI kernels (engine.native_linear) up to a full decode batch of 16 rows; otherwise
+PyTorch's, up to `*_MAX_ROWS` rows, beyond which their integer unpacking costs more than
+the bytes save. More rows multiply by the same weights dequantized to the model's dtype
+(prepacked as above): one model, two kernels, results within the dtype's rounding of
+each other.
 
 Forms and batch sizes round differently in the last bits of fp32, which is why the
 golden tests compare tokens, one by one and batched.
@@ -30,6 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from engine import native_linear
 from engine.quantization import Int4Groups, Int8Rows, QuantizedWeight
 
 log = logging.getLogger("pdserve.engine")
@@ -40,7 +43,7 @@ PACKED_MIN_ROWS_FP32 = 4
 # The batch size oneDNN tunes the packed layout for: a full decode batch. Any row count
 # works with it; prompts are compute-bound and barely care.
 PACK_FOR_ROWS = 16
-# Most rows for which the weight-only kernels beat the dequantized, prepacked weights.
+# Most rows for which PyTorch's weight-only kernels beat the dequantized, prepacked weights.
 # Decode steps of the default model in bf16, 2 cores (kernel vs dequantized, ms): int4
 # 15.8 vs 28.0 at 2 rows, 28.4 vs 32.8 at 8, even at 12, 44.1 vs 38.9 at 16; int8 24.7
 # vs 28.1 at 4 rows, 35.6 vs 29.0 at 6.
@@ -102,16 +105,32 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype
+def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype, native: bool = True
                       ) -> tuple[QuantizedMatmul, int] | None:
     """The weight-only kernel for `weight` with activations of `dtype`, and the most rows
-    it should take; None where this build or CPU lacks the kernel or it does not compute
-    x @ weight.dequantize().T on a probe (then the dequantized weight serves alone)."""
+    it should take: pdserve's VNNI kernel with bfloat16 activations where `native` and it
+    runs here, else PyTorch's. None where neither runs or computes x @ weight.dequantize().T
+    on a probe (then the dequantized weight serves alone)."""
+    candidates: list[tuple[Callable[[], QuantizedMatmul | None], int]] = []
+    if native and dtype == torch.bfloat16:
+        candidates.append((lambda: _native_matmul(weight), native_linear.MAX_ROWS))
+    if isinstance(weight, Int4Groups):
+        candidates.append((lambda: _int4_matmul(weight, dtype), INT4_MAX_ROWS))
+    else:
+        candidates.append((lambda: _int8_matmul(weight, dtype), INT8_MAX_ROWS))
+    for make, max_rows in candidates:
+        matmul = _checked(make, weight, dtype)
+        if matmul is not None:
+            return matmul, max_rows
+    return None
+
+
+def _checked(make: Callable[[], QuantizedMatmul | None], weight: QuantizedWeight,
+             dtype: torch.dtype) -> QuantizedMatmul | None:
     try:
-        if isinstance(weight, Int4Groups):
-            matmul, max_rows = _int4_matmul(weight, dtype), INT4_MAX_ROWS
-        else:
-            matmul, max_rows = _int8_matmul(weight, dtype), INT8_MAX_ROWS
+        matmul = make()
+        if matmul is None:
+            return None
         probe = torch.linspace(-1, 1, 3 * weight.q.shape[1]).view(3, -1)
         got = matmul(probe.to(dtype)).float()
     except (RuntimeError, AttributeError) as error:
@@ -125,7 +144,13 @@ def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype
         log.warning("the %s kernel disagrees with its dequantized weight; not using it",
                     type(weight).__name__)
         return None
-    return matmul, max_rows
+    return matmul
+
+
+def _native_matmul(weight: QuantizedWeight) -> QuantizedMatmul | None:
+    if isinstance(weight, Int4Groups):
+        return native_linear.int4_matmul(weight)
+    return native_linear.int8_matmul(weight)
 
 
 def _int4_matmul(weight: Int4Groups, dtype: torch.dtype) -> QuantizedMatmul:

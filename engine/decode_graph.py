@@ -18,9 +18,10 @@ slot tables and the padding mask as inputs, so the context length varies freely.
 with a prompt chunk, more than `max_rows` rows or a KV export run eagerly, and so do
 batch sizes whose step cannot be recorded: oneDNN's prepacked GEMM (bf16 layers that are
 not quantized, float32 from 4 rows) takes an argument the tracer cannot hold. The
-default model in bf16 with int4 weights is recorded up to 10 rows, where its int4
-kernels serve. torch.compile was tried first and was slower here (dynamo's guard checks
-cost about 60 us a layer; compiling the whole model copies the KV cache).
+default model in bf16 with int4 weights is recorded at every size up to 16 rows, where
+pdserve's VNNI kernels serve (up to 10 with PyTorch's int4 kernel). torch.compile was
+tried first and was slower here (dynamo's guard checks cost about 60 us a layer;
+compiling the whole model copies the KV cache).
 """
 
 import logging

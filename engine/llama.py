@@ -42,11 +42,12 @@ class Linear(nn.Linear):
         self.packed = prepack(self.weight)
         return self.packed is not None
 
-    def quantize(self, weight: QuantizedWeight) -> bool:
+    def quantize(self, weight: QuantizedWeight, native: bool = True) -> bool:
         """Make this layer the quantized one: its float weight becomes the dequantized
-        codes (what many rows multiply by), few rows go through the kernel."""
+        codes (what many rows multiply by), few rows go through the kernel (pdserve's
+        own where `native` and it runs, see engine.cpu_linear)."""
         self.weight.data = weight.dequantize().to(self.weight.dtype)
-        self.quantized = prepare_quantized(weight, self.weight.dtype)
+        self.quantized = prepare_quantized(weight, self.weight.dtype, native)
         return self.quantized is not None
 
 
@@ -143,7 +144,7 @@ class LlamaModel(nn.Module):
         return linear(hidden, self.head_weight, packed=self._packed_head,
                       quantized=self._quantized_head)
 
-    def quantize(self, weights: dict[str, QuantizedWeight]) -> int:
+    def quantize(self, weights: dict[str, QuantizedWeight], native: bool = True) -> int:
         """Quantize the layers named in `weights` ('layers.0.qkv_proj.weight', and
         'lm_head.weight' for the head, tied or not); before prepack(). Returns how many
         got a quantized kernel."""
@@ -153,10 +154,10 @@ class LlamaModel(nn.Module):
             if name == "lm_head.weight":
                 dtype = self.head_weight.dtype
                 self._head_weight = weight.dequantize().to(dtype)
-                self._quantized_head = prepare_quantized(weight, dtype)
+                self._quantized_head = prepare_quantized(weight, dtype, native)
                 count += self._quantized_head is not None
             else:
-                count += modules[name.removesuffix(".weight")].quantize(weight)
+                count += modules[name.removesuffix(".weight")].quantize(weight, native)
         return count
 
     def prepack(self) -> int:

@@ -141,7 +141,8 @@ class ModelRunner:
         self.weights_digest = weights_digest(model, files.config)
         plan = quantize.quantized_weights(self.quantization, model, files)
         if plan:
-            log.debug("%d weight-only quantized kernels", model.quantize(plan))
+            log.debug("%d weight-only quantized kernels",
+                      model.quantize(plan, native=config.native_kernels))
         if self.device.type == "cpu":
             log.debug("prepacked %d CPU GEMM weights", model.prepack())
         return model
