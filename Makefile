@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "from model_store.default_model import ensure_default_model as e; print(e())"
 	# Compile pdserve's VNNI kernels into the cache once (about 15 s; skipped where the CPU
 	# or compiler cannot: PyTorch's kernels serve then).
-	$(BIN)/python -m engine.native_linear
+	$(BIN)/python -m engine.native_kernels
 	touch $(STAMP)
 
 run: $(STAMP)

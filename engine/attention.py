@@ -58,19 +58,20 @@ def build_decode_tables(block_tables: list[list[int]], context_lens: list[int],
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, native: bool = False) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, KVH, D] for the new tokens; caches: [slots, KVH, D].
 
-    Writes the new K/V into the cache, then attends. Returns [N, H, D].
+    Writes the new K/V into the cache, then attends. Returns [N, H, D]. `native`: decode
+    tokens go through pdserve's kernel (engine.native_kernels; bf16 on the CPU).
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode
     if not meta.prefills:  # a pure decode step, the common case: no copy into `out`
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return _decode_attention(q, k_cache, v_cache, meta, scale, native)
     out = q.new_empty(q.shape)
     if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, native)
     for span in meta.prefills:
         out[span.start:span.end] = _prefill_attention(
             q[span.start:span.end], k[span.start:span.end], v[span.start:span.end],
@@ -92,9 +93,16 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
-def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                      native: bool = False):
     """One token per sequence. The query heads that share a KV head are laid out as that
-    head's query rows, so SDPA reads each K/V once instead of repeating it per group."""
+    head's query rows, so SDPA reads each K/V once instead of repeating it per group.
+    pdserve's kernel reads them in place through the slot table instead of gathering
+    them (3x faster for one sequence, 2x for 16; equal to float32 rounding, one bf16
+    rounding of the result)."""
+    if native:
+        return torch.ops.pdserve.decode_attention(q, k_cache, v_cache, meta.decode_slots,
+                                                  meta.decode_mask, scale)
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     keys = _gather(k_cache, meta.decode_slots).transpose(1, 2)     # [B, KVH, L, D]

@@ -64,11 +64,10 @@ class EngineConfig:
     decode_graphs: bool = _flag(True, "CPU: replay decode steps of up to 16 sequences from a "
                                       "graph recorded once per batch size (the same ops "
                                       "without Python's per-op cost; same output)")
-    native_kernels: bool = _flag(True, "CPU: decode steps of int4/int8 layers with bfloat16 "
-                                       "activations run pdserve's AVX512-VNNI kernels "
-                                       "(compiled once with the system C++ compiler; "
-                                       "float32-exact); off, or where they cannot run: "
-                                       "PyTorch's weight-only kernels")
+    native_kernels: bool = _flag(True, "CPU, bfloat16: decode steps run pdserve's AVX512-VNNI "
+                                       "kernels for int4/int8 layers and for attention over "
+                                       "the paged cache (compiled once with the system C++ "
+                                       "compiler); off, or where they cannot run: PyTorch's")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -16,7 +16,7 @@ Quantized weights (engine.quantization) go through weight-only kernels for the f
 rows of a decode step, where reading the weights is the whole cost: 4-bit codes are a
 quarter of bf16's bytes (the 120 linear layers of the default model: 15.8 ms in bf16,
 5.9 ms in int4 for one row here). With bfloat16 activations these are pdserve's own
-VNNI kernels (engine.native_linear) up to a full decode batch of 16 rows; otherwise
+VNNI kernels (engine.native_kernels) up to a full decode batch of 16 rows; otherwise
 PyTorch's, up to `*_MAX_ROWS` rows, beyond which their integer unpacking costs more than
 the bytes save. More rows multiply by the same weights dequantized to the model's dtype
 (prepacked as above): one model, two kernels, results within the dtype's rounding of
@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from engine import native_linear
+from engine import native_kernels
 from engine.quantization import Int4Groups, Int8Rows, QuantizedWeight
 
 log = logging.getLogger("pdserve.engine")
@@ -113,7 +113,7 @@ def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype, native: bool 
     on a probe (then the dequantized weight serves alone)."""
     candidates: list[tuple[Callable[[], QuantizedMatmul | None], int]] = []
     if native and dtype == torch.bfloat16:
-        candidates.append((lambda: _native_matmul(weight), native_linear.MAX_ROWS))
+        candidates.append((lambda: _native_matmul(weight), native_kernels.MAX_ROWS))
     if isinstance(weight, Int4Groups):
         candidates.append((lambda: _int4_matmul(weight, dtype), INT4_MAX_ROWS))
     else:
@@ -149,8 +149,8 @@ def _checked(make: Callable[[], QuantizedMatmul | None], weight: QuantizedWeight
 
 def _native_matmul(weight: QuantizedWeight) -> QuantizedMatmul | None:
     if isinstance(weight, Int4Groups):
-        return native_linear.int4_matmul(weight)
-    return native_linear.int8_matmul(weight)
+        return native_kernels.int4_matmul(weight)
+    return native_kernels.int8_matmul(weight)
 
 
 def _int4_matmul(weight: Int4Groups, dtype: torch.dtype) -> QuantizedMatmul:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import native_kernels
 from engine.attention import AttentionMetadata, paged_attention
 from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.kv_cache import KVCache
@@ -79,6 +80,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # pdserve's decode attention kernel; set by LlamaModel.use_native_attention().
+        self.native_attention = False
 
     def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         n, heads = hidden.shape[0], self.num_heads
@@ -88,7 +91,8 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk_size:].view(n, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
+                               self.native_attention)
         hidden = hidden + self.o_proj(attn.reshape(n, -1))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         hidden = hidden + self.down_proj(F.silu(gate) * up)
@@ -159,6 +163,21 @@ class LlamaModel(nn.Module):
             else:
                 count += modules[name.removesuffix(".weight")].quantize(weight, native)
         return count
+
+    def use_native_attention(self) -> bool:
+        """Decode tokens attend through pdserve's kernel (engine.native_kernels) where it
+        takes this model: bf16 on the CPU, head sizes 16-128, at most 16 query heads per
+        KV head. Returns whether it does."""
+        cfg = self.cfg
+        fits = (self.embed_tokens.weight.device.type == "cpu"
+                and self.embed_tokens.weight.dtype == torch.bfloat16
+                and cfg.head_dim in (16, 32, 64, 128)
+                and cfg.num_heads % cfg.num_kv_heads == 0
+                and cfg.num_heads // cfg.num_kv_heads <= 16)
+        on = fits and native_kernels.load()
+        for layer in self.layers:
+            layer.native_attention = on
+        return on
 
     def prepack(self) -> int:
         """Pack every GEMM weight for the CPU (see engine.cpu_linear); call once the

@@ -145,6 +145,8 @@ class ModelRunner:
                       model.quantize(plan, native=config.native_kernels))
         if self.device.type == "cpu":
             log.debug("prepacked %d CPU GEMM weights", model.prepack())
+        if config.native_kernels and self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            log.debug("native decode attention: %s", model.use_native_attention())
         return model
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:

@@ -1,5 +1,5 @@
 // Weight-only int4 and int8 linear layers for the few rows of a decode step, on
-// AVX512-VNNI CPUs (engine/native_linear.py builds and checks this file).
+// AVX512-VNNI CPUs (engine/native_kernels.py builds and checks this file).
 //
 // Why not PyTorch's own kernels: they convert every weight to a float before
 // multiplying, and that unpacking costs more than the memory the codes save. Here the

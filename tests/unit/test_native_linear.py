@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import engine.cpu_linear as cpu_linear
-import engine.native_linear as native_linear
+import engine.native_kernels as native_kernels
 from engine.cpu_linear import prepare_quantized
 from engine.quantization import Int4Groups, Int8Rows
 
-pytestmark = pytest.mark.skipif(not native_linear.load(),
+pytestmark = pytest.mark.skipif(not native_kernels.load(),
                                 reason="pdserve's VNNI kernels cannot run on this machine")
 
 FORMATS = {"int4": Int4Groups.from_float, "int8": Int8Rows.from_float}
-MATMULS = {"int4": native_linear.int4_matmul, "int8": native_linear.int8_matmul}
+MATMULS = {"int4": native_kernels.int4_matmul, "int8": native_kernels.int8_matmul}
 
 
 def weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -56,7 +56,7 @@ def reference(x: torch.Tensor, quantized: Int4Groups | Int8Rows) -> torch.Tensor
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("rows", range(1, native_linear.MAX_ROWS + 1))
+@pytest.mark.parametrize("rows", range(1, native_kernels.MAX_ROWS + 1))
 def test_every_row_count_follows_the_formula_in_float32(fmt, rows):
     quantized = FORMATS[fmt](weight(48, 96, seed=rows))
     x = activations(rows, 96, seed=rows)
@@ -90,7 +90,7 @@ def test_two_int8_terms_carry_the_activations_beyond_bfloat16(fmt):
 def test_a_decode_step_uses_it_with_bfloat16_only():
     quantized = Int4Groups.from_float(weight(64, 96))
     native = prepare_quantized(quantized, torch.bfloat16)
-    assert native is not None and native[1] == native_linear.MAX_ROWS
+    assert native is not None and native[1] == native_kernels.MAX_ROWS
     assert prepare_quantized(quantized, torch.bfloat16, native=False)[1] \
         == cpu_linear.INT4_MAX_ROWS
     x = activations(2, 96).bfloat16()
@@ -104,19 +104,19 @@ def test_a_wrong_layout_is_caught_at_load_and_pytorch_kernels_serve(fmt, monkeyp
     quantized = FORMATS[fmt](weight(64, 96))
     x = activations(2, 96).bfloat16()
     if fmt == "int4":
-        right = native_linear.pack_int4
+        right = native_kernels.pack_int4
 
         def scales_of_the_wrong_rows(w):  # scale[n] read for row n + 1
             codes, scale, minimum = right(w)
             return codes, scale.roll(1, dims=-1).contiguous(), minimum
-        monkeypatch.setattr(native_linear, "pack_int4", scales_of_the_wrong_rows)
+        monkeypatch.setattr(native_kernels, "pack_int4", scales_of_the_wrong_rows)
     else:
-        right = native_linear.pack_int8
+        right = native_kernels.pack_int8
 
         def codes_not_shifted(w):  # signed codes where the kernel reads code + 128
             codes, scale = right(w)
             return (codes.to(torch.int16) - 128).to(torch.uint8).contiguous(), scale
-        monkeypatch.setattr(native_linear, "pack_int8", codes_not_shifted)
+        monkeypatch.setattr(native_kernels, "pack_int8", codes_not_shifted)
     kernel = prepare_quantized(quantized, torch.bfloat16)
     assert kernel is not None  # PyTorch's kernel instead
     torch.testing.assert_close(kernel[0](x).float(), x.float() @ quantized.dequantize().T,
@@ -136,27 +136,27 @@ def test_bad_inputs_are_refused_with_a_message():
 
 
 def test_shapes_the_tiling_does_not_fit_and_float32_scales_are_left_to_pytorch():
-    assert native_linear.int4_matmul(Int4Groups.from_float(weight(40, 64))) is None
-    assert native_linear.int8_matmul(Int8Rows.from_float(weight(32, 48))) is None
+    assert native_kernels.int4_matmul(Int4Groups.from_float(weight(40, 64))) is None
+    assert native_kernels.int8_matmul(Int8Rows.from_float(weight(32, 48))) is None
     quantized = Int4Groups.from_float(weight(32, 64))
-    assert native_linear.int4_matmul(quantized) is not None
+    assert native_kernels.int4_matmul(quantized) is not None
     quantized.scale = quantized.scale * (1 + 2**-20)  # no longer float16 values
-    assert native_linear.int4_matmul(quantized) is None
+    assert native_kernels.int4_matmul(quantized) is None
 
 
 def test_without_a_compiler_or_the_cpu_flags_it_says_why_and_stays_off(monkeypatch, tmp_path,
                                                                        caplog):
     monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setattr(native_linear, "_loaded", None)
+    monkeypatch.setattr(native_kernels, "_loaded", None)
     with caplog.at_level("INFO", logger="pdserve.engine"):
-        assert not native_linear.load()
+        assert not native_kernels.load()
     assert "no C++ compiler (no-such-compiler)" in caplog.text
-    assert native_linear.int4_matmul(Int4Groups.from_float(weight(32, 64))) is None
+    assert native_kernels.int4_matmul(Int4Groups.from_float(weight(32, 64))) is None
 
-    monkeypatch.setattr(native_linear, "_loaded", None)
-    monkeypatch.setattr(native_linear, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    monkeypatch.setattr(native_kernels, "_loaded", None)
+    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
     caplog.clear()
     with caplog.at_level("INFO", logger="pdserve.engine"):
-        assert not native_linear.load()
+        assert not native_kernels.load()
     assert "this CPU lacks avx512vl, avx512_vnni" in caplog.text

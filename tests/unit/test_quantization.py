@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.cpu_linear as cpu_linear
-import engine.native_linear as native_linear
+import engine.native_kernels as native_kernels
 from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.gguf_weights import _q4_0, _q4_1, _q8_0, _unpermuted_rows
 from engine.quantization import Int4Groups, Int8Rows
@@ -59,7 +59,7 @@ def test_int8_rows_follow_the_formula():
 @pytest.mark.parametrize("native", [False, True])
 def test_every_row_count_computes_the_dequantized_linear(fmt, dtype, rows, with_bias, native):
     """PyTorch's kernels, and pdserve's VNNI ones where they run (bf16; see also
-    test_native_linear.py)."""
+    test_native_kernels.py)."""
     quantized = FORMATS[fmt](weight(seed=rows))
     dequantized = quantized.dequantize().to(dtype)
     kernel = prepare_quantized(quantized, dtype, native)
@@ -76,8 +76,8 @@ def test_every_row_count_computes_the_dequantized_linear(fmt, dtype, rows, with_
     torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
     # The kernel takes few rows, the dequantized weight many.
     max_rows = {"int4": cpu_linear.INT4_MAX_ROWS, "int8": cpu_linear.INT8_MAX_ROWS}[fmt]
-    if native and dtype == torch.bfloat16 and native_linear.load():
-        max_rows = native_linear.MAX_ROWS
+    if native and dtype == torch.bfloat16 and native_kernels.load():
+        max_rows = native_kernels.MAX_ROWS
     assert kernel[1] == max_rows and calls == ([rows] if rows <= max_rows else [])
 
 
