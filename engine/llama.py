@@ -80,10 +80,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        # pdserve's decode attention kernel; set by LlamaModel.use_native_attention().
-        self.native_attention = False
+        # pdserve's decode kernels (engine.native_kernels); set by
+        # LlamaModel.use_native_decode().
+        self.native_decode = False
 
     def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        if self.native_decode and not meta.prefills:
+            return self._native_decode(hidden, cos, sin, k_cache, v_cache, meta)
         n, heads = hidden.shape[0], self.num_heads
         qkv = self.qkv_proj(self.input_layernorm(hidden))
         # q and k side by side rotate as one tensor of heads: half the small ops.
@@ -92,10 +95,24 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk_size:].view(n, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
-                               self.native_attention)
+                               self.native_decode)
         hidden = hidden + self.o_proj(attn.reshape(n, -1))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         hidden = hidden + self.down_proj(F.silu(gate) * up)
+        return hidden, k, v
+
+    def _native_decode(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        """forward() of a pure decode step in pdserve's kernels: the same steps, rounded
+        as the eager ops round, in 7 calls where the eager layer makes about 30."""
+        ops, first, second = torch.ops.pdserve, self.input_layernorm, self.post_attention_layernorm
+        qkv = self.qkv_proj(ops.rms_norm(hidden, first.weight, first.eps))
+        q, k, v = ops.rotary_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                self.num_heads)
+        attn = ops.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask,
+                                    self.scale)
+        hidden, normed = ops.add_rms_norm(self.o_proj(attn.reshape(hidden.shape[0], -1)),
+                                          hidden, second.weight, second.eps)
+        hidden = hidden + self.down_proj(ops.silu_mul(self.gate_up_proj(normed)))
         return hidden, k, v
 
 
@@ -164,10 +181,10 @@ class LlamaModel(nn.Module):
                 count += modules[name.removesuffix(".weight")].quantize(weight, native)
         return count
 
-    def use_native_attention(self) -> bool:
-        """Decode tokens attend through pdserve's kernel (engine.native_kernels) where it
-        takes this model: bf16 on the CPU, head sizes 16-128, at most 16 query heads per
-        KV head. Returns whether it does."""
+    def use_native_decode(self) -> bool:
+        """Decode steps run pdserve's kernels (engine.native_kernels) where they take this
+        model: bf16 on the CPU, head sizes 16-128, at most 16 query heads per KV head.
+        Returns whether they do."""
         cfg = self.cfg
         fits = (self.embed_tokens.weight.device.type == "cpu"
                 and self.embed_tokens.weight.dtype == torch.bfloat16
@@ -176,7 +193,7 @@ class LlamaModel(nn.Module):
                 and cfg.num_heads // cfg.num_kv_heads <= 16)
         on = fits and native_kernels.load()
         for layer in self.layers:
-            layer.native_attention = on
+            layer.native_decode = on
         return on
 
     def prepack(self) -> int:

@@ -146,7 +146,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             log.debug("prepacked %d CPU GEMM weights", model.prepack())
         if config.native_kernels and self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            log.debug("native decode attention: %s", model.use_native_attention())
+            log.debug("native decode kernels: %s", model.use_native_decode())
         return model
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:
