@@ -101,10 +101,22 @@ def placeholders(config: dict, port: int) -> dict[str, str]:
     return fill
 
 
+def draw_requests(tokenizer, spec: dict, workload: str, rate_index: int) -> list:
+    """The prompts (or conversations) of one rate: drawn afresh for each rate (and for
+    the warm-up, index -1), since the same prompts again would be answered from the
+    prefix caches (pdserve's, llama-server's) that the previous rate filled."""
+    from bench.workload import build_conversations, build_requests
+
+    seed = spec.get("seed", 0) * 1000 + rate_index + 1
+    if workload == "multiturn":
+        return build_conversations(tokenizer, spec["num_prompts"],
+                                   turns=spec.get("turns", 4), seed=seed)
+    return build_requests(tokenizer, spec["num_prompts"], workload=workload, seed=seed)
+
+
 def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
     from bench.cli import first_model, load_tokenizer, measure
     from bench.stats import SLO
-    from bench.workload import build_conversations, build_requests
 
     command = [part.format(**fill) for part in config["command"]]
     url = config["url"].format(**fill)
@@ -117,18 +129,13 @@ def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
         tokenizer = load_tokenizer("default")
         slo = SLO.parse(spec["slo"])
         for workload in spec["workloads"]:
-            if workload == "multiturn":
-                requests = build_conversations(tokenizer, spec["num_prompts"],
-                                               turns=spec.get("turns", 4),
-                                               seed=spec.get("seed", 0))
-            else:
-                requests = build_requests(tokenizer, spec["num_prompts"],
-                                          workload=workload, seed=spec.get("seed", 0))
             warm = argparse.Namespace(request_rate=math.inf, burstiness=1.0,
                                       max_concurrency=None, duration=None, api_key=None,
                                       seed=0)
-            measure(url, model, requests[:2], warm, slo, progress=False)
-            for rate in spec["rates"]:
+            measure(url, model, draw_requests(tokenizer, spec, workload, -1)[:2], warm, slo,
+                    progress=False)
+            for index, rate in enumerate(spec["rates"]):
+                requests = draw_requests(tokenizer, spec, workload, index)
                 load = argparse.Namespace(request_rate=rate, burstiness=1.0,
                                           max_concurrency=None, duration=None,
                                           api_key=None, seed=spec.get("seed", 0))

@@ -231,3 +231,18 @@ def test_ttft_is_reported_per_turn_with_the_cached_tokens():
     assert report["ttft_by_turn_s"]["3"]["mean"] == pytest.approx(0.3)
     assert report["cached_tokens"] == 864
     assert "ttft_by_turn_s" not in summarize([RequestResult(True, 5, 5, 0.1, 0.2)], 1.0)
+
+
+@pytest.mark.parametrize("workload", ["chat", "multiturn"])
+def test_sweep_sends_fresh_prompts_at_each_rate(tokenizer, workload):
+    """The same prompts again would be answered from the prefix caches the previous rate
+    filled, and measure the cache instead of the engine."""
+    from bench.sweep import draw_requests
+
+    def texts(requests):
+        return {r.users[0] if workload == "multiturn" else r.prompt for r in requests}
+
+    spec = {"num_prompts": 4, "turns": 2, "seed": 0}
+    warm, first, second = (draw_requests(tokenizer, spec, workload, i) for i in (-1, 0, 1))
+    assert draw_requests(tokenizer, spec, workload, 0) == first  # seeded: repeatable
+    assert not texts(first) & texts(second) and not texts(warm) & texts(first)
