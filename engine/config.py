@@ -65,9 +65,10 @@ class EngineConfig:
                                       "graph recorded once per batch size (the same ops "
                                       "without Python's per-op cost; same output)")
     native_kernels: bool = _flag(True, "CPU, bfloat16: decode steps run pdserve's AVX512-VNNI "
-                                       "kernels for int4/int8 layers and for attention over "
-                                       "the paged cache (compiled once with the system C++ "
-                                       "compiler); off, or where they cannot run: PyTorch's")
+                                       "kernels (int4/int8 layers, attention over the paged "
+                                       "cache, the layers' small steps; compiled once with "
+                                       "the system C++ compiler); off, or where they cannot "
+                                       "run: PyTorch's")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
