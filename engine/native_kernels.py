@@ -152,10 +152,10 @@ def _build() -> str | None:
         return f"no C++ compiler ({compiler}) to build them with"
     from torch.utils import cpp_extension
 
-    folder.mkdir(parents=True, exist_ok=True)
     _put_ninja_on_path()
     log.info("building pdserve's native kernels into %s (once per machine)", folder)
     try:
+        folder.mkdir(parents=True, exist_ok=True)  # fails on a read-only cache
         # Its file lock lets workers that start together build once. It loads the
         # library as well; _load_library() then finds it loaded.
         cpp_extension.load(name=name, sources=[str(s) for s in SOURCES],

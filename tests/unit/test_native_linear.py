@@ -144,8 +144,8 @@ def test_shapes_the_tiling_does_not_fit_and_float32_scales_are_left_to_pytorch()
     assert native_kernels.int4_matmul(quantized) is None
 
 
-def test_without_a_compiler_or_the_cpu_flags_it_says_why_and_stays_off(monkeypatch, tmp_path,
-                                                                       caplog):
+def test_without_a_compiler_a_writable_cache_or_the_cpu_flags_it_says_why_and_stays_off(
+        monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr(native_kernels, "_loaded", None)
@@ -153,6 +153,16 @@ def test_without_a_compiler_or_the_cpu_flags_it_says_why_and_stays_off(monkeypat
         assert not native_kernels.load()
     assert "no C++ compiler (no-such-compiler)" in caplog.text
     assert native_kernels.int4_matmul(Int4Groups.from_float(weight(32, 64))) is None
+
+    monkeypatch.setattr(native_kernels, "_loaded", None)
+    monkeypatch.setenv("CXX", "c++")
+    not_a_folder = tmp_path / "a-file"  # a cache that cannot be written (even by root)
+    not_a_folder.write_text("")
+    monkeypatch.setenv("PDSERVE_CACHE", str(not_a_folder / "cache"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pdserve.engine"):
+        assert not native_kernels.load()
+    assert "building them failed" in caplog.text
 
     monkeypatch.setattr(native_kernels, "_loaded", None)
     monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
