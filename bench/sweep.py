@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 READY_TIMEOUT = 300
@@ -102,12 +103,14 @@ def placeholders(config: dict, port: int) -> dict[str, str]:
 
 
 def draw_requests(tokenizer, spec: dict, workload: str, rate_index: int) -> list:
-    """The prompts (or conversations) of one rate: drawn afresh for each rate (and for
-    the warm-up, index -1), since the same prompts again would be answered from the
-    prefix caches (pdserve's, llama-server's) that the previous rate filled."""
+    """The prompts (or conversations) of one rate: drawn afresh for each rate and
+    workload (and for the warm-up, index -1), since the same prompts again would be
+    answered from the prefix caches (pdserve's, llama-server's) an earlier run filled."""
     from bench.workload import build_conversations, build_requests
 
-    seed = spec.get("seed", 0) * 1000 + rate_index + 1
+    # The workload's name in the seed too: `mixed` with chat's seed would redraw chat's
+    # prompts, already cached by the chat runs before it.
+    seed = spec.get("seed", 0) * 1000 + rate_index + 1 + zlib.crc32(workload.encode()) * 1000
     if workload == "multiturn":
         return build_conversations(tokenizer, spec["num_prompts"],
                                    turns=spec.get("turns", 4), seed=seed)

@@ -246,3 +246,6 @@ def test_sweep_sends_fresh_prompts_at_each_rate(tokenizer, workload):
     warm, first, second = (draw_requests(tokenizer, spec, workload, i) for i in (-1, 0, 1))
     assert draw_requests(tokenizer, spec, workload, 0) == first  # seeded: repeatable
     assert not texts(first) & texts(second) and not texts(warm) & texts(first)
+    if workload == "chat":  # mixed is half chat prompts: not the chat run's own
+        mixed = {r.prompt for r in draw_requests(tokenizer, spec, "mixed", 0)}
+        assert not mixed & texts(first)
