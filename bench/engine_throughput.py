@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import llama_cpp  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.cpu_features import cpu_has_bf16_matmul  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.model_runner import cpu_has_bf16_matmul  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine_throughput import corpus_prompts, pdserve_rates  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.cpu_features import cpu_has_bf16_matmul  # noqa: E402
 from engine.grammar import Grammar  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.model_runner import cpu_has_bf16_matmul  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"values": {

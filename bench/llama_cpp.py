@@ -24,6 +24,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine.cpu_features import cpu_flags
 from model_store.paths import cache_dir
 
 SDIST = "llama-cpp-python"
@@ -45,16 +46,6 @@ FIXED_OPTIONS = {
 
 class PeerUnavailable(RuntimeError):
     """llama.cpp is not built and cannot be built here; the message says why."""
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cmake_options(flags: set[str]) -> dict[str, str]:

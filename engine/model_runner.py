@@ -12,11 +12,11 @@ import torch
 from engine import quantize
 from engine.attention import AttentionMetadata, PrefillSpan, build_decode_tables
 from engine.config import (
-    BF16_CPU_FLAGS,
     DEFAULT_CPU_KV_FRACTION,
     DEFAULT_CUDA_KV_FRACTION,
     EngineConfig,
 )
+from engine.cpu_features import cpu_has_bf16_matmul
 from engine.decode_graph import DecodeGraphs
 from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
 from engine.llama import LlamaModel
@@ -31,7 +31,6 @@ log = logging.getLogger("pdserve.engine")
 # A container's memory limit, which sysconf does not see: cgroup v2, then v1.
 CGROUP_MEMORY_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",
                              "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-CPUINFO = "/proc/cpuinfo"
 # Prompt positions whose full logits are taken at once for prompt logprobs (a 49k-token
 # vocabulary: 50 MB of float32 logits per 256 rows).
 PROMPT_LOGPROB_ROWS = 256
@@ -60,23 +59,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this x86 CPU multiplies bf16 in hardware (one of BF16_CPU_FLAGS).
-
-    With it, a 2-core machine runs the default model's decode step about 1.6x faster in
-    bf16 than in fp32 (half the weight bytes, twice the dot products per instruction);
-    without it oneDNN emulates bf16 and fp32 is 1.2-4x faster (README, Models).
-    """
-    try:
-        with open(CPUINFO) as lines:
-            for line in lines:
-                if line.startswith("flags"):
-                    return bool(set(BF16_CPU_FLAGS) & set(line.split()))
-    except OSError:
-        pass
-    return False
 
 
 def usable_ram_bytes(limit_files: tuple[str, ...] = CGROUP_MEMORY_LIMIT_FILES) -> int:

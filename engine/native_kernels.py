@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cpu_features import missing_cpu_flags
 from engine.quantization import Int4Groups, Int8Rows
 
 log = logging.getLogger("pdserve.engine")
@@ -116,19 +117,8 @@ def _float16_exact(values: torch.Tensor) -> bool:
 
 
 def _cpu_lacks() -> str | None:
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    missing = missing_cpu_flags(CPU_FLAGS)
     return f"this CPU lacks {', '.join(missing)}" if missing else None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def _library() -> tuple[str, Path]:

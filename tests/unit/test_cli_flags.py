@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import engine.cpu_features as cpu_features
 import engine.model_runner as model_runner
 from decode_worker.config import DecodeConfig
 from engine.config import BF16_CPU_FLAGS, EngineConfig
@@ -75,7 +76,7 @@ def test_decode_help_states_the_dtype_rule_the_engine_applies(tmp_path, monkeypa
     named = set(rule.group(1).split(" or "))
     assert named == set(BF16_CPU_FLAGS)
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(model_runner, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(cpu_features, "CPUINFO", str(cpuinfo))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for flags in ["fpu sse avx2 avx512f avx512_fp16 amx_int8 amx_tile", *named]:
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse {flags}\n")

@@ -8,6 +8,7 @@ code; the kernel accumulates in float32, hence the tolerances."""
 import pytest
 import torch
 
+import engine.cpu_features as cpu_features
 import engine.cpu_linear as cpu_linear
 import engine.native_kernels as native_kernels
 from engine.cpu_linear import prepare_quantized
@@ -165,7 +166,7 @@ def test_without_a_compiler_a_writable_cache_or_the_cpu_flags_it_says_why_and_st
     assert "building them failed" in caplog.text
 
     monkeypatch.setattr(native_kernels, "_loaded", None)
-    monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: {"avx512f", "avx512bw"})
     caplog.clear()
     with caplog.at_level("INFO", logger="pdserve.engine"):
         assert not native_kernels.load()
