@@ -40,6 +40,7 @@ log = logging.getLogger("pdserve.engine")
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = (KERNELS / "vnni_linear.cpp", KERNELS / "decode_attention.cpp",
            KERNELS / "decode_layer.cpp")
+HEADERS = (KERNELS / "bf16_simd.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
 GROUP = 32  # inputs per activation scale, and the int4 weights' group size
@@ -126,7 +127,7 @@ def _library() -> tuple[str, Path]:
     from model_store.paths import cache_dir
 
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(COMPILE_FLAGS).encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     name = f"pdserve_kernels_{digest.hexdigest()[:12]}"
     return name, cache_dir() / "kernels" / name

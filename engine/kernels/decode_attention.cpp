@@ -14,22 +14,14 @@
 #include <cmath>
 #include <vector>
 
+#include "bf16_simd.h"
+
 namespace {
 
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head
 
-inline __m512 bf16_to_ps(const at::BFloat16* p) {
-  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-inline void ps_to_bf16(at::BFloat16* p, __m512 v) {  // round to nearest even
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
+using pdserve::load16;
+using pdserve::store16;
 
 // One (sequence, KV head) pair at a time: the query heads that share the KV head read
 // each key and value once. kChunks = head size / 16.
@@ -50,7 +42,7 @@ void attend(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFloat16* 
       for (int64_t g = 0; g < group; ++g) {
         const at::BFloat16* row = qp + (b * heads + h * group + g) * dim;
         for (int c = 0; c < kChunks; ++c)
-          query[g][c] = _mm512_mul_ps(bf16_to_ps(row + 16 * c), _mm512_set1_ps(scale));
+          query[g][c] = _mm512_mul_ps(load16(row + 16 * c), _mm512_set1_ps(scale));
         best[g] = -INFINITY;
       }
       for (int64_t l = 0; l < context; ++l) {
@@ -61,7 +53,7 @@ void attend(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFloat16* 
         }
         __m512 key[kChunks];
         const at::BFloat16* k = kp + (slots[l] * kv_heads + h) * dim;
-        for (int c = 0; c < kChunks; ++c) key[c] = bf16_to_ps(k + 16 * c);
+        for (int c = 0; c < kChunks; ++c) key[c] = load16(k + 16 * c);
         for (int64_t g = 0; g < group; ++g) {
           __m512 d = _mm512_mul_ps(query[g][0], key[0]);
           for (int c = 1; c < kChunks; ++c) d = _mm512_fmadd_ps(query[g][c], key[c], d);
@@ -87,7 +79,7 @@ void attend(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFloat16* 
         if (static_cast<float>(bias[l]) == -INFINITY) continue;
         __m512 value[kChunks];
         const at::BFloat16* v = vp + (slots[l] * kv_heads + h) * dim;
-        for (int c = 0; c < kChunks; ++c) value[c] = bf16_to_ps(v + 16 * c);
+        for (int c = 0; c < kChunks; ++c) value[c] = load16(v + 16 * c);
         for (int64_t g = 0; g < group; ++g) {
           __m512 p = _mm512_set1_ps(scores[g * context + l]);
           for (int c = 0; c < kChunks; ++c) acc[g][c] = _mm512_fmadd_ps(p, value[c], acc[g][c]);
@@ -95,7 +87,7 @@ void attend(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFloat16* 
       }
       for (int64_t g = 0; g < group; ++g) {
         at::BFloat16* row = op + (b * heads + h * group + g) * dim;
-        for (int c = 0; c < kChunks; ++c) ps_to_bf16(row + 16 * c, acc[g][c]);
+        for (int c = 0; c < kChunks; ++c) store16(row + 16 * c, acc[g][c]);
       }
     }
   });

@@ -19,30 +19,19 @@
 
 #include <vector>
 
+#include "bf16_simd.h"
+
 namespace {
+
+using pdserve::load16;
+using pdserve::store16;
 
 constexpr int64_t kGroup = 32;  // inputs per activation scale (and per int4 weight scale)
 constexpr int64_t kRows = 16;   // output rows per register
 constexpr int64_t kMaxBatch = 16;
 
-__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__m512 load16(const at::BFloat16* p) {
-  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 __m512 load_half16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-void store16(at::BFloat16* p, __m512 v) {
-  // Round to nearest even, as PyTorch's float -> bfloat16 conversion.
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
 // Activations as two int8 terms per group of 32 inputs, x ~ dx * hi + dr * lo: hi holds

@@ -171,3 +171,21 @@ def test_without_a_compiler_a_writable_cache_or_the_cpu_flags_it_says_why_and_st
     with caplog.at_level("INFO", logger="pdserve.engine"):
         assert not native_kernels.load()
     assert "this CPU lacks avx512vl, avx512_vnni" in caplog.text
+
+
+def test_the_build_key_covers_every_kernel_file_and_each_changes_it(tmp_path, monkeypatch):
+    # A header left out of the key would leave a stale library loaded after it changed.
+    files = sorted(native_kernels.KERNELS.iterdir())
+    assert sorted(native_kernels.SOURCES + native_kernels.HEADERS) == files
+    copies = []
+    for source in files:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(native_kernels, "SOURCES", tuple(c for c in copies if c.suffix == ".cpp"))
+    monkeypatch.setattr(native_kernels, "HEADERS", tuple(c for c in copies if c.suffix == ".h"))
+    names = {native_kernels._library()[0]}
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes() + b"\n")
+        names.add(native_kernels._library()[0])
+    assert len(names) == len(copies) + 1
