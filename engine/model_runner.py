@@ -127,7 +127,7 @@ class ModelRunner:
                       model.quantize(plan, native=config.native_kernels))
         if self.device.type == "cpu":
             log.debug("prepacked %d CPU GEMM weights", model.prepack())
-        if config.native_kernels and self.device.type == "cpu" and self.dtype == torch.bfloat16:
+        if config.native_kernels:  # the model checks its device and dtype itself
             log.debug("native decode kernels: %s", model.use_native_decode())
         return model
 
