@@ -58,11 +58,13 @@ def build_decode_tables(block_tables: list[list[int]], context_lens: list[int],
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, native: bool = False) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, native: bool = False,
+                    native_prefill: bool = False) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, KVH, D] for the new tokens; caches: [slots, KVH, D].
 
     Writes the new K/V into the cache, then attends. Returns [N, H, D]. `native`: decode
-    tokens go through pdserve's kernel (engine.native_kernels; bf16 on the CPU).
+    tokens go through pdserve's kernel (engine.native_kernels; bf16 on the CPU);
+    `native_prefill`: prompt chunks too (CPUs with AVX512-BF16).
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -73,6 +75,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, native)
     for span in meta.prefills:
+        if native_prefill:
+            out[span.start:span.end] = _native_prefill_attention(
+                q[span.start:span.end], k_cache, v_cache, meta, span, scale)
+            continue
         out[span.start:span.end] = _prefill_attention(
             q[span.start:span.end], k[span.start:span.end], v[span.start:span.end],
             k_cache, v_cache, span, scale)
@@ -111,6 +117,19 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask,
                                           scale=scale)
     return attn.reshape(batch, heads, dim)
+
+
+def _native_prefill_attention(q, k_cache, v_cache, meta: AttentionMetadata,
+                              span: PrefillSpan, scale: float):
+    """pdserve's kernel: reads the chunk's keys and values in place through the slot
+    table, cached context or not, 2.3-3.5x faster than SDPA on one core for 100-500
+    token prompts. Every query attends to keys in blocks of 32 positions counted from
+    the sequence's start, so a query's result does not depend on where a chunk began:
+    a prompt computed after a cached prefix gets the bits of one computed whole."""
+    slots = (span.context_slots if span.context_slots is not None
+             else meta.slot_mapping[span.start:span.end])
+    return torch.ops.pdserve.prefill_attention(_unit_stride(q), k_cache, v_cache, slots,
+                                               span.num_context, scale)
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, span: PrefillSpan, scale: float):

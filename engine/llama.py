@@ -80,9 +80,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        # pdserve's decode kernels (engine.native_kernels); set by
+        # pdserve's decode and prompt attention kernels (engine.native_kernels); set by
         # LlamaModel.use_native_decode().
         self.native_decode = False
+        self.native_prefill = False
 
     def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         if self.native_decode and not meta.prefills:
@@ -95,7 +96,7 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk_size:].view(n, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
-                               self.native_decode)
+                               self.native_decode, self.native_prefill)
         hidden = hidden + self.o_proj(attn.reshape(n, -1))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         hidden = hidden + self.down_proj(F.silu(gate) * up)
@@ -183,8 +184,9 @@ class LlamaModel(nn.Module):
 
     def use_native_decode(self) -> bool:
         """Decode steps run pdserve's kernels (engine.native_kernels) where they take this
-        model: bf16 on the CPU, head sizes 16-128, at most 16 query heads per KV head.
-        Returns whether they do."""
+        model: bf16 on the CPU, head sizes 16-128, at most 16 query heads per KV head;
+        so does prompt attention where the CPU has AVX512-BF16. Returns whether decode
+        steps do."""
         cfg = self.cfg
         fits = (self.embed_tokens.weight.device.type == "cpu"
                 and self.embed_tokens.weight.dtype == torch.bfloat16
@@ -192,8 +194,9 @@ class LlamaModel(nn.Module):
                 and cfg.num_heads % cfg.num_kv_heads == 0
                 and cfg.num_heads // cfg.num_kv_heads <= 16)
         on = fits and native_kernels.load()
+        prefill = on and native_kernels.prefill_attention_available()
         for layer in self.layers:
-            layer.native_decode = on
+            layer.native_decode, layer.native_prefill = on, prefill
         return on
 
     def prepack(self) -> int:

@@ -1,5 +1,6 @@
-"""pdserve's own CPU kernels for decode steps, in C++ (engine/kernels/), for AVX512-VNNI
-CPUs with bfloat16 activations; PyTorch's serve wherever these cannot.
+"""pdserve's own CPU kernels for decode steps and prompt attention, in C++
+(engine/kernels/), for AVX512-VNNI CPUs with bfloat16 activations; PyTorch's serve
+wherever these cannot.
 
 - Weight-only int4/int8 linear layers (vnni_linear.cpp), for the layers and the LM head.
   PyTorch's weight-only CPU kernels convert every weight to a float before multiplying,
@@ -12,6 +13,10 @@ CPUs with bfloat16 activations; PyTorch's serve wherever these cannot.
 - Decode attention over the paged cache (decode_attention.cpp): reads each key and
   value in place through the slot table instead of gathering them for SDPA; 12 us a
   layer instead of 39 for one sequence, 350 instead of 785 for 16 (engine.attention).
+- Prompt attention over the paged cache (prefill_attention.cpp), on CPUs with
+  AVX512-BF16: a chunk's queries attend to the cached context and to themselves,
+  read in place, multiplied in bf16 pairs with an online softmax; 2.3-3.5x faster than
+  SDPA on one core (which needs the context gathered and an explicit mask).
 - The small steps of a decode layer (decode_layer.cpp): RMSNorm, the residual add with
   the next norm, rotary embedding with the KV cache write, SiLU times up; one call each
   where the eager layer runs a few ops (engine.llama.DecoderLayer).
@@ -39,9 +44,12 @@ log = logging.getLogger("pdserve.engine")
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = (KERNELS / "vnni_linear.cpp", KERNELS / "decode_attention.cpp",
-           KERNELS / "decode_layer.cpp")
+           KERNELS / "decode_layer.cpp", KERNELS / "prefill_attention.cpp")
 HEADERS = (KERNELS / "bf16_simd.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# Prompt attention (prefill_attention.cpp) multiplies bf16 pairs with VDPBF16PS; its
+# functions alone are compiled for it, so the rest loads on CPUs without.
+PREFILL_CPU_FLAGS = ("avx512_bf16",)
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
 GROUP = 32  # inputs per activation scale, and the int4 weights' group size
 ROWS_PER_BLOCK = 16  # output rows per register
@@ -115,6 +123,11 @@ def pack_int8(weight: Int8Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _float16_exact(values: torch.Tensor) -> bool:
     return bool(torch.equal(values.half().float(), values.float()))
+
+
+def prefill_attention_available() -> bool:
+    """Whether torch.ops.pdserve.prefill_attention can run here."""
+    return load() and not missing_cpu_flags(PREFILL_CPU_FLAGS)
 
 
 def _cpu_lacks() -> str | None:
