@@ -66,9 +66,10 @@ class EngineConfig:
                                       "without Python's per-op cost; same output)")
     native_kernels: bool = _flag(True, "CPU, bfloat16: decode steps run pdserve's AVX512-VNNI "
                                        "kernels (int4/int8 layers, attention over the paged "
-                                       "cache, the layers' small steps; compiled once with "
-                                       "the system C++ compiler); off, or where they cannot "
-                                       "run: PyTorch's")
+                                       "cache, the layers' small steps), and prompt attention "
+                                       "its AVX512-BF16 kernel; compiled once with the system "
+                                       "C++ compiler; off, or where they cannot run: "
+                                       "PyTorch's")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
