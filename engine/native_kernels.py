@@ -15,7 +15,7 @@ wherever these cannot.
   layer instead of 39 for one sequence, 350 instead of 785 for 16 (engine.attention).
 - Prompt attention over the paged cache (prefill_attention.cpp), on CPUs with
   AVX512-BF16: a chunk's queries attend to the cached context and to themselves,
-  read in place, multiplied in bf16 pairs with an online softmax; 2.3-3.5x faster than
+  read in place, multiplied in bf16 pairs with an online softmax; 2.0-3.1x faster than
   SDPA on one core (which needs the context gathered and an explicit mask).
 - The small steps of a decode layer (decode_layer.cpp): RMSNorm, the residual add with
   the next norm, rotary embedding with the KV cache write, SiLU times up; one call each
