@@ -97,6 +97,22 @@ class LeaseTable:
                                 f"expired: no complete KV within {lease.timeout:g} s")
             self.release(self.loop.engine, lease.request_id, error)
 
+    def read_cached(self, engine: LLMEngine, lease_id: str, request_id: str, start: int,
+                    end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of K and V of positions [start, end) of every layer that the lease
+        took from the prefix cache: full, shared blocks nobody writes again."""
+        lease = self._by_id.get(lease_id)
+        if lease is None or lease.request_id != request_id:
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"lease {lease_id!r} for request "
+                              f"{request_id!r} is unknown or expired")
+        held = lease.seq.num_cached_tokens
+        if not 0 <= start < end <= held:
+            raise StatusError(grpc.StatusCode.OUT_OF_RANGE,
+                              f"positions [{start}, {end}) are not among the {held} the "
+                              f"lease holds from the prefix cache")
+        return [engine.read_kv(lease.seq, layer, start, end)
+                for layer in range(engine.model_config.num_layers)]
+
     def _drop(self, lease: Lease) -> bool:
         with lease.lock:
             was_alive, lease.alive = lease.alive, False

@@ -14,7 +14,7 @@ import grpc
 from decode_worker.leases import Lease, LeaseTable
 from engine.errors import InvalidRequestError
 from engine.llm_engine import NoCapacityError
-from kvtransfer.codec import KvProtocolError
+from kvtransfer.codec import KvProtocolError, encode_layer, fingerprint_mismatch
 from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
@@ -184,6 +184,26 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         log.warning("request %s: KV rejected: %s", lease.request_id, error.message)
         failed = status_of(error, "KV transfer failed: ")
         self.loop.submit(lambda e: self.leases.release(e, lease.request_id, failed))
+
+    # ----- PullKv -----------------------------------------------------------------------
+
+    async def PullKv(self, request, context):
+        """The KV a lease holds from this worker's prefix cache, for its prefill worker
+        (which then computes only what neither holds: a chat turn's previous answer was
+        generated here and is cached only here)."""
+        mismatch = fingerprint_mismatch(self.fingerprint, request.fingerprint)
+        if mismatch is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"KV of another model or layout: {mismatch}")
+        try:
+            layers = await self.loop.call(lambda e: self.leases.read_cached(
+                e, request.lease_id, request.request_id, request.first_position,
+                request.end_position))
+        except StatusError as exc:
+            await exc.abort(context)
+        for layer, (k, v) in enumerate(layers):
+            for chunk in encode_layer(layer, request.first_position, k, v):
+                yield chunk
 
     # ----- Health -----------------------------------------------------------------------
 

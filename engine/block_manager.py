@@ -171,6 +171,29 @@ class BlockManager:
                 self.version += 1
         seq.num_named_blocks = full
 
+    def adopt(self, name: bytes, keep: set[int]) -> int | None:
+        """A block to hold KV computed elsewhere (a decode worker's, pulled by a prefill
+        worker), cached idle under `name` as if a finished sequence had left it. The
+        caller fills it at once, before anything else runs on the engine. Evicts an
+        idle block if none is free, but never one of `keep` (the prefix it extends);
+        None when `name` is cached already or no block can be had."""
+        if self.namespace is None or name in self._block_of:
+            return None
+        if self._free:
+            block_id = self._free.popleft()
+        else:
+            block_id = next((b for b in self._idle if b not in keep), None)
+            if block_id is None:
+                return None
+            del self._idle[block_id]
+            self._forget(block_id)
+            self.num_evictions += 1
+        self._name_of[block_id] = name
+        self._block_of[name] = block_id
+        self._idle[block_id] = None
+        self.version += 1
+        return block_id
+
     def _forget(self, block_id: int) -> None:
         name = self._name_of.pop(block_id, None)
         if name is not None:

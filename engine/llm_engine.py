@@ -344,9 +344,49 @@ class LLMEngine:
     def read_kv(self, seq: Sequence, layer: int, start: int, end: int):
         """Copies of K and V [end - start, kv_heads, head_dim] of positions [start, end)
         of `seq`, from the cache (positions it has computed or holds cached)."""
-        if not 0 <= start <= end <= seq.num_computed_tokens:
+        if not 0 <= start <= end <= max(seq.num_computed_tokens, seq.num_cached_tokens):
             raise ValueError(f"cannot read positions [{start}, {end}) of {seq!r}")
         slots = slots_for_positions(seq.block_table, start, end, self.blocks.block_size)
         index = torch.tensor(slots, dtype=torch.long, device=self.runner.device)
         k_cache, v_cache = self.runner.kv_cache.layer(layer)
         return k_cache.index_select(0, index), v_cache.index_select(0, index)
+
+    # ----- KV pulled from another worker's prefix cache -------------------------------
+
+    def cached_prefix_tokens(self, prompt: list[int]) -> int:
+        """Leading tokens of `prompt` this engine's prefix cache holds, in full blocks
+        (at most all but the last token, which is always computed)."""
+        probe = Sequence("probe", prompt, SamplingParams(max_tokens=1))
+        return len(self.blocks.cached_prefix(probe, len(prompt) - 1)) * self.blocks.block_size
+
+    def import_prefix(self, prompt: list[int], start: int,
+                      layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Cache K/V computed elsewhere for positions [start, start + n) of `prompt`
+        (`layers`: per layer, K and V [n, kv_heads, head_dim]) as named idle blocks, as
+        if this engine had computed them, so that the prompt's next admission takes
+        them with its cached prefix. Only whole blocks that extend the prefix cached
+        here are kept, and only while that prefix is still cached from `start` on (an
+        eviction since `start` was read drops the import: it costs speed, never
+        correctness). Returns the leading tokens of `prompt` cached now."""
+        if self.blocks.namespace is None:
+            return 0
+        size = self.blocks.block_size
+        probe = Sequence("probe", prompt, SamplingParams(max_tokens=1))
+        held = self.blocks.cached_prefix(probe, len(prompt) - 1)
+        count = len(layers[0][0]) if layers else 0
+        if len(held) * size < start or start % size:
+            return len(held) * size
+        end = min(start + count, len(prompt) - 1) // size * size
+        names = probe.block_names(size, self.blocks.namespace, end // size)
+        keep = set(held)
+        for index in range(len(held), len(names)):
+            block = self.blocks.adopt(names[index], keep)
+            if block is None:
+                break
+            keep.add(block)
+            lo = index * size - start
+            for layer, (k, v) in enumerate(layers):
+                self.runner.kv_cache.write_range(layer, block * size,
+                                                 k[lo:lo + size].to(self.runner.device),
+                                                 v[lo:lo + size].to(self.runner.device))
+        return len(self.blocks.cached_prefix(probe, len(prompt) - 1)) * size

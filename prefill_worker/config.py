@@ -18,6 +18,10 @@ class PrefillConfig(WorkerConfig):
     kv_chunk_bytes: int = flag(DEFAULT_KV_CHUNK_BYTES, "largest KV chunk on the wire")
     transfer_timeout: float = flag(30.0, "seconds to wait for the decode worker's "
                                          "acknowledgement of the KV")
+    pull_kv: bool = flag(True, "take the KV that the decode worker holds cached and this "
+                               "worker does not (a chat's previous answer) from the decode "
+                               "worker instead of computing it (off: compute it, the "
+                               "baseline for benchmarks)")
 
     def __post_init__(self):
         super().__post_init__()

@@ -26,7 +26,8 @@ async def _serve(config: PrefillConfig, engine_config: EngineConfig,
     engine = engine_loop.engine
     service = PrefillService(engine_loop, engine_fingerprint(engine), layerwise=config.layerwise,
                              max_chunk_bytes=config.kv_chunk_bytes,
-                             transfer_timeout=config.transfer_timeout, security=security)
+                             transfer_timeout=config.transfer_timeout,
+                             pull_kv=config.pull_kv, security=security)
     await serve("prefill", config, security, engine_loop,
                 lambda server: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(
                     service, server), service_name="pdserve.v1.PrefillService")

@@ -6,10 +6,13 @@ each layer's K/V to the stream as the engine's export hook hands it over. It ans
 with the first token only after the decode worker acknowledged the whole KV; on any
 failure the prompt is aborted, its blocks freed, and the status says what failed.
 
-Both workers keep prefix caches. The engine computes only what this worker's cache
-lacks; the stream carries only what the decode worker lacks (positions from
-`decode_cached_tokens` on): computed positions as they come, and positions this
-worker holds cached but the decode worker does not, read from the cache.
+Both workers keep prefix caches. The engine computes only what neither cache holds:
+positions the decode worker holds cached and this worker does not (on a chat's next
+turn, the previous answer, which the decode worker generated) are pulled from the
+decode worker first (PullKv) and cached here. The stream carries only what the
+decode worker lacks (positions from `decode_cached_tokens` on): computed positions as
+they come, and positions this worker holds cached but the decode worker does not,
+read from the cache.
 """
 
 import asyncio
@@ -19,13 +22,14 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from engine.errors import InvalidRequestError
-from kvtransfer.codec import shape_of
+from kvtransfer.codec import Coverage, KvFormatError, decode_chunk, shape_of
 from kvtransfer.sender import KvSender, KvSendError
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.security import NO_SECURITY, SecurityConfig
-from pdserve_proto.v1 import kv_pb2, prefill_pb2, prefill_pb2_grpc
+from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
 from worker.convert import (
     compile_grammar,
     params_from_proto,
@@ -73,7 +77,7 @@ class _Transfer:
 
 class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool,
-                 max_chunk_bytes: int, transfer_timeout: float,
+                 max_chunk_bytes: int, transfer_timeout: float, pull_kv: bool = True,
                  security: SecurityConfig = NO_SECURITY):
         self.loop = engine_loop
         self.engine = engine_loop.engine
@@ -81,13 +85,14 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         self.layerwise = layerwise
         self.max_chunk_bytes = max_chunk_bytes
         self.transfer_timeout = transfer_timeout
+        self.pull_kv = pull_kv
         # The KV goes out with this worker's own token and certificate: a decode worker
         # that requires others refuses it, and with mutual TLS one whose certificate
         # our CA did not sign is never sent a byte.
         self.security = security
         self._transfers: dict[str, _Transfer] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        shape = shape_of(fingerprint)
+        self._shape = shape = shape_of(fingerprint)
         self._layer_token_bytes = shape.num_layers * shape.token_bytes
         self.engine.kv_export = self._export
 
@@ -128,10 +133,19 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             sender, [first] * self.engine.model_config.num_layers)
         sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))
         done = False
+        pulled = 0
         try:
+            kv = await self._pull(request, prompt) if params.prompt_logprobs is None else None
+
+            def queue(engine):
+                nonlocal pulled
+                if kv is not None:
+                    start, layers = kv
+                    pulled = max(0, engine.import_prefix(prompt, start, layers) - start)
+                engine.add_request(rid, prompt, params, export_kv=True, prefill_only=True)
+
             try:
-                await self.loop.call(lambda e: e.add_request(
-                    rid, prompt, params, export_kv=True, prefill_only=True))
+                await self.loop.call(queue)
             except InvalidRequestError as exc:
                 raise status_of(exc) from None
             log.debug("request %s: queued %d prompt tokens", rid, len(prompt))
@@ -158,11 +172,52 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             transfer_tail_seconds=acked - sampled_at,
             transfer_seconds=acked - (sender.first_sent_at or sampled_at),
             kv_bytes=sender.num_bytes, cached_tokens=out.seq.num_cached_tokens,
-            kv_bytes_skipped=first * self._layer_token_bytes)
+            kv_bytes_skipped=first * self._layer_token_bytes, pulled_tokens=pulled)
         if out.prompt_logprobs is not None:
             response.prompt_logprobs.CopyFrom(prompt_logprobs_to_proto(prompt,
                                                                        out.prompt_logprobs))
         return response
+
+    async def _pull(self, request, prompt: list[int]):
+        """(start, per layer K and V) of the positions the decode worker holds cached
+        beyond this worker's cached prefix, when that is at least a block; else None.
+        Any failure is logged and answered with None: the prompt is then computed here,
+        slower but the same."""
+        wanted, block = request.decode_cached_tokens, self.engine.blocks.block_size
+        if not self.pull_kv or wanted < block:
+            return None
+        start = await self.loop.call(lambda e: e.cached_prefix_tokens(prompt))
+        if wanted - start < block:
+            return None
+        shape, count = self._shape, wanted - start
+        k = torch.empty(shape.num_layers, count, shape.num_kv_heads, shape.head_dim,
+                        dtype=shape.dtype)
+        v = torch.empty_like(k)
+        coverage = Coverage(shape.num_layers, wanted, start)
+        stub = decode_pb2_grpc.DecodeServiceStub(self._channel(request.decode_address))
+        try:
+            call = stub.PullKv(kv_pb2.PullKvRequest(
+                lease_id=request.lease_id, request_id=request.request_id,
+                fingerprint=self.fingerprint, first_position=start, end_position=wanted),
+                metadata=[("x-request-id", request.request_id)],
+                timeout=self.transfer_timeout)
+            async for chunk in call:
+                layer, first, k_part, v_part = decode_chunk(chunk, shape, wanted, start)
+                k[layer, first - start:first - start + len(k_part)] = k_part
+                v[layer, first - start:first - start + len(v_part)] = v_part
+                coverage.add(layer, first, chunk.num_tokens, len(chunk.data))
+            gap = coverage.missing()
+            if gap is not None:
+                raise KvFormatError(f"the pulled KV is incomplete: {gap}")
+        except (grpc.aio.AioRpcError, KvFormatError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+            log.warning("request %s: pulling %d cached positions from %s failed (%s); "
+                        "computing them here", request.request_id, count,
+                        request.decode_address, detail)
+            return None
+        log.debug("request %s: pulled positions [%d, %d) from %s", request.request_id, start,
+                  wanted, request.decode_address)
+        return start, list(zip(k, v, strict=True))
 
     def _validate(self, request):
         if not request.request_id:

@@ -47,6 +47,11 @@ class DecodeServiceStub:
                 request_serializer=pdserve_dot_v1_dot_kv__pb2.PushKvRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kv__pb2.PushKvResponse.FromString,
                 _registered_method=True)
+        self.PullKv = channel.unary_stream(
+                '/pdserve.v1.DecodeService/PullKv',
+                request_serializer=pdserve_dot_v1_dot_kv__pb2.PullKvRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kv__pb2.KvChunk.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/pdserve.v1.DecodeService/Health',
                 request_serializer=pdserve_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
@@ -79,6 +84,16 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullKv(self, request, context):
+        """KV of positions a lease holds from this worker's prefix cache, for the prefill
+        worker serving the lease. Errors: NOT_FOUND (lease unknown, expired or claimed),
+        FAILED_PRECONDITION (model mismatch), OUT_OF_RANGE (positions the lease does not
+        hold from the cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Load report.
         """
@@ -98,6 +113,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.PushKv,
                     request_deserializer=pdserve_dot_v1_dot_kv__pb2.PushKvRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_kv__pb2.PushKvResponse.SerializeToString,
+            ),
+            'PullKv': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullKv,
+                    request_deserializer=pdserve_dot_v1_dot_kv__pb2.PullKvRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kv__pb2.KvChunk.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -159,6 +179,33 @@ class DecodeService:
             '/pdserve.v1.DecodeService/PushKv',
             pdserve_dot_v1_dot_kv__pb2.PushKvRequest.SerializeToString,
             pdserve_dot_v1_dot_kv__pb2.PushKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.DecodeService/PullKv',
+            pdserve_dot_v1_dot_kv__pb2.PullKvRequest.SerializeToString,
+            pdserve_dot_v1_dot_kv__pb2.KvChunk.FromString,
             options,
             channel_credentials,
             insecure,

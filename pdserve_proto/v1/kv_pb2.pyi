@@ -80,3 +80,17 @@ class PushKvResponse(_message.Message):
     bytes_received: int
     receive_seconds: float
     def __init__(self, bytes_received: _Optional[int] = ..., receive_seconds: _Optional[float] = ...) -> None: ...
+
+class PullKvRequest(_message.Message):
+    __slots__ = ("lease_id", "request_id", "fingerprint", "first_position", "end_position")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    END_POSITION_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    request_id: str
+    fingerprint: KvFingerprint
+    first_position: int
+    end_position: int
+    def __init__(self, lease_id: _Optional[str] = ..., request_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KvFingerprint, _Mapping]] = ..., first_position: _Optional[int] = ..., end_position: _Optional[int] = ...) -> None: ...

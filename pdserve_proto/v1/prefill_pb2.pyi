@@ -25,7 +25,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., lease_id: _Optional[str] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "queue_seconds", "compute_seconds", "transfer_tail_seconds", "transfer_seconds", "kv_bytes", "cached_tokens", "kv_bytes_skipped", "prompt_logprobs")
+    __slots__ = ("first_token", "queue_seconds", "compute_seconds", "transfer_tail_seconds", "transfer_seconds", "kv_bytes", "cached_tokens", "kv_bytes_skipped", "prompt_logprobs", "pulled_tokens")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class PrefillResponse(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PULLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token: _common_pb2.Token
     queue_seconds: float
     compute_seconds: float
@@ -44,4 +45,5 @@ class PrefillResponse(_message.Message):
     cached_tokens: int
     kv_bytes_skipped: int
     prompt_logprobs: _common_pb2.PromptLogprobs
-    def __init__(self, first_token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., transfer_tail_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_bytes_skipped: _Optional[int] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.PromptLogprobs, _Mapping]] = ...) -> None: ...
+    pulled_tokens: int
+    def __init__(self, first_token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., transfer_tail_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_bytes_skipped: _Optional[int] = ..., prompt_logprobs: _Optional[_Union[_common_pb2.PromptLogprobs, _Mapping]] = ..., pulled_tokens: _Optional[int] = ...) -> None: ...

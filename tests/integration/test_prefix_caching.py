@@ -1,7 +1,8 @@
 """Prefix caching across real worker processes: the second turn of a conversation on
-1P1D computes, and sends, only what each worker lacks, and gives the tokens of workers
-without a cache; the gateway reports cached tokens in usage and routes to the worker
-holding the prefix."""
+1P1D computes only what neither worker holds (the prefill worker pulls the previous
+answer's KV from the decode worker) and sends only what the decode worker lacks, and
+gives the tokens of workers without a cache; the gateway reports cached tokens in usage
+and routes to the worker holding the prefix."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,21 +23,24 @@ TOKEN_KV_BYTES = 30 * 2 * 3 * 64 * 4
 
 @pytest.fixture(scope="module")
 def pairs():
-    """(prefill, decode) with the prefix cache, and the same without it."""
+    """(prefill, decode) with the prefix cache, the same without it, and a prefill worker
+    with the cache that does not pull KV (--no-pull-kv)."""
     specs = [("prefill", *ARGS), ("decode", *ARGS),
-             ("prefill", *ARGS, "--no-prefix-caching"), ("decode", *ARGS, "--no-prefix-caching")]
-    with ThreadPoolExecutor(4) as pool:
+             ("prefill", *ARGS, "--no-prefix-caching"), ("decode", *ARGS, "--no-prefix-caching"),
+             ("prefill", *ARGS, "--no-pull-kv")]
+    with ThreadPoolExecutor(5) as pool:
         workers = list(pool.map(lambda spec: Worker(*spec), specs))
-    yield (workers[0], workers[1]), (workers[2], workers[3])
+    yield (workers[0], workers[1]), (workers[2], workers[3]), workers[4]
     for worker in workers:
         worker.stop()
 
 
 def test_second_turn_computes_and_ships_only_the_new_tokens(pairs, prompts):
-    (prefill, decode), (plain_prefill, plain_decode) = pairs
+    (prefill, decode), (plain_prefill, plain_decode), no_pull = pairs
     system = max(prompts, key=len)  # a long first turn
     first = disaggregated(prefill, decode, "turn-1", system, GREEDY)
-    assert first.prefill.cached_tokens == 0
+    assert first.prefill.cached_tokens == 0 and first.prefill.pulled_tokens == 0
+    assert disaggregated(no_pull, decode, "turn-1b", system, GREEDY).tokens == first.tokens
     second_prompt = system + first.tokens + prompts[0]  # answer, then a new user turn
     before = prefill.health()
 
@@ -48,18 +52,25 @@ def test_second_turn_computes_and_ships_only_the_new_tokens(pairs, prompts):
     assert second.reserved.cached_tokens == held
     assert second.prefill.kv_bytes == (len(second_prompt) - held) * TOKEN_KV_BYTES
     assert second.prefill.kv_bytes_skipped == held * TOKEN_KV_BYTES
-    # The prefill worker saw only the first prompt: it computes from there.
-    assert second.prefill.cached_tokens == len(system) // BLOCK * BLOCK
+    # The prefill worker saw only the first prompt; it pulls the answer's blocks from
+    # the decode worker and computes from where the decode worker's cache ends.
+    own = len(system) // BLOCK * BLOCK
+    assert second.prefill.pulled_tokens == held - own
+    assert second.prefill.cached_tokens == held
     after = prefill.health()
-    assert after.prefix_hit_tokens - before.prefix_hit_tokens == len(system) // BLOCK * BLOCK
+    assert after.prefix_hit_tokens - before.prefix_hit_tokens == held
     assert after.prefix_queried_tokens - before.prefix_queried_tokens == len(second_prompt)
+
+    # Without pulling, it computes the answer again, from its own cache's end.
+    computed = disaggregated(no_pull, decode, "turn-2b", second_prompt, GREEDY)
+    assert computed.prefill.pulled_tokens == 0 and computed.prefill.cached_tokens == own
 
     # Greedy output as without any cache, on both paths.
     want = disaggregated(plain_prefill, plain_decode, "plain-2", second_prompt, GREEDY)
     assert want.reserved.cached_tokens == 0 and want.prefill.cached_tokens == 0
-    assert second.tokens == want.tokens
+    assert second.tokens == want.tokens and computed.tokens == want.tokens
     assert colocated(decode, "co-2", second_prompt, GREEDY).tokens == want.tokens
-    for worker in (prefill, decode, plain_prefill, plain_decode):
+    for worker in (prefill, decode, plain_prefill, plain_decode, no_pull):
         health = worker.wait_idle()
         assert health.free_kv_blocks == health.total_kv_blocks
 

@@ -100,6 +100,26 @@ def test_other_namespaces_never_match():
         list(range(1, 9)), 4, other.namespace)
 
 
+def test_adopted_blocks_wait_idle_under_their_names_and_extend_the_prefix():
+    bm = BlockManager(num_blocks=5, block_size=4, namespace=SPACE)
+    bm.free(computed(bm, seq_of(range(1, 9))))      # blocks 0 and 1 idle: tokens 1-8
+    longer = seq_of(range(1, 18))                   # 4 full blocks, the first 2 cached
+    names = longer.block_names(4, SPACE, 4)
+    assert bm.adopt(names[0], keep=set()) is None   # cached already
+    assert bm.adopt(names[2], keep={0, 1}) == 2     # a free block, lowest id first
+    assert bm.adopt(names[3], keep={0, 1, 2}) == 3
+    assert bm.cached_prefix(longer, longer.num_tokens - 1) == [0, 1, 2, 3]
+    assert (bm.num_idle_blocks, bm.num_used_blocks) == (4, 0)
+    bm.check()
+    other = seq_of([9] * 16).block_names(4, SPACE, 4)
+    assert bm.adopt(other[0], keep=set()) == 4      # the last free block
+    # None free: the least recently released idle block outside `keep` is evicted.
+    assert bm.adopt(other[1], keep={0, 1, 4}) == 2 and bm.num_evictions == 1
+    assert bm.adopt(other[2], keep={0, 1, 2, 3, 4}) is None
+    bm.check()
+    assert BlockManager(4, 4, namespace=None).adopt(names[0], keep=set()) is None
+
+
 def test_fuzz_accounting_holds_after_every_step():
     rng = random.Random(5)
     bm = BlockManager(num_blocks=24, block_size=4, namespace=SPACE)
@@ -107,7 +127,16 @@ def test_fuzz_accounting_holds_after_every_step():
     live: list[Sequence] = []
     for _ in range(3000):
         action = rng.random()
-        if action < 0.4:                            # add: a prompt, maybe extended
+        if action < 0.1:                            # adopt KV computed elsewhere
+            seq = seq_of(rng.choice(prompts) + [rng.randrange(1, 6)] * rng.randrange(8))
+            held = bm.cached_prefix(seq, seq.num_tokens - 1)
+            keep = set(held)
+            for name in seq.block_names(4, SPACE, seq.num_tokens // 4)[len(held):]:
+                block = bm.adopt(name, keep)
+                if block is None:
+                    break
+                keep.add(block)
+        elif action < 0.4:                          # add: a prompt, maybe extended
             seq = seq_of(rng.choice(prompts) + [rng.randrange(1, 6)] * rng.randrange(3))
             hit = bm.cached_prefix(seq, seq.num_tokens - 1)
             if bm.can_allocate(seq, seq.num_tokens, hit):
@@ -162,3 +191,35 @@ def test_greedy_tokens_are_the_same_with_and_without_the_cache(overrides):
     assert cached.blocks.num_hit_tokens > 0
     if overrides:
         assert cached.scheduler.num_preemptions > 0 and cached.blocks.num_evictions > 0
+
+
+def test_kv_imported_from_another_engine_serves_as_its_own_would():
+    """What a prefill worker does with the KV it pulls from a decode worker."""
+    system = prompts_sharing_a_prefix(1)[0][:37]
+    source = tiny_engine()
+    answer = source.generate([system], GREEDY)[0][0].output_token_ids
+    second = system + answer + [5, 6, 7, 8, 9]
+    # The source's cache holds the first turn and its answer (all but the last token).
+    probe = seq_of(second)
+    probe.num_cached_tokens = source.blocks.take_prefix(
+        probe, source.blocks.cached_prefix(probe, probe.num_tokens - 1))
+    held = probe.num_cached_tokens
+    assert held == (len(system) + len(answer) - 1) // 4 * 4
+    layers = [source.read_kv(probe, layer, 8, held)
+              for layer in range(source.model_config.num_layers)]
+    source.blocks.free(probe)
+
+    target = tiny_engine()
+    target.generate([system[:9]], GREEDY)           # it holds the first 8 tokens only
+    assert target.cached_prefix_tokens(second) == 8
+    assert target.import_prefix(second, 8, layers) == held
+    target.blocks.check()
+    assert target.cached_prefix_tokens(second) == held
+    got = target.generate([second], GREEDY)[0][0]
+    assert got.num_cached_tokens == held
+    plain = tiny_engine(prefix_caching=False).generate([second], GREEDY)[0][0]
+    assert got.output_token_ids == plain.output_token_ids
+    # KV that would not extend what is cached (it starts past it) is left out.
+    fresh = tiny_engine()
+    assert fresh.import_prefix(second, 8, layers) == 0 and fresh.blocks.num_idle_blocks == 0
+    assert tiny_engine(prefix_caching=False).import_prefix(second, 0, layers) == 0
