@@ -119,6 +119,8 @@ def summarize(results: list[RequestResult], duration: float,
     if turns:
         report["ttft_by_turn_s"] = {str(t): distribution([r.ttft for r in done if r.turn == t])
                                     for t in turns}
+        # Every turn after the first together: those with a history to take from a cache.
+        report["ttft_later_turns_s"] = distribution([r.ttft for r in done if r.turn >= 2])
         report["cached_tokens"] = sum(r.cached_tokens for r in done)
     if slo is not None:
         good = sum(1 for r in results if slo.met(r))

@@ -147,6 +147,18 @@ def test_tables_plots_and_the_highest_rate_meeting_the_slo(tmp_path):
     assert (tmp_path / "chat.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_turn_table_gives_each_turn_and_the_later_turns_together(tmp_path):
+    multiturn = run("c", 0.3, 1.0, 0.1) | {
+        "workload": "multiturn", "prompt_tokens": 400, "cached_tokens": 300,
+        "ttft_by_turn_s": {"1": {"p50": 0.2}, "2": {"p50": 0.09}, "3": {"p50": 0.07}},
+        "ttft_later_turns_s": {"p50": 0.08}}
+    spec = {"workloads": ["multiturn"], "slo": "ttft=1000,tpot=200", "num_prompts": 5}
+    write_tables([multiturn], spec, tmp_path / "results.md")
+    table = (tmp_path / "results.md").read_text()
+    assert "| config | rate | turn 1 | turn 2 | turn 3 | turns 2+ | cached |" in table
+    assert "| c | 0.3 | 200 | 90 | 70 | 80 | 75% |" in table
+
+
 def test_report_tables_replace_only_the_marked_block(tmp_path):
     from bench.sweep import END, START, insert_tables
 
@@ -229,6 +241,8 @@ def test_ttft_is_reported_per_turn_with_the_cached_tokens():
     assert report["ttft_by_turn_s"]["1"]["p50"] == pytest.approx(1.0)
     assert report["ttft_by_turn_s"]["2"]["p50"] == pytest.approx(0.3)
     assert report["ttft_by_turn_s"]["3"]["mean"] == pytest.approx(0.3)
+    assert report["ttft_later_turns_s"]["p50"] == pytest.approx(0.3)  # of 0.2, 0.4, 0.3
+    assert report["ttft_later_turns_s"]["mean"] == pytest.approx(0.3)
     assert report["cached_tokens"] == 864
     assert "ttft_by_turn_s" not in summarize([RequestResult(True, 5, 5, 0.1, 0.2)], 1.0)
 
