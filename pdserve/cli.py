@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from pdserve import healthcheck, stack
 from pdserve.config_flags import add_config_flags, config_from_args
 from pdserve.env_flags import apply_env_defaults
+from pdserve.launch import die_with_parent
 from pdserve_proto.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
@@ -23,6 +24,7 @@ SECURITY_TITLE = "gRPC between pdserve's processes"
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # when `pdserve up` (or a test) started this process
     parser = build_parser()
     apply_env_defaults(parser)
     args = parser.parse_args(argv)

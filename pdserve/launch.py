@@ -16,6 +16,8 @@ import threading
 
 _LISTENING = re.compile(r"\blistening on (\S+)\s*$")
 _PR_SET_PDEATHSIG = 1
+# Set for a child started with die_with_parent: the pid of the process that started it.
+DIE_WITH_PARENT_ENV = "PDSERVE_DIE_WITH_PARENT"
 
 
 def listening_address(line: str) -> str | None:
@@ -31,11 +33,17 @@ def pdserve_argv(*args: str) -> list[str]:
 
 class ChildProcess:
     """A child whose output (stdout and stderr together) is collected line by line and,
-    with `echo`, copied to our stderr as `[name] line`. It ignores Ctrl-C (the parent
-    stops its children in order) and runs on `cores` when given. With `die_with_parent`
-    it gets SIGTERM when the thread that started it ends, so that no child outlives a
-    killed parent; start such children from a thread that lives as long as they should
-    (the kernel watches the thread, not the process)."""
+    with `echo`, copied to our stderr as `[name] line`. It runs in a process group of
+    its own, so Ctrl-C in a terminal does not reach it (the parent stops its children
+    in order), and on `cores` when given. With `die_with_parent` (a pdserve child,
+    which calls `die_with_parent()` as it starts) it gets SIGTERM when the thread that
+    started it ends, so that no child outlives a killed parent; start such children
+    from a thread that lives as long as they should (the kernel watches the thread).
+
+    Nothing runs between fork and exec (no preexec_fn), so Python starts the child with
+    vfork, which runs no fork handlers. With a preexec_fn it forks, and gRPC's fork
+    handlers, run in the child while this process has channels open, crash it now and
+    then before it execs (epoll_wait: Bad file descriptor; grpc/grpc#43055)."""
 
     def __init__(self, name: str, argv: list[str], *, cores: list[int] | None = None,
                  env: dict[str, str] | None = None, cwd=None, echo: bool = False,
@@ -45,9 +53,14 @@ class ChildProcess:
         self.lines: list[str] = []
         self.address: str | None = None
         self._listening = threading.Event()
+        if die_with_parent:
+            env = dict(os.environ if env is None else env)
+            env[DIE_WITH_PARENT_ENV] = str(os.getpid())
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            cwd=cwd, preexec_fn=lambda: _child_setup(cores, die_with_parent))
+            cwd=cwd, process_group=0)
+        if cores:  # it has just exec'd: one thread, whose affinity later threads inherit
+            os.sched_setaffinity(self.proc.pid, cores)
         threading.Thread(target=self._pump, name=f"{name}-output", daemon=True).start()
 
     def _pump(self) -> None:
@@ -96,10 +109,14 @@ class ChildProcess:
         return self.proc.returncode
 
 
-def _child_setup(cores: list[int] | None, die_with_parent: bool) -> None:
-    if die_with_parent:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cores:
-        os.sched_setaffinity(0, cores)
+def die_with_parent() -> None:
+    """In a child started with `die_with_parent`: SIGTERM when the thread that started
+    it ends. Set here, after exec, rather than between fork and exec (see ChildProcess);
+    a parent already gone by now is caught by the parent pid having changed."""
+    parent = os.environ.pop(DIE_WITH_PARENT_ENV, None)
+    if parent is None:
+        return
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
