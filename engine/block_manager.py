@@ -89,10 +89,15 @@ class BlockManager:
             self._owners[block_id] = {seq.seq_id}
             seq.block_table.append(block_id)
 
-    def _take(self) -> int:
+    def _take(self, keep: set[int] = frozenset()) -> int | None:
+        """A free block, else the least recently released idle block outside `keep`,
+        evicted; None when there is neither."""
         if self._free:
             return self._free.popleft()
-        block_id, _ = self._idle.popitem(last=False)
+        block_id = next((b for b in self._idle if b not in keep), None)
+        if block_id is None:
+            return None
+        del self._idle[block_id]
         self._forget(block_id)
         self.num_evictions += 1
         return block_id
@@ -179,15 +184,9 @@ class BlockManager:
         None when `name` is cached already or no block can be had."""
         if self.namespace is None or name in self._block_of:
             return None
-        if self._free:
-            block_id = self._free.popleft()
-        else:
-            block_id = next((b for b in self._idle if b not in keep), None)
-            if block_id is None:
-                return None
-            del self._idle[block_id]
-            self._forget(block_id)
-            self.num_evictions += 1
+        block_id = self._take(keep)
+        if block_id is None:
+            return None
         self._name_of[block_id] = name
         self._block_of[name] = block_id
         self._idle[block_id] = None
