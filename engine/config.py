@@ -24,8 +24,9 @@ _DTYPE_RULE = (f"auto: bfloat16 on CUDA and on CPUs with bf16 matrix instruction
 _QUANTIZATION_RULE = (
     "weight-only quantized linear layers on the CPU: int8 (one scale per row), int4 "
     "(groups of 32 with scale and minimum; a GGUF source's own Q4_0/Q4_1 codes), and "
-    "the LM head in int8. auto: a GGUF source (the default model) in its own precision "
-    "when the dtype is bfloat16, else none")
+    "the LM head in int8. auto: a GGUF source (the default model) in its own int4 codes "
+    "where pdserve's kernels run fast (x86 with AVX2 or AVX-512, ARM64), in either "
+    "dtype; else none")
 
 
 def _flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
@@ -64,12 +65,12 @@ class EngineConfig:
     decode_graphs: bool = _flag(True, "CPU: replay decode steps of up to 16 sequences from a "
                                       "graph recorded once per batch size (the same ops "
                                       "without Python's per-op cost; same output)")
-    native_kernels: bool = _flag(True, "CPU, bfloat16: decode steps run pdserve's AVX512-VNNI "
-                                       "kernels (int4/int8 layers, attention over the paged "
-                                       "cache, the layers' small steps), and prompt attention "
-                                       "its AVX512-BF16 kernel; compiled once with the system "
-                                       "C++ compiler; off, or where they cannot run: "
-                                       "PyTorch's")
+    native_kernels: bool = _flag(True, "CPU: decode steps (int4/int8 layers, attention over the "
+                                       "paged cache, the layers' small steps) and prompt "
+                                       "attention run pdserve's kernels, compiled once with "
+                                       "the system C++ compiler over Highway for the CPU's "
+                                       "best instruction set (PDSERVE_CPU_TARGET narrows "
+                                       "it); off, or where they cannot run: PyTorch's")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

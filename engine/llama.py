@@ -183,20 +183,17 @@ class LlamaModel(nn.Module):
         return count
 
     def use_native_decode(self) -> bool:
-        """Decode steps run pdserve's kernels (engine.native_kernels) where they take this
-        model: bf16 on the CPU, head sizes 16-128, at most 16 query heads per KV head;
-        so does prompt attention where the CPU has AVX512-BF16. Returns whether decode
-        steps do."""
+        """Decode steps and prompt attention run pdserve's kernels (engine.native_kernels)
+        where they take this model: float32 or bf16 on the CPU, head sizes 16-128.
+        Returns whether they do."""
         cfg = self.cfg
-        fits = (self.embed_tokens.weight.device.type == "cpu"
-                and self.embed_tokens.weight.dtype == torch.bfloat16
+        weight = self.embed_tokens.weight
+        fits = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
                 and cfg.head_dim in (16, 32, 64, 128)
-                and cfg.num_heads % cfg.num_kv_heads == 0
-                and cfg.num_heads // cfg.num_kv_heads <= 16)
+                and cfg.num_heads % cfg.num_kv_heads == 0)
         on = fits and native_kernels.load()
-        prefill = on and native_kernels.prefill_attention_available()
         for layer in self.layers:
-            layer.native_decode, layer.native_prefill = on, prefill
+            layer.native_decode = layer.native_prefill = on
         return on
 
     def prepack(self) -> int:

@@ -16,7 +16,7 @@ from engine.config import (
     DEFAULT_CUDA_KV_FRACTION,
     EngineConfig,
 )
-from engine.cpu_features import cpu_has_bf16_matmul
+from engine.cpu_features import auto_dtype
 from engine.decode_graph import DecodeGraphs
 from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
 from engine.llama import LlamaModel
@@ -54,11 +54,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" or cpu_has_bf16_matmul():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
+    return getattr(torch, auto_dtype(device.type) if name == "auto" else name)
 
 
 def usable_ram_bytes(limit_files: tuple[str, ...] = CGROUP_MEMORY_LIMIT_FILES) -> int:
@@ -99,7 +95,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = files.config
-        self.quantization = quantize.resolve(config.quantization, self.device, self.dtype, files)
+        self.quantization = quantize.resolve(config.quantization, self.device, self.dtype, files,
+                                             config.native_kernels)
         # Set by _build_model from the weights as loaded, before any quantization.
         self.weights_digest = ""
         self.model = self._build_model(config, files, max_model_len)

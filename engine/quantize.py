@@ -11,6 +11,8 @@ import logging
 
 import torch
 
+from engine import native_kernels
+from engine.cpu_features import auto_quantization
 from engine.loader import ModelFiles
 from engine.quantization import INT4_GROUP_SIZE, Int4Groups, Int8Rows, QuantizedWeight
 
@@ -19,18 +21,21 @@ log = logging.getLogger("pdserve.engine")
 HEAD = "lm_head.weight"
 
 
-def resolve(setting: str, device: torch.device, dtype: torch.dtype, files: ModelFiles) -> str:
-    """The quantization that runs. `auto` serves a GGUF source in its own precision where
-    the kernels are fast (bf16 activations on the CPU); everything else as it is."""
+def resolve(setting: str, device: torch.device, dtype: torch.dtype, files: ModelFiles,
+            native: bool = True) -> str:
+    """The quantization that runs. `auto` serves a GGUF source in its own int4 codes
+    where pdserve's kernels run fast (engine.cpu_features.auto_quantization); everything
+    else as it is."""
+    fast_kernels = native and device.type == "cpu" and native_kernels.load()
     if setting == "auto":
-        fast = device.type == "cpu" and dtype == torch.bfloat16
-        return "int4" if fast and files.gguf is not None else "none"
+        return auto_quantization(device.type, files.gguf is not None, fast_kernels)
     if setting != "none" and device.type != "cpu":
         raise ValueError(f"quantization {setting!r} has CPU kernels only; on {device.type} "
                          "use --quantization none (or auto)")
-    if setting != "none" and dtype == torch.float32:
-        log.warning("quantization %s with float32 activations: PyTorch's weight-only "
-                    "kernels are fast with bfloat16 only; expect slower decoding", setting)
+    if setting != "none" and dtype == torch.float32 and not fast_kernels:
+        log.warning("quantization %s with float32 activations and without pdserve's "
+                    "kernels: PyTorch's weight-only kernels are fast with bfloat16 only; "
+                    "expect slower decoding", setting)
     return setting
 
 

@@ -1,12 +1,15 @@
 """A prefill worker and a decode worker as two OS processes on loopback, real gRPC,
 default model: the disaggregated path gives the same tokens as the colocated path and
-transformers' `generate()`, with requests arriving concurrently; and with int4 weights
-on both workers, the same tokens as colocated int4."""
+transformers' `generate()`, with requests arriving concurrently; and in what `auto`
+picks on this CPU (int4 with float32 or bfloat16 activations: docs/kernels.md), the
+same tokens as colocated."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from engine import native_kernels
+from engine.cpu_features import auto_dtype
 from engine.sampling_params import SamplingParams
 from tests.integration.conftest import GREEDY, MAX_NEW
 from tests.integration.workers import Worker, colocated, disaggregated
@@ -15,9 +18,9 @@ ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--quantization", "no
                "--kv-cache-tokens", "16384")
 # Without the prefix cache: a cached prompt's last token is recomputed alone (one row:
 # the int4 kernel) where an uncached one is computed in the prompt's batch (the
-# dequantized weights), equal within bf16 rounding but not bit for bit; this test is
-# about the two paths, test_prefix_caching.py about the cache.
-INT4_ARGS = ("--model", "default", "--dtype", "bfloat16", "--quantization", "int4",
+# dequantized weights), equal within rounding but not bit for bit; this test is about
+# the two paths, test_prefix_caching.py about the cache.
+AUTO_ARGS = ("--model", "default", "--dtype", "auto", "--quantization", "auto",
              "--kv-cache-tokens", "8192", "--no-prefix-caching")
 
 
@@ -93,8 +96,8 @@ def test_prefill_reports_kv_size_and_timings(workers, prompts):
     assert_idle(prefill, decode)
 
 
-def test_int4_on_both_workers_gives_the_tokens_of_colocated_int4(prompts):
-    prefill, decode = Worker("prefill", *INT4_ARGS), Worker("decode", *INT4_ARGS)
+def test_the_automatic_choice_gives_the_tokens_of_colocated_on_both_workers(prompts):
+    prefill, decode = Worker("prefill", *AUTO_ARGS), Worker("decode", *AUTO_ARGS)
     try:
         batch = prompts[:3] + prompts[-2:]  # chat prompts and the two longest
         remote = [disaggregated(prefill, decode, f"q-{i}", p, GREEDY)
@@ -103,6 +106,10 @@ def test_int4_on_both_workers_gives_the_tokens_of_colocated_int4(prompts):
         assert [r.tokens for r in remote] == [r.tokens for r in local]
         assert all(len(r.tokens) > 1 for r in remote)
         assert_idle(prefill, decode)
+        # What the rule of docs/kernels.md picks for this CPU is what both ran.
+        picked = (f"cpu/{auto_dtype('cpu')}, quantization "
+                  f"{'int4' if native_kernels.load() else 'none'}")
+        assert picked in prefill.child.output() and picked in decode.child.output()
     finally:
         prefill.stop()
         decode.stop()

@@ -1,27 +1,31 @@
-"""pdserve's prompt attention (engine/kernels/prefill_attention.cpp) against causal
+"""pdserve's prompt attention (engine/kernels/prefill_attention.cc) against causal
 softmax attention computed here in float64 from the slot table: chunks with and without
 cached context, every head size it takes, grouped query heads, blocks scattered through
 the cache, slots outside the table that must not count, a chunk's result equal bit for
-bit to the same queries computed in one piece, and bad inputs refused with a message."""
+bit to the same queries computed in one piece, float32 and bfloat16 on every
+instruction set this machine runs, and bad inputs refused with a message."""
 
 import pytest
 import torch
 
-import engine.native_kernels as native_kernels
+from tests.unit.conftest import KERNEL_TARGETS, NO_KERNELS
 
-pytestmark = pytest.mark.skipif(not native_kernels.prefill_attention_available(),
-                                reason="pdserve's prompt attention kernel cannot run here")
+pytestmark = pytest.mark.skipif(not KERNEL_TARGETS, reason=NO_KERNELS.kwargs["reason"])
+DTYPES = [torch.float32, torch.bfloat16]
+# float32 arithmetic throughout; bf16 adds one rounding of the result.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-8, atol=1e-3)}
 
 
-def case(length: int, chunk: int, heads: int, kv_heads: int, dim: int, seed: int = 0):
+def case(length: int, chunk: int, heads: int, kv_heads: int, dim: int, seed: int = 0,
+         dtype: torch.dtype = torch.bfloat16):
     """Random caches holding one sequence of `length` positions in scattered slots; the
     queries of its last `chunk` positions."""
     g = torch.Generator().manual_seed(seed)
     num_slots = 2 * length + 16
     slots = torch.randperm(num_slots, generator=g)[:length]
-    k_cache = torch.randn(num_slots, kv_heads, dim, generator=g).bfloat16()
-    v_cache = torch.randn(num_slots, kv_heads, dim, generator=g).bfloat16()
-    q = torch.randn(chunk, heads, dim, generator=g).bfloat16()
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=g).to(dtype)
+    q = torch.randn(chunk, heads, dim, generator=g).to(dtype)
     return q, k_cache, v_cache, slots
 
 
@@ -37,24 +41,25 @@ def reference(q, k_cache, v_cache, slots, context, scale):
     return out
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [16, 32, 64, 128])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("length,chunk", [(1, 1), (19, 19), (75, 20), (100, 33)])
 def test_it_is_causal_attention_over_the_sequences_own_slots(dim, heads, kv_heads, length,
-                                                              chunk):
-    q, k_cache, v_cache, slots = case(length, chunk, heads, kv_heads, dim, seed=dim + length)
+                                                              chunk, dtype, kernel_target):
+    q, k_cache, v_cache, slots = case(length, chunk, heads, kv_heads, dim, seed=dim + length,
+                                      dtype=dtype)
     scale = dim ** -0.5
     got = torch.ops.pdserve.prefill_attention(q, k_cache, v_cache, slots, length - chunk, scale)
-    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert got.shape == q.shape and got.dtype == dtype
     want = reference(q, k_cache, v_cache, slots, length - chunk, scale)
-    # q and the probabilities are rounded to bf16 before they multiply (as SDPA does),
-    # the rest is float32; then one bf16 rounding of the result.
-    torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype])
 
 
-def test_a_chunk_after_cached_context_gives_the_bits_of_the_whole_prompt():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_chunk_after_cached_context_gives_the_bits_of_the_whole_prompt(dtype, kernel_target):
     # What makes a prompt served from the prefix cache equal to one computed whole.
-    q, k_cache, v_cache, slots = case(150, 150, 9, 3, 64, seed=1)
+    q, k_cache, v_cache, slots = case(150, 150, 9, 3, 64, seed=1, dtype=dtype)
     whole = torch.ops.pdserve.prefill_attention(q, k_cache, v_cache, slots, 0, 0.125)
     for context in (16, 37, 64, 149):
         part = torch.ops.pdserve.prefill_attention(q[context:], k_cache, v_cache, slots,
@@ -62,8 +67,9 @@ def test_a_chunk_after_cached_context_gives_the_bits_of_the_whole_prompt():
         assert torch.equal(part, whole[context:]), context
 
 
-def test_slots_outside_the_table_and_later_positions_do_not_leak_in():
-    q, k_cache, v_cache, slots = case(60, 25, 4, 2, 32, seed=5)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slots_outside_the_table_and_later_positions_do_not_leak_in(dtype, kernel_target):
+    q, k_cache, v_cache, slots = case(60, 25, 4, 2, 32, seed=5, dtype=dtype)
     before = torch.ops.pdserve.prefill_attention(q, k_cache, v_cache, slots, 35, 0.2)
     own = set(slots.tolist())
     for slot in range(k_cache.shape[0]):
@@ -95,7 +101,7 @@ def test_bad_inputs_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="head size must be 16, 32, 64 or 128"):
         op(q[..., :24].contiguous(), k_cache[..., :24].contiguous(),
            v_cache[..., :24].contiguous(), slots, 20, 1.0)
-    with pytest.raises(RuntimeError, match="bfloat16"):
+    with pytest.raises(RuntimeError, match="q and the caches must share one dtype"):
         op(q.float(), k_cache, v_cache, slots, 20, 1.0)
     with pytest.raises(RuntimeError, match="multiple of KV heads"):
         op(q[:, :3], k_cache, v_cache, slots, 20, 1.0)
@@ -103,14 +109,15 @@ def test_bad_inputs_are_refused_with_a_message():
         op(q.transpose(1, 2).contiguous().transpose(1, 2), k_cache, v_cache, slots, 20, 1.0)
 
 
-def test_an_engine_prefills_with_it_and_agrees_with_sdpa():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_engine_prefills_with_it_and_agrees_with_sdpa(dtype):
     from engine.sampling_params import SamplingParams
     from engine.scheduler import ScheduledSeq
     from engine.sequence import Sequence
     from tests.unit.conftest import tiny_engine
 
-    native = tiny_engine(dtype="bfloat16")
-    sdpa = tiny_engine(dtype="bfloat16", native_kernels=False)
+    native = tiny_engine(dtype=dtype)
+    sdpa = tiny_engine(dtype=dtype, native_kernels=False)
     assert all(layer.native_prefill for layer in native.runner.model.layers)
     assert not any(layer.native_prefill for layer in sdpa.runner.model.layers)
     prompt = [(37 * i + 11) % 4000 for i in range(90)]
@@ -126,8 +133,9 @@ def test_an_engine_prefills_with_it_and_agrees_with_sdpa():
             engine.blocks.free(seq)
         return logits[0]  # the last chunk's: only it samples
 
+    close = 0.02 if dtype == "bfloat16" else 1e-4
     got, want = last_logits(native, [90]), last_logits(sdpa, [90])
-    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert (got - want).abs().max() < close * want.abs().max()
     assert not torch.equal(got, want)
     chunked, want_chunked = last_logits(native, [40, 50]), last_logits(sdpa, [40, 50])
-    assert (chunked - want_chunked).abs().max() < 0.02 * want_chunked.abs().max()
+    assert (chunked - want_chunked).abs().max() < close * want_chunked.abs().max()
