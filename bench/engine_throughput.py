@@ -168,9 +168,8 @@ def main() -> None:
             # the first round's KV and time no prefill at all.
             prefix_caching=False))
         for q, graphs, native in variants}
-    for engine in engines.values():  # what a worker records while idle, up front
-        if engine.runner.decode_graphs is not None:
-            engine.runner.decode_graphs.record_all()
+    for engine in engines.values():  # what a decode worker records before it serves
+        engine.record_decode_graphs()
     from engine.loader import load_tokenizer
 
     tokenizer = load_tokenizer(next(iter(engines.values())).files)

@@ -62,8 +62,9 @@ class EngineConfig:
     prefix_caching: bool = _flag(True, "keep the full KV blocks of finished sequences and "
                                        "reuse them for later prompts with the same prefix")
     num_threads: int | None = _flag(None, "CPU threads for torch (default: torch's choice)")
-    decode_graphs: bool = _flag(True, "CPU: replay decode steps of up to 16 sequences from a "
-                                      "graph recorded once per batch size (the same ops "
+    decode_graphs: bool = _flag(True, "CPU without pdserve's kernels: replay decode steps of up "
+                                      "to 16 sequences from a graph per batch size, recorded "
+                                      "by a decode worker before it serves (the same ops "
                                       "without Python's per-op cost; same output)")
     native_kernels: bool = _flag(True, "CPU: decode steps (int4/int8 layers, attention over the "
                                        "paged cache, the layers' small steps) and prompt "

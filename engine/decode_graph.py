@@ -1,27 +1,24 @@
-"""Pure decode steps on the CPU, recorded once per batch size and replayed from C++.
+"""Pure decode steps on the CPU without pdserve's kernels, recorded once per batch size
+and replayed from C++.
 
-A decode step of a small model on a few rows is bound by dispatch, not arithmetic: the
-default model runs about 900 small ops in its 30 layers, each costing microseconds of
+Where pdserve's kernels cannot run (x86 without AVX2, `--no-native-kernels`), a decode
+step of a small model on a few rows is bound by dispatch, not arithmetic: the default
+model runs about 900 small PyTorch ops in its 30 layers, each costing microseconds of
 Python and dispatcher. `torch.jit.trace` records the step's ops once and TorchScript's
 interpreter replays them without the Python: the same ops on the same tensors, so the
-same bits (tests/unit/test_decode_graph.py). On 2 cores the default model's one-row int4
-forward took 9.1 ms replayed against 12.4 ms eager.
+same bits (tests/unit/test_decode_graph.py). With pdserve's kernels a layer is a handful
+of calls and a recorded step saves little (docs/performance.md), so none is recorded.
 
 One graph per batch size, because the linear layers pick their kernel by row count
-(engine.cpu_linear). Recording one takes 0.3-1 s, so it never happens inside a step: a
-decode step whose size has no graph runs eagerly and asks for one, and `record_next()`
-records it on a scratch KV cache of one block, which the workers call while the engine
-is idle (worker.engine_loop). Only sizes that were used get recorded: a prefill worker,
-which runs no decode steps, records none, and a worker start costs nothing (recording
-all 16 sizes up front took 8-17 s of CPU a worker). The graph takes the KV cache, the
+(engine.cpu_linear). Recording one takes a fraction of a second, so it never happens
+where a request could wait for it: a decode worker records every size up to `max_rows`
+before it serves (`record_all`), a prefill worker none. The graph takes the KV cache, the
 slot tables and the padding mask as inputs, so the context length varies freely. Steps
 with a prompt chunk, more than `max_rows` rows or a KV export run eagerly, and so do
 batch sizes whose step cannot be recorded: oneDNN's prepacked GEMM (bf16 layers that are
-not quantized, float32 from 4 rows) takes an argument the tracer cannot hold. The
-default model in bf16 with int4 weights is recorded at every size up to 16 rows, where
-pdserve's VNNI kernels serve (up to 10 with PyTorch's int4 kernel). torch.compile was
-tried first and was slower here (dynamo's guard checks cost about 60 us a layer;
-compiling the whole model copies the KV cache).
+not quantized, float32 from 4 rows) takes an argument the tracer cannot hold.
+torch.compile was tried first and was slower here (dynamo's guard checks cost about 60
+us a layer; compiling the whole model copies the KV cache).
 """
 
 import logging
@@ -62,7 +59,6 @@ class DecodeGraphs:
         self._kv = kv_cache.tensor
         self._graphs: dict[int, torch.jit.ScriptModule] = {}
         self._eager: set[int] = set()  # batch sizes whose step could not be recorded
-        self._wanted: set[int] = set()  # sizes run eagerly so far, to record when idle
         self.max_rows = max_rows
 
     @property
@@ -70,16 +66,8 @@ class DecodeGraphs:
         return sorted(self._graphs)
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        """Whether this step replays a graph; a decode step of a size without one asks
-        for it to be recorded."""
-        if meta.prefills:
-            return False
-        rows = meta.num_decode
-        if rows in self._graphs:
-            return True
-        if rows <= self.max_rows and rows not in self._eager:
-            self._wanted.add(rows)
-        return False
+        """Whether this step replays a graph."""
+        return not meta.prefills and meta.num_decode in self._graphs
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:
@@ -88,21 +76,12 @@ class DecodeGraphs:
                                              meta.slot_mapping, meta.decode_slots,
                                              meta.decode_mask)
 
-    def record_next(self) -> bool:
-        """Record the smallest size asked for; False when none is waiting."""
-        if not self._wanted:
-            return False
-        rows = min(self._wanted)
-        self._wanted.discard(rows)
-        self._record(rows)
-        return True
-
-    def record_all(self) -> None:
-        """Every size up to max_rows at once (benchmarks, tests)."""
-        self._wanted.update(r for r in range(1, self.max_rows + 1)
-                            if r not in self._graphs and r not in self._eager)
-        while self.record_next():
-            pass
+    def record_all(self) -> list[int]:
+        """Every size up to max_rows that can be recorded; the sizes recorded."""
+        for rows in range(1, self.max_rows + 1):
+            if rows not in self._graphs and rows not in self._eager:
+                self._record(rows)
+        return self.recorded
 
     def _record(self, rows: int) -> None:
         # Scratch inputs: one block of KV (every row writes and reads slot 0), so the

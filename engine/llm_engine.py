@@ -127,12 +127,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
 
-    def record_decode_graph(self) -> bool:
-        """Idle-time work: record a decode graph that a step asked for
-        (engine.decode_graph), 0.3-1 s for the default model. False when none is
-        waiting."""
+    def record_decode_graphs(self) -> list[int]:
+        """Record the decode graph of every batch size now (engine.decode_graph), where
+        this engine replays them: decode workers do before they serve, so that no
+        request ever waits for a recording. The sizes recorded."""
         graphs = self.runner.decode_graphs
-        return graphs is not None and graphs.record_next()
+        return graphs.record_all() if graphs is not None else []
 
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams]) -> list[list[Sequence]]:

@@ -103,8 +103,11 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(config)
         self.kv_cache = KVCache(files.config, self.num_blocks, self.block_size,
                                 self.dtype, self.device)
+        # Without pdserve's kernels only: with them a replayed step saves little.
+        native = any(layer.native_decode for layer in self.model.layers)
         self.decode_graphs = (DecodeGraphs(self.model, self.kv_cache)
-                              if config.decode_graphs and self.device.type == "cpu" else None)
+                              if config.decode_graphs and self.device.type == "cpu"
+                              and not native else None)
         log.info("model %s on %s/%s, quantization %s, KV cache %d blocks x %d tokens",
                  files.name, self.device, str(self.dtype).removeprefix("torch."),
                  self.quantization, self.num_blocks, self.block_size)

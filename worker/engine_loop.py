@@ -149,10 +149,8 @@ class EngineLoop:
             q.put_nowait(error)
 
     def _run(self) -> None:
-        recording = False  # a decode graph may be waiting to be recorded (idle work)
         while not self._stop.is_set():
-            busy = self.engine.has_unfinished_requests()
-            self._run_commands(block=not busy and not recording)
+            self._run_commands(block=not self.engine.has_unfinished_requests())
             for task in self.periodic:
                 task()
             if self.engine.has_unfinished_requests():
@@ -166,17 +164,7 @@ class EngineLoop:
                 self.deliver(outputs)
                 for observe in self.step_observers:
                     observe(elapsed, outputs)
-                recording = True  # the step may have asked for a graph
-            elif recording:
-                recording = self._record_decode_graph()
             self.stats = self._snapshot()
-
-    def _record_decode_graph(self) -> bool:
-        try:
-            return self.engine.record_decode_graph()
-        except Exception:  # the eager step serves every size; never stop the thread
-            log.exception("recording a decode graph failed; decode steps run eagerly")
-            return False
 
     def _abort_all(self) -> list[StepOutput]:
         """Every request ended as failed (their streams end with INTERNAL, their blocks

@@ -23,13 +23,17 @@ def hf(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def tiny_engine(**overrides) -> LLMEngine:
+def tiny_config(**overrides) -> EngineConfig:
     """The tiny random model on the CPU in float32 whatever `auto` picks (tests compare
     token for token), with small KV blocks so that block counts are easy to follow."""
     options = dict(model="random:tiny", device="cpu", dtype="float32", kv_cache_tokens=4096,
                    block_size=4, max_num_batched_tokens=256, seed=3)
     options.update(overrides)
-    return LLMEngine(EngineConfig(**options))
+    return EngineConfig(**options)
+
+
+def tiny_engine(**overrides) -> LLMEngine:
+    return LLMEngine(tiny_config(**overrides))
 
 
 # Every instruction set pdserve's kernels can run on this machine (an AVX-512 machine

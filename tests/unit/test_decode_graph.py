@@ -1,10 +1,12 @@
-"""Decode steps replayed from recorded graphs (engine.decode_graph) give the same logits,
-bit for bit, as the eager model: every batch size, growing contexts across block
-boundaries, each dtype and quantization."""
+"""Decode steps replayed from recorded graphs (engine.decode_graph), where decode steps run
+PyTorch's kernels, give the same logits, bit for bit, as the eager model: every batch
+size, growing contexts across block boundaries, each dtype and quantization. With
+pdserve's kernels no graph is recorded."""
 
 import pytest
 import torch
 
+from engine import native_kernels
 from engine.sampling_params import SamplingParams
 from tests.unit.conftest import ONEDNN_PACKS_BF16, tiny_engine
 
@@ -40,11 +42,12 @@ MAX_TOKENS = [9, 14, 6, 11]
     ("bfloat16", "int4", [1, 2, 3, 4]),
     ("bfloat16", "int8", [1, 2, 3, 4]), ("float32", "int8", [1, 2, 3, 4])])
 def test_replayed_decode_steps_equal_the_eager_model(dtype, quantization, recorded):
-    eager = tiny_engine(dtype=dtype, quantization=quantization, decode_graphs=False)
-    graphs = tiny_engine(dtype=dtype, quantization=quantization)
-    assert eager.runner.decode_graphs is None and not eager.record_decode_graph()
+    eager = tiny_engine(dtype=dtype, quantization=quantization, decode_graphs=False,
+                        native_kernels=False)
+    graphs = tiny_engine(dtype=dtype, quantization=quantization, native_kernels=False)
+    assert eager.runner.decode_graphs is None and eager.record_decode_graphs() == []
     graphs.runner.decode_graphs.max_rows = 4
-    graphs.runner.decode_graphs.record_all()
+    assert graphs.record_decode_graphs() == recorded
     want = recorded_logits(eager, PROMPTS, MAX_TOKENS)
     got = recorded_logits(graphs, PROMPTS, MAX_TOKENS)
     assert len(got) == len(want)
@@ -58,8 +61,8 @@ def test_replayed_decode_steps_equal_the_eager_model(dtype, quantization, record
 def test_a_graph_recorded_on_scratch_inputs_serves_every_context():
     """Graphs are recorded on a one-slot scratch cache; steps of long contexts must read
     their whole context from the real one (a baked-in length or cache would not)."""
-    eager = tiny_engine(decode_graphs=False)
-    graphs = tiny_engine()
+    eager = tiny_engine(decode_graphs=False, native_kernels=False)
+    graphs = tiny_engine(native_kernels=False)
     graphs.runner.decode_graphs.max_rows = 1
     kv_before = graphs.runner.kv_cache.tensor.clone()
     graphs.runner.decode_graphs.record_all()
@@ -71,21 +74,25 @@ def test_a_graph_recorded_on_scratch_inputs_serves_every_context():
     assert graphs.runner.decode_graphs.recorded == [1]
 
 
-def test_steps_without_a_graph_run_eagerly_and_ask_for_one():
-    engine = tiny_engine()
+def test_steps_without_a_graph_run_eagerly_and_none_is_recorded_while_serving():
+    engine = tiny_engine(native_kernels=False)
     graphs = engine.runner.decode_graphs
     graphs.max_rows = 2
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    assert not engine.record_decode_graph()  # nothing asked for yet: a start costs nothing
-    engine.generate([[3, 50]], params)
-    # One row decoded eagerly (no recording inside a step) and asked for its graph.
+    eager = tiny_engine(native_kernels=False, decode_graphs=False)
+    prompts = [[3 + i, 50 + i] for i in range(3)]
+    want = [r[0].output_token_ids for r in eager.generate(prompts, params)]
+    # Nothing recorded in a step: the steps of unrecorded sizes run eagerly.
+    assert [r[0].output_token_ids for r in engine.generate(prompts, params)] == want
     assert graphs.recorded == []
-    assert engine.record_decode_graph() and not engine.record_decode_graph()
-    assert graphs.recorded == [1]
-    # Five rows: above max_rows, never asked for; two rows: asked for, recorded later.
-    engine.generate([[3 + i, 50 + i] for i in range(5)], params)
-    engine.generate([[7, 8], [9, 10]], params)
-    assert graphs.recorded == [1]
-    assert engine.record_decode_graph() and not engine.record_decode_graph()
-    assert graphs.recorded == [1, 2]
+    assert engine.record_decode_graphs() == [1, 2]  # what a decode worker does at start
+    assert [r[0].output_token_ids for r in engine.generate(prompts, params)] == want
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_with_pdserves_kernels_decode_steps_record_no_graph():
+    if not native_kernels.load():
+        pytest.skip("pdserve's native kernels cannot run on this machine")
+    engine = tiny_engine()
+    assert all(layer.native_decode for layer in engine.runner.model.layers)
+    assert engine.runner.decode_graphs is None and engine.record_decode_graphs() == []

@@ -62,26 +62,14 @@ def test_a_loop_stopped_before_it_started_ends_its_thread():
     assert not thread.is_alive()
 
 
-def test_decode_graphs_are_recorded_while_the_engine_is_idle():
-    async def scenario():
-        loop = await EngineLoop.create(lambda: tiny_engine(kv_cache_tokens=256, seed=1))
-        loop.start()
-        try:
-            await asyncio.sleep(0.2)
-            before = await loop.call(lambda e: e.runner.decode_graphs.recorded)
-            queue = loop.subscribe("r1")
-            params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-            await loop.call(lambda e: e.add_request("r1", [5, 6, 7, 8], params))
-            while not (await asyncio.wait_for(queue.get(), 30)).finished:
-                pass
-            recorded: list[int] = []
-            deadline = time.monotonic() + 30
-            while recorded != [1] and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                recorded = await loop.call(lambda e: e.runner.decode_graphs.recorded)
-            return before, recorded
-        finally:
-            loop.stop()
+def test_a_decode_worker_records_its_graphs_before_it_serves():
+    # Where decode steps replay graphs (without pdserve's kernels), the decode worker's
+    # engine has every size recorded when it is built: nothing is left to record while a
+    # request could wait for it.
+    from decode_worker.server import build_engine
+    from tests.unit.conftest import tiny_config
 
-    # Nothing at start; the one-row decode steps of the request, once it is idle again.
-    assert asyncio.run(scenario()) == ([], [1])
+    engine = build_engine(tiny_config(native_kernels=False))
+    assert engine.runner.decode_graphs.recorded == list(range(1, 4))  # float32: GEMMs from 4
+    native = build_engine(tiny_config())
+    assert native.runner.decode_graphs is None or not native.record_decode_graphs()
