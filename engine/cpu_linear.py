@@ -139,8 +139,9 @@ def _checked(make: Callable[[], QuantizedMatmul | None], weight: QuantizedWeight
         return None
     want = probe.to(dtype).float() @ weight.dequantize().T
     # pdserve's kernels round activations to 15 bits per group of 32: float32 results
-    # agree to about 1e-5 of the largest; a wrong layout is off by the whole value.
-    tolerance = (dict(rtol=1e-4, atol=1e-4 * float(want.abs().max())) if dtype == torch.float32
+    # agree to a few 1e-4 of the largest (the default model's layers); a wrong layout is
+    # off by the whole value.
+    tolerance = (dict(rtol=2e-3, atol=2e-3 * float(want.abs().max())) if dtype == torch.float32
                  else dict(rtol=3e-2, atol=3e-2 * float(want.abs().max())))
     if not torch.allclose(got, want, **tolerance):
         log.warning("the %s kernel disagrees with its dequantized weight; not using it",
