@@ -132,11 +132,22 @@ class LlamaModel(nn.Module):
         self._head_weight: torch.Tensor | None = None
         self._quantized_head = None
         self._packed_head: torch.Tensor | None = None
+        # Every layer of a decode step in one C++ call (engine/kernels/decode_stack.cc),
+        # where all linear layers run pdserve's quantized kernels; set by use_native_decode().
+        self._decode_stack = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, on_layer_kv: LayerKVCallback | None = None):
         """Hidden states after the final norm for every token of the flat batch."""
+        if (self._decode_stack is not None and on_layer_kv is None and not meta.prefills
+                and meta.num_decode <= native_kernels.MAX_ROWS):
+            hidden = self.embed_tokens(input_ids)
+            cos, sin = self.rotary.tables(positions, hidden.dtype)
+            hidden = self._decode_stack.forward(hidden, cos, sin, kv_cache.tensor,
+                                                meta.slot_mapping, meta.decode_slots,
+                                                meta.decode_mask)
+            return self.norm(hidden)
         return self.run_layers(input_ids, positions, kv_cache.layer, meta, on_layer_kv)
 
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -194,7 +205,32 @@ class LlamaModel(nn.Module):
         on = fits and native_kernels.load()
         for layer in self.layers:
             layer.native_decode = layer.native_prefill = on
+        self._decode_stack = self._build_decode_stack() if on else None
         return on
+
+    def _build_decode_stack(self):
+        """The C++ decode stack of these layers, or None where a linear layer of one
+        does not run pdserve's quantized kernel (unquantized models: the per-layer path,
+        whose dense GEMMs engine.cpu_linear picks by row count)."""
+        cfg, first = self.cfg, self.layers[0]
+        stack = torch.classes.pdserve.DecodeStack(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                  first.scale, cfg.rms_norm_eps)
+        for layer in self.layers:
+            parts = []
+            for linear_layer in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
+                                 layer.down_proj):
+                kernel = linear_layer.quantized
+                if kernel is None or not isinstance(kernel[0], native_kernels.PackedLinear) \
+                        or kernel[1] < native_kernels.MAX_ROWS:
+                    return None
+                packed = kernel[0]
+                empty = packed.scale.new_empty(0)
+                parts += [packed.codes, packed.scale,
+                          empty if packed.minimum is None else packed.minimum,
+                          empty if linear_layer.bias is None else linear_layer.bias.detach()]
+            stack.add_layer(layer.input_layernorm.weight.detach(),
+                            layer.post_attention_layernorm.weight.detach(), parts)
+        return stack
 
     def prepack(self) -> int:
         """Pack every GEMM weight for the CPU (see engine.cpu_linear); call once the

@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +33,11 @@ from engine.quantization import Int4Groups, Int8Rows
 log = logging.getLogger("pdserve.engine")
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = tuple(KERNELS / name for name in (
+# The kernels themselves (no PyTorch), then their PyTorch side (operators, the stack).
+KERNEL_SOURCES = tuple(KERNELS / name for name in (
     "quantized_linear.cc", "decode_attention.cc", "prefill_attention.cc", "layer_steps.cc",
-    "targets.cc", "torch_ops.cc"))
+    "targets.cc"))
+SOURCES = KERNEL_SOURCES + (KERNELS / "torch_ops.cc", KERNELS / "decode_stack.cc")
 HEADERS = (KERNELS / "kernels.h", KERNELS / "simd-inl.h")
 # The standalone check of the kernels against a scalar reference (tests, ARM64 under qemu).
 HARNESS = KERNELS / "harness.cc"
@@ -98,24 +101,37 @@ def use_target(name: str):
         torch.ops.pdserve.use_target(before)
 
 
-def int4_matmul(weight: Int4Groups):
-    """x [rows <= MAX_ROWS, K] -> x @ weight.dequantize().T, or None where the weight's
-    shape does not fit the kernel's tiling or its scales are not float16 values."""
+@dataclass(frozen=True)
+class PackedLinear:
+    """A quantized weight in the kernels' layout (kernels.h), called as x -> x @ W^T for
+    [rows <= MAX_ROWS, K] activations; `minimum` is None for int8."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.minimum is None:
+            return torch.ops.pdserve.int8_linear(x, self.codes, self.scale)
+        return torch.ops.pdserve.int4_linear(x, self.codes, self.scale, self.minimum)
+
+
+def int4_matmul(weight: Int4Groups) -> PackedLinear | None:
+    """The kernel of `weight`, or None where its shape does not fit the kernel's tiling
+    or its scales are not float16 values."""
     n, k = weight.q.shape
     if weight.group_size != GROUP or n % ROWS_PER_BLOCK or k % GROUP or not load():
         return None
     if not (_float16_exact(weight.scale) and _float16_exact(weight.minimum)):
         return None
-    codes, scale, minimum = pack_int4(weight)
-    return lambda x: torch.ops.pdserve.int4_linear(x, codes, scale, minimum)
+    return PackedLinear(*pack_int4(weight))
 
 
-def int8_matmul(weight: Int8Rows):
+def int8_matmul(weight: Int8Rows) -> PackedLinear | None:
     n, k = weight.q.shape
     if n % ROWS_PER_BLOCK or k % GROUP or not load():
         return None
-    codes, scale = pack_int8(weight)
-    return lambda x: torch.ops.pdserve.int8_linear(x, codes, scale)
+    return PackedLinear(*pack_int8(weight), None)
 
 
 def pack_int4(weight: Int4Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,15 +13,15 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from engine.native_kernels import HARNESS, HEADERS, KERNELS, SOURCES, compile_flags
+from engine.native_kernels import HARNESS, HEADERS, KERNEL_SOURCES, KERNELS, compile_flags
 from model_store.paths import cache_dir
 
 CROSS_COMPILER = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"
 ARM64_SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's cross libc and libstdc++
 ARM64_PACKAGES = ("libhwy-dev", "libhwy1")
-# The kernels without their PyTorch binding, and the harness's own files.
-HARNESS_SOURCES = tuple(s for s in SOURCES if s.name != "torch_ops.cc") + (HARNESS,)
+# The kernels without their PyTorch side, and the harness's own files.
+HARNESS_SOURCES = KERNEL_SOURCES + (HARNESS,)
 HARNESS_FILES = HARNESS_SOURCES + HEADERS + (KERNELS / "harness_util.h",)
 
 
