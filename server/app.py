@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
@@ -123,22 +124,45 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     return app
 
 
-def _install_handlers(app: FastAPI, config: GatewayConfig, api_keys: ApiKeys) -> None:
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
+class RequestContext:
+    """Every request's id (X-Request-Id, generated when absent) in the log context and on
+    its response; auth and the body limit checked before any body is read. A plain ASGI
+    middleware: Starlette's @app.middleware("http") relays every chunk of a stream
+    through a task and a memory stream, a cost each streamed token paid."""
+
+    def __init__(self, app, *, config: GatewayConfig, api_keys: ApiKeys, metrics):
+        self.app, self.config, self.api_keys, self.metrics = app, config, api_keys, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
         rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex[:16]}"
         request.state.request_id = rid
         token = request_id_var.set(rid)
         try:
-            error = _check_request(request, config, api_keys)
-            response = (JSONResponse(error.body(), error.status, headers=error.headers)
-                        if error else await call_next(request))
+            error = _check_request(request, self.config, self.api_keys)
             if error:
-                app.state.metrics.rejected(error.status)
+                self.metrics.rejected(error.status)
+                headers = {**(error.headers or {}), "X-Request-Id": rid}
+                await JSONResponse(error.body(), error.status, headers=headers)(
+                    scope, receive, send)
+                return
+
+            async def send_with_id(message) -> None:
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message)["X-Request-Id"] = rid
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
-        response.headers["X-Request-Id"] = rid
-        return response
+
+
+def _install_handlers(app: FastAPI, config: GatewayConfig, api_keys: ApiKeys) -> None:
+    app.add_middleware(RequestContext, config=config, api_keys=api_keys,
+                       metrics=app.state.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
