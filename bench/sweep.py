@@ -6,11 +6,13 @@ The spec is JSON: workloads (`multiturn` sends num_prompts conversations of `tur
 turns), rates, num_prompts, slo, seed, and configs, each with a
 name, the command that starts it, its URL, optionally the path that answers 200 once it
 serves (`ready`, default `/ready`; llama-server has `/health`) and the model name to send
-(default: the first of its /v1/models). Commands may name `{python}`, `{port}`, and
-`{llama_server}` and `{gguf}` (llama.cpp's server as `python -m bench.llama_cpp build`
-makes it, and the default model's GGUF file); a configuration that needs llama.cpp where
-it is not built is skipped with a message. Every configuration gets exactly the same
-requests at the same arrival times.
+(default: the first of its /v1/models), and `env`, variables to set for it. Commands may
+name `{python}`, `{port}`, `{llama_server}` and `{gguf}` (llama.cpp's server as `python -m
+bench.llama_cpp build` makes it, and the default model's GGUF file), `{vllm_python}` and
+`{model_folder}` (vLLM-CPU's python as `python -m bench.vllm_cpu install` makes it, and the
+default model's Hugging Face folder); a configuration that needs a peer where it is not
+built is skipped with a message. Every configuration gets exactly the same requests at
+the same arrival times.
 """
 
 import argparse
@@ -88,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def placeholders(config: dict, port: int) -> dict[str, str]:
-    """What the config's command may name; RuntimeError when it needs llama.cpp and
-    llama.cpp is not built."""
+    """What the config's command may name; RuntimeError when it needs a peer (llama.cpp,
+    vLLM-CPU) that is not built here."""
     fill = {"python": sys.executable, "port": str(port)}
-    if any("{llama_server}" in part or "{gguf}" in part for part in config["command"]):
+    command = " ".join(config["command"])
+    if "{llama_server}" in command or "{gguf}" in command:
         from bench import llama_cpp
 
         folder = llama_cpp.bin_dir()
@@ -99,6 +102,14 @@ def placeholders(config: dict, port: int) -> dict[str, str]:
             raise RuntimeError("llama.cpp is not built (python -m bench.llama_cpp build)")
         fill |= {"llama_server": str(folder / "llama-server"),
                  "gguf": str(llama_cpp.default_gguf())}
+    if "{vllm_python}" in command or "{model_folder}" in command:
+        from bench import vllm_cpu
+        from model_store.default_model import ensure_default_model
+
+        found = vllm_cpu.python()
+        if found is None:
+            raise RuntimeError("vLLM-CPU is not installed (python -m bench.vllm_cpu install)")
+        fill |= {"vllm_python": str(found), "model_folder": str(ensure_default_model())}
     return fill
 
 
@@ -125,7 +136,7 @@ def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
     url = config["url"].format(**fill)
     print(f"== {config['name']}: {' '.join(command)}", flush=True)
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **config.get("env", {})))
     try:
         wait_ready(url + config.get("ready", "/ready"), proc)
         model = config.get("model") or first_model(url, None)

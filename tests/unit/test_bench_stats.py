@@ -188,6 +188,28 @@ def test_sweep_fills_llama_cpp_paths_or_skips_the_config(monkeypatch, tmp_path):
         str(tmp_path / "llama-server"), "-m", str(tmp_path / "m.gguf"), "--port", "9"]
 
 
+def test_sweep_fills_vllm_cpus_python_and_the_model_folder_or_skips_the_config(
+        monkeypatch, tmp_path):
+    import model_store.default_model as default_model
+    from bench import vllm_cpu
+    from bench.sweep import placeholders
+
+    peer = {"name": "v", "command": ["{vllm_python}", "-m", "vllm.entrypoints.openai.api_server",
+                                     "--model", "{model_folder}", "--port", "{port}"],
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    monkeypatch.setattr(vllm_cpu, "cache_dir", lambda: tmp_path)  # nothing installed there
+    with pytest.raises(RuntimeError, match="python -m bench.vllm_cpu install"):
+        placeholders(peer, 9)
+    venv = vllm_cpu.venv_dir()
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").write_text("vllm-cpu\n")
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda: tmp_path / "model")
+    fill = placeholders(peer, 9)
+    assert [part.format(**fill) for part in peer["command"]] == [
+        str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
+        str(tmp_path / "model"), "--port", "9"]
+
+
 def test_llama_cpp_build_names_this_cpus_features_and_never_amx_or_native():
     from bench.llama_cpp import cmake_options
 
