@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.gguf_tensors import read_tensors
 from engine.model_config import ModelConfig
 from engine.quantization import Int4Groups, Int8Rows, QuantizedWeight
 
@@ -32,11 +33,9 @@ def read_quantized(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]:
     """Our parameter name ('layers.3.qkv_proj.weight') -> its weight in the file's format,
     for every tensor stored as Q4_0, Q4_1 or Q8_0 (others are not returned). A fused
     module is returned only when all its parts are quantized alike."""
-    from gguf import GGUFReader
-
     parts: dict[str, dict[str | None, QuantizedWeight]] = {}
-    for tensor in GGUFReader(str(path)).tensors:
-        decode = _DECODERS.get(tensor.tensor_type.name)
+    for tensor in read_tensors(path):
+        decode = _DECODERS.get(tensor.type_name)
         name, part = _our_name(tensor.name)
         if decode is None or name is None:
             continue
