@@ -29,7 +29,7 @@ namespace pdserve {
 namespace HWY_NAMESPACE {
 
 constexpr int64_t kKeys = 32;       // keys per block
-constexpr int64_t kQueryTile = 16;  // query positions per task (times the group's heads)
+constexpr int64_t kQueryTile = 32;  // query positions per task (times the group's heads)
 
 // One tile's working set, reused across its key blocks.
 struct Tile {
@@ -41,58 +41,126 @@ struct Tile {
         keys(dim * kKeys), values(kKeys * dim) {}
 };
 
-// scores[0..kKeys) of one query row against the block's transposed keys.
-HWY_INLINE void BlockScores(const float* query, const float* keys, int64_t dim, float* scores) {
+constexpr int kRowsAtOnce = 4;  // query rows that share each key and value load
+
+// scores[r][0..kKeys) of `rows` (<= 4) query rows against the block's transposed keys,
+// two vectors of keys at a time: per input dimension, two loads serve eight FMAs.
+HWY_INLINE void BlockScores(const float* const* query, int rows, const float* keys,
+                            int64_t dim, float* const* scores) {
   const DF df;
-  const int64_t lanes = hn::Lanes(df), step = 4 * lanes;
+  const int64_t lanes = hn::Lanes(df), step = std::min<int64_t>(2 * lanes, kKeys);
+  const bool two = step > lanes;  // 16-lane vectors take a block's 32 keys in two
   for (int64_t j0 = 0; j0 < kKeys; j0 += step) {
-    const int64_t vectors = std::min<int64_t>(4, (kKeys - j0) / lanes);
-    auto s0 = hn::Zero(df), s1 = s0, s2 = s0, s3 = s0;
+    auto a0 = hn::Zero(df), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
     for (int64_t d = 0; d < dim; ++d) {
-      const auto q = hn::Set(df, query[d]);
       const float* row = keys + d * kKeys + j0;
-      s0 = hn::MulAdd(q, hn::LoadU(df, row), s0);
-      if (vectors > 1) s1 = hn::MulAdd(q, hn::LoadU(df, row + lanes), s1);
-      if (vectors > 2) s2 = hn::MulAdd(q, hn::LoadU(df, row + 2 * lanes), s2);
-      if (vectors > 3) s3 = hn::MulAdd(q, hn::LoadU(df, row + 3 * lanes), s3);
+      const auto k0 = hn::LoadU(df, row), k1 = two ? hn::LoadU(df, row + lanes) : k0;
+      auto x = hn::Set(df, query[0][d]);
+      a0 = hn::MulAdd(x, k0, a0), a1 = hn::MulAdd(x, k1, a1);
+      if (rows > 1) x = hn::Set(df, query[1][d]), b0 = hn::MulAdd(x, k0, b0), b1 = hn::MulAdd(x, k1, b1);
+      if (rows > 2) x = hn::Set(df, query[2][d]), c0 = hn::MulAdd(x, k0, c0), c1 = hn::MulAdd(x, k1, c1);
+      if (rows > 3) x = hn::Set(df, query[3][d]), d0 = hn::MulAdd(x, k0, d0), d1 = hn::MulAdd(x, k1, d1);
     }
-    hn::StoreU(s0, df, scores + j0);
-    if (vectors > 1) hn::StoreU(s1, df, scores + j0 + lanes);
-    if (vectors > 2) hn::StoreU(s2, df, scores + j0 + 2 * lanes);
-    if (vectors > 3) hn::StoreU(s3, df, scores + j0 + 3 * lanes);
+    const auto put = [&](int r, decltype(a0) lo, decltype(a0) hi) HWY_ATTR {
+      hn::StoreU(lo, df, scores[r] + j0);
+      if (two) hn::StoreU(hi, df, scores[r] + j0 + lanes);
+    };
+    put(0, a0, a1);
+    if (rows > 1) put(1, b0, b1);
+    if (rows > 2) put(2, c0, c1);
+    if (rows > 3) put(3, d0, d1);
   }
 }
 
-// Folds the first `visible` keys of the block into row r's running softmax and sum.
-HWY_INLINE void FoldBlock(Tile& tile, int64_t r, int64_t dim, int64_t visible) {
+// Row r's block scores -> probabilities (exp(s - running max), 0 past `visible`), the
+// running max, sum and output rescaled where the max grew.
+HWY_INLINE void Exponentiate(Tile& tile, int64_t r, int64_t dim, int64_t visible,
+                             float* scores) {
   const DF df;
   const int64_t lanes = hn::Lanes(df);
-  HWY_ALIGN float scores[kKeys];
-  BlockScores(&tile.query[r * dim], tile.keys.data(), dim, scores);
-  float block_best = -INFINITY;
-  for (int64_t j = 0; j < visible; ++j) block_best = std::max(block_best, scores[j]);
-  const float best = std::max(tile.best[r], block_best);
-  float* acc = &tile.acc[r * dim];
+  auto largest = hn::Set(df, -INFINITY);
+  for (int64_t j = 0; j < kKeys; j += lanes) {
+    const auto seen = hn::FirstN(df, static_cast<size_t>(std::max<int64_t>(0, visible - j)));
+    largest = hn::Max(largest, hn::IfThenElse(seen, hn::LoadU(df, scores + j),
+                                              hn::Set(df, -INFINITY)));
+  }
+  const float best = std::max(tile.best[r], hn::GetLane(hn::MaxOfLanes(df, largest)));
   if (best > tile.best[r] && tile.best[r] != -INFINITY) {
     const float correction = std::exp(tile.best[r] - best);
     tile.total[r] *= correction;
+    float* acc = &tile.acc[r * dim];
     for (int64_t c = 0; c < dim; c += lanes)
       hn::StoreU(hn::Mul(hn::LoadU(df, acc + c), hn::Set(df, correction)), df, acc + c);
   }
   tile.best[r] = best;
-  float total = 0.f;
+  auto total = hn::Zero(df);
   for (int64_t j = 0; j < kKeys; j += lanes) {
-    const auto p = hn::Exp(df, hn::Sub(hn::Load(df, scores + j), hn::Set(df, best)));
-    hn::Store(p, df, scores + j);
+    const auto seen = hn::FirstN(df, static_cast<size_t>(std::max<int64_t>(0, visible - j)));
+    const auto p = hn::IfThenElseZero(
+        seen, hn::Exp(df, hn::Sub(hn::LoadU(df, scores + j), hn::Set(df, best))));
+    hn::StoreU(p, df, scores + j);
+    total = hn::Add(total, p);
   }
-  for (int64_t j = 0; j < visible; ++j) total += scores[j];
-  tile.total[r] += total;
-  for (int64_t c = 0; c < dim; c += lanes) {
-    auto a = hn::LoadU(df, acc + c);
-    for (int64_t j = 0; j < visible; ++j)
-      a = hn::MulAdd(hn::Set(df, scores[j]), hn::LoadU(df, &tile.values[j * dim + c]), a);
-    hn::StoreU(a, df, acc + c);
+  tile.total[r] += hn::GetLane(hn::SumOfLanes(df, total));
+}
+
+// out rows += probabilities [rows][keys] times the block's values, two vectors of the
+// head's dimensions at a time: per key, two loads serve eight FMAs.
+HWY_INLINE void WeightedValues(const float* const* probs, int rows, const float* values,
+                               int64_t keys, int64_t dim, float* const* out) {
+  const DF df;
+  const int64_t lanes = hn::Lanes(df), step = std::min<int64_t>(2 * lanes, dim);
+  const bool two = step > lanes;
+  for (int64_t c = 0; c < dim; c += step) {
+    const auto get = [&](int r, int half) HWY_ATTR {
+      return hn::LoadU(df, out[r] + c + half * lanes);
+    };
+    auto a0 = get(0, 0), a1 = two ? get(0, 1) : a0;
+    auto b0 = rows > 1 ? get(1, 0) : a0, b1 = rows > 1 && two ? get(1, 1) : a0;
+    auto c0 = rows > 2 ? get(2, 0) : a0, c1 = rows > 2 && two ? get(2, 1) : a0;
+    auto d0 = rows > 3 ? get(3, 0) : a0, d1 = rows > 3 && two ? get(3, 1) : a0;
+    for (int64_t j = 0; j < keys; ++j) {
+      const float* row = values + j * dim + c;
+      const auto v0 = hn::LoadU(df, row), v1 = two ? hn::LoadU(df, row + lanes) : v0;
+      auto p = hn::Set(df, probs[0][j]);
+      a0 = hn::MulAdd(p, v0, a0), a1 = hn::MulAdd(p, v1, a1);
+      if (rows > 1) p = hn::Set(df, probs[1][j]), b0 = hn::MulAdd(p, v0, b0), b1 = hn::MulAdd(p, v1, b1);
+      if (rows > 2) p = hn::Set(df, probs[2][j]), c0 = hn::MulAdd(p, v0, c0), c1 = hn::MulAdd(p, v1, c1);
+      if (rows > 3) p = hn::Set(df, probs[3][j]), d0 = hn::MulAdd(p, v0, d0), d1 = hn::MulAdd(p, v1, d1);
+    }
+    const auto put = [&](int r, decltype(a0) lo, decltype(a0) hi) HWY_ATTR {
+      hn::StoreU(lo, df, out[r] + c);
+      if (two) hn::StoreU(hi, df, out[r] + c + lanes);
+    };
+    put(0, a0, a1);
+    if (rows > 1) put(1, b0, b1);
+    if (rows > 2) put(2, c0, c1);
+    if (rows > 3) put(3, d0, d1);
   }
+}
+
+// Folds the block into rows [r, r + rows) (rows <= 4), row i seeing its first visible(i)
+// keys: scores, the online softmax, and the probabilities times the values. A row's
+// probabilities are 0 past its own keys, so the rows share one pass over the values.
+template <class Visible>
+HWY_INLINE void FoldBlock(Tile& tile, int64_t r, int rows, int64_t dim, Visible visible) {
+  HWY_ALIGN float probs[kRowsAtOnce][kKeys];
+  const float* query[kRowsAtOnce];
+  float* scores[kRowsAtOnce];
+  float* out[kRowsAtOnce];
+  int64_t keys = 0;
+  for (int i = 0; i < rows; ++i) {
+    query[i] = &tile.query[(r + i) * dim];
+    scores[i] = probs[i];
+    out[i] = &tile.acc[(r + i) * dim];
+  }
+  BlockScores(query, rows, tile.keys.data(), dim, scores);
+  for (int i = 0; i < rows; ++i) {
+    Exponentiate(tile, r + i, dim, visible(r + i), probs[i]);
+    keys = std::max(keys, visible(r + i));
+  }
+  WeightedValues(const_cast<const float* const*>(scores), rows, tile.values.data(), keys, dim,
+                 out);
 }
 
 // Reads keys [k0, k0 + n) of KV head h into the tile: keys transposed, values as rows.
@@ -130,11 +198,12 @@ void AttendTile(const T* q, int64_t q_stride_t, int64_t q_stride_h, const T* k_c
   for (int64_t k0 = 0; k0 < end; k0 += kKeys) {
     const int64_t n = std::min(kKeys, end - k0);
     LoadBlock(tile, k_cache, v_cache, slots, k0, n, row_stride, h, dim);
-    // Queries before position k0 see none of this block.
-    for (int64_t t = std::max<int64_t>(0, k0 - context - first); t < count; ++t) {
-      const int64_t visible = std::min(n, context + first + t - k0 + 1);
-      for (int64_t g = 0; g < group; ++g) FoldBlock(tile, t * group + g, dim, visible);
-    }
+    // Queries before position k0 see none of this block; rows (t, g) four at a time.
+    const int64_t first_row = std::max<int64_t>(0, k0 - context - first) * group;
+    const int64_t rows = count * group;
+    const auto visible = [&](int64_t r) { return std::min(n, context + first + r / group - k0 + 1); };
+    for (int64_t r = first_row; r < rows; r += kRowsAtOnce)
+      FoldBlock(tile, r, static_cast<int>(std::min<int64_t>(kRowsAtOnce, rows - r)), dim, visible);
   }
   for (int64_t t = 0; t < count; ++t)
     for (int64_t g = 0; g < group; ++g) {
