@@ -59,15 +59,16 @@ def build_decode_tables(block_tables: list[list[int]], context_lens: list[int],
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, native: bool = False,
-                    native_prefill: bool = False) -> torch.Tensor:
+                    cache_written: bool = False) -> torch.Tensor:
     """q: [N, H, D]; k, v: [N, KVH, D] for the new tokens; caches: [slots, KVH, D].
 
-    Writes the new K/V into the cache, then attends. Returns [N, H, D]. `native`: decode
-    tokens go through pdserve's kernel (engine.native_kernels; bf16 on the CPU);
-    `native_prefill`: prompt chunks too (CPUs with AVX512-BF16).
+    Writes the new K/V into the cache (unless `cache_written`), then attends. Returns
+    [N, H, D]. `native`: decode tokens and prompt chunks go through pdserve's kernels
+    (engine.native_kernels), which read the cache in place.
     """
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    if not cache_written:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     nd = meta.num_decode
     if not meta.prefills:  # a pure decode step, the common case: no copy into `out`
         return _decode_attention(q, k_cache, v_cache, meta, scale, native)
@@ -75,7 +76,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, native)
     for span in meta.prefills:
-        if native_prefill:
+        if native:
             out[span.start:span.end] = _native_prefill_attention(
                 q[span.start:span.end], k_cache, v_cache, meta, span, scale)
             continue
@@ -122,11 +123,10 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
 def _native_prefill_attention(q, k_cache, v_cache, meta: AttentionMetadata,
                               span: PrefillSpan, scale: float):
     """pdserve's kernel: reads the chunk's keys and values in place through the slot
-    table, cached context or not, 2.0-3.1x faster than SDPA on one core for 64-1150
-    token contexts (bench/prefill_attention.py). Every query attends to keys in blocks
-    of 32 positions counted from the sequence's start, so a query's result does not
-    depend on where a chunk began: a prompt computed after a cached prefix gets the
-    bits of one computed whole."""
+    table, cached context or not (bench/prefill_attention.py measures it against SDPA).
+    Every query attends to keys in blocks of 32 positions counted from the sequence's
+    start, so a query's result does not depend on where a chunk began: a prompt computed
+    after a cached prefix gets the bits of one computed whole."""
     slots = (span.context_slots if span.context_slots is not None
              else meta.slot_mapping[span.start:span.end])
     return torch.ops.pdserve.prefill_attention(_unit_stride(q), k_cache, v_cache, slots,

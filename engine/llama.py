@@ -80,14 +80,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        # pdserve's decode and prompt attention kernels (engine.native_kernels); set by
-        # LlamaModel.use_native_decode().
-        self.native_decode = False
-        self.native_prefill = False
+        # The layer runs pdserve's kernels (engine.native_kernels); set by
+        # LlamaModel.use_native_kernels().
+        self.native = False
 
     def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
-        if self.native_decode and not meta.prefills:
-            return self._native_decode(hidden, cos, sin, k_cache, v_cache, meta)
+        if self.native:
+            return self._native_forward(hidden, cos, sin, k_cache, v_cache, meta)
         n, heads = hidden.shape[0], self.num_heads
         qkv = self.qkv_proj(self.input_layernorm(hidden))
         # q and k side by side rotate as one tensor of heads: half the small ops.
@@ -95,22 +94,22 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk_size:].view(n, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
-                               self.native_decode, self.native_prefill)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         hidden = hidden + self.o_proj(attn.reshape(n, -1))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         hidden = hidden + self.down_proj(F.silu(gate) * up)
         return hidden, k, v
 
-    def _native_decode(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
-        """forward() of a pure decode step in pdserve's kernels: the same steps, rounded
-        as the eager ops round, in 7 calls where the eager layer makes about 30."""
+    def _native_forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        """forward() in pdserve's kernels: the same steps, rounded as the eager ops round,
+        in 7 calls where the eager layer makes about 30; the K/V of every token written
+        into the cache by the rotary step."""
         ops, first, second = torch.ops.pdserve, self.input_layernorm, self.post_attention_layernorm
         qkv = self.qkv_proj(ops.rms_norm(hidden, first.weight, first.eps))
         q, k, v = ops.rotary_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                 self.num_heads)
-        attn = ops.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask,
-                                    self.scale)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, native=True,
+                               cache_written=True)
         hidden, normed = ops.add_rms_norm(self.o_proj(attn.reshape(hidden.shape[0], -1)),
                                           hidden, second.weight, second.eps)
         hidden = hidden + self.down_proj(ops.silu_mul(self.gate_up_proj(normed)))
@@ -133,7 +132,7 @@ class LlamaModel(nn.Module):
         self._quantized_head = None
         self._packed_head: torch.Tensor | None = None
         # Every layer of a decode step in one C++ call (engine/kernels/decode_stack.cc),
-        # where all linear layers run pdserve's quantized kernels; set by use_native_decode().
+        # where all linear layers run pdserve's quantized kernels; set by use_native_kernels().
         self._decode_stack = None
 
     @torch.inference_mode()
@@ -193,10 +192,9 @@ class LlamaModel(nn.Module):
                 count += modules[name.removesuffix(".weight")].quantize(weight, native)
         return count
 
-    def use_native_decode(self) -> bool:
-        """Decode steps and prompt attention run pdserve's kernels (engine.native_kernels)
-        where they take this model: float32 or bf16 on the CPU, head sizes 16-128.
-        Returns whether they do."""
+    def use_native_kernels(self) -> bool:
+        """Every step runs pdserve's kernels (engine.native_kernels) where they take this
+        model: float32 or bf16 on the CPU, head sizes 16-128. Returns whether they do."""
         cfg = self.cfg
         weight = self.embed_tokens.weight
         fits = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
@@ -204,7 +202,7 @@ class LlamaModel(nn.Module):
                 and cfg.num_heads % cfg.num_kv_heads == 0)
         on = fits and native_kernels.load()
         for layer in self.layers:
-            layer.native_decode = layer.native_prefill = on
+            layer.native = on
         self._decode_stack = self._build_decode_stack() if on else None
         return on
 

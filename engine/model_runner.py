@@ -104,7 +104,7 @@ class ModelRunner:
         self.kv_cache = KVCache(files.config, self.num_blocks, self.block_size,
                                 self.dtype, self.device)
         # Without pdserve's kernels only: with them a replayed step saves little.
-        native = any(layer.native_decode for layer in self.model.layers)
+        native = any(layer.native for layer in self.model.layers)
         self.decode_graphs = (DecodeGraphs(self.model, self.kv_cache)
                               if config.decode_graphs and self.device.type == "cpu"
                               and not native else None)
@@ -128,7 +128,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             log.debug("prepacked %d CPU GEMM weights", model.prepack())
         if config.native_kernels:  # the model checks its device and dtype itself
-            log.debug("native decode kernels: %s", model.use_native_decode())
+            log.debug("native kernels: %s", model.use_native_kernels())
         return model
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:

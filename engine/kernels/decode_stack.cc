@@ -144,21 +144,23 @@ class DecodeStack : public torch::CustomClassHolder {
       const Layer& layer = layers_[l];
       T* k_cache = ptr<T>(kv) + l * per_layer;
       T* v_cache = ptr<T>(kv) + (layers + l) * per_layer;
-      pdserve::rms_norm({ptr<T>(x), size}, ptr<T>(layer.input_norm), rows, size, eps_, ptr<T>(normed));
+      pdserve::rms_norm({ptr<T>(x), size}, ptr<T>(layer.input_norm), rows, size, eps_, ptr<T>(normed),
+                        pdserve::serial);
       linear(layer.qkv, ptr<T>(normed), rows, ptr<T>(qkv));
       add_bias(layer.qkv, qkv);
       pdserve::rotary_kv({ptr<T>(qkv), qkv.size(1)}, ptr<T>(cos), ptr<T>(sin),
                          slots.data_ptr<int64_t>(), rows, rotary, ptr<T>(q), ptr<T>(k), ptr<T>(v),
-                         k_cache, v_cache);
+                         k_cache, v_cache, pdserve::serial);
       pdserve::decode_attention(ptr<T>(q), k_cache, v_cache, table.data_ptr<int64_t>(), ptr<T>(mask),
                                 rows, context, shape, ptr<T>(attn), torch_parallel);
       linear(layer.o, ptr<T>(attn), rows, ptr<T>(out));
       add_bias(layer.o, out);
       pdserve::add_rms_norm({ptr<T>(out), size}, {ptr<T>(x), size}, ptr<T>(layer.post_norm), rows,
-                            size, eps_, ptr<T>(sum), ptr<T>(normed));
+                            size, eps_, ptr<T>(sum), ptr<T>(normed), pdserve::serial);
       linear(layer.gate_up, ptr<T>(normed), rows, ptr<T>(gate_up));
       add_bias(layer.gate_up, gate_up);
-      pdserve::silu_mul({ptr<T>(gate_up), gate_up.size(1)}, rows, act.size(1), ptr<T>(act));
+      pdserve::silu_mul({ptr<T>(gate_up), gate_up.size(1)}, rows, act.size(1), ptr<T>(act),
+                        pdserve::serial);
       linear(layer.down, ptr<T>(act), rows, ptr<T>(out));
       add_bias(layer.down, out);
       at::add_out(x, sum, out);  // the residual: hidden + down_proj(...), rounded in T

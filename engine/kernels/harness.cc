@@ -180,7 +180,7 @@ void check_layer_steps() {
   const std::vector<T> w = as<T>(randoms(size, 0.5f));
   std::vector<T> sum(rows * size), normed(rows * size);
   add_rms_norm({x.data(), size}, {r.data(), size}, w.data(), rows, size, 1e-5f, sum.data(),
-               normed.data());
+               normed.data(), serial);
   std::vector<double> want_sum(rows * size), want_norm(rows * size);
   for (int64_t m = 0; m < rows; ++m) {
     double squares = 0;
@@ -202,7 +202,7 @@ void check_layer_steps() {
   std::vector<T> q(rows * heads * dim), k(rows * dim), v(rows * dim), kc(10 * dim), vc(10 * dim);
   const std::vector<int64_t> slots = {4, 9, 0};
   rotary_kv({qkv.data(), width}, cos.data(), sin.data(), slots.data(), rows, {heads, kv_heads, dim},
-            q.data(), k.data(), v.data(), kc.data(), vc.data());
+            q.data(), k.data(), v.data(), kc.data(), vc.data(), serial);
   std::vector<double> want_q(rows * heads * dim), want_cache(10 * dim, 0.0);
   std::vector<float> got_cache(10 * dim, 0.f);
   double error = 0;
@@ -223,7 +223,7 @@ void check_layer_steps() {
 
   const std::vector<T> gate_up = as<T>(randoms(rows * 2 * size));
   std::vector<T> out(rows * size);
-  silu_mul({gate_up.data(), 2 * size}, rows, size, out.data());
+  silu_mul({gate_up.data(), 2 * size}, rows, size, out.data(), serial);
   std::vector<double> want(rows * size);
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t i = 0; i < size; ++i) {

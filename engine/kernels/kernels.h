@@ -110,8 +110,8 @@ void prefill_attention(const bf16* q, int64_t q_stride_t, int64_t q_stride_h,
                        bf16* out, const Parallel& parallel);
 
 // ---- the small steps of a decoder layer (layer_steps.cc), on rows of `size` values
-// with row strides in elements. In bfloat16 every intermediate the eager layer rounds
-// is rounded here too.
+// with row strides in elements, rows split over `parallel`. In bfloat16 every
+// intermediate the eager layer rounds is rounded here too.
 template <typename T>
 struct Rows {
   T* data;
@@ -119,14 +119,16 @@ struct Rows {
 };
 // out = weight * (x * rsqrt(mean(x^2) + eps)), out contiguous.
 void rms_norm(Rows<const float> x, const float* weight, int64_t rows, int64_t size,
-              float eps, float* out);
+              float eps, float* out, const Parallel& parallel);
 void rms_norm(Rows<const bf16> x, const bf16* weight, int64_t rows, int64_t size,
-              float eps, bf16* out);
+              float eps, bf16* out, const Parallel& parallel);
 // sum = x + residual, normed = rms_norm(sum); both contiguous.
 void add_rms_norm(Rows<const float> x, Rows<const float> residual, const float* weight,
-                  int64_t rows, int64_t size, float eps, float* sum, float* normed);
+                  int64_t rows, int64_t size, float eps, float* sum, float* normed,
+                  const Parallel& parallel);
 void add_rms_norm(Rows<const bf16> x, Rows<const bf16> residual, const bf16* weight,
-                  int64_t rows, int64_t size, float eps, bf16* sum, bf16* normed);
+                  int64_t rows, int64_t size, float eps, bf16* sum, bf16* normed,
+                  const Parallel& parallel);
 // q and k of each qkv row rotated (x * cos + rotate_half(x) * signed_sin, cos and
 // signed_sin [rows, dim]), k and v also written to the caches at slots[row].
 struct RotaryShape {
@@ -134,12 +136,14 @@ struct RotaryShape {
 };
 void rotary_kv(Rows<const float> qkv, const float* cos, const float* signed_sin,
                const int64_t* slots, int64_t rows, const RotaryShape& shape, float* q,
-               float* k, float* v, float* k_cache, float* v_cache);
+               float* k, float* v, float* k_cache, float* v_cache, const Parallel& parallel);
 void rotary_kv(Rows<const bf16> qkv, const bf16* cos, const bf16* signed_sin,
                const int64_t* slots, int64_t rows, const RotaryShape& shape, bf16* q,
-               bf16* k, bf16* v, bf16* k_cache, bf16* v_cache);
+               bf16* k, bf16* v, bf16* k_cache, bf16* v_cache, const Parallel& parallel);
 // out [rows, size] = silu(gate) * up, gate_up rows holding gate then up.
-void silu_mul(Rows<const float> gate_up, int64_t rows, int64_t size, float* out);
-void silu_mul(Rows<const bf16> gate_up, int64_t rows, int64_t size, bf16* out);
+void silu_mul(Rows<const float> gate_up, int64_t rows, int64_t size, float* out,
+              const Parallel& parallel);
+void silu_mul(Rows<const bf16> gate_up, int64_t rows, int64_t size, bf16* out,
+              const Parallel& parallel);
 
 }  // namespace pdserve

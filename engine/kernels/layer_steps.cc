@@ -55,16 +55,20 @@ void NormRow(const T* x, const T* weight, int64_t size, float eps, T* out) {
 }
 
 template <typename T>
-void RmsNorm(Rows<const T> x, const T* weight, int64_t rows, int64_t size, float eps, T* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    NormRow(x.data + r * x.stride, weight, size, eps, out + r * size);
+void RmsNorm(Rows<const T> x, const T* weight, int64_t rows, int64_t size, float eps, T* out,
+             const Parallel& parallel) {
+  parallel(rows, [&](int64_t first, int64_t last) HWY_ATTR {
+    for (int64_t r = first; r < last; ++r)
+      NormRow(x.data + r * x.stride, weight, size, eps, out + r * size);
+  });
 }
 
 template <typename T>
 void AddRmsNorm(Rows<const T> x, Rows<const T> residual, const T* weight, int64_t rows,
-                int64_t size, float eps, T* sum, T* normed) {
+                int64_t size, float eps, T* sum, T* normed, const Parallel& parallel) {
+  parallel(rows, [&](int64_t first, int64_t last) HWY_ATTR {
   const DF df;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = first; r < last; ++r) {
     const T* a = x.data + r * x.stride;
     const T* b = residual.data + r * residual.stride;
     T* s = sum + r * size;
@@ -73,6 +77,7 @@ void AddRmsNorm(Rows<const T> x, Rows<const T> residual, const T* weight, int64_
     }, [&](int64_t i) { s[i] = FromF32<T>(ToF32(a[i]) + ToF32(b[i])); });
     NormRow(s, weight, size, eps, normed + r * size);
   }
+  });
 }
 
 // One head of `dim` values rotated: x * cos + rotate_half(x) * signed_sin, each product
@@ -100,9 +105,11 @@ void RotateHead(const T* x, const T* cos, const T* sin, int64_t dim, T* out) {
 
 template <typename T>
 void RotaryKv(Rows<const T> qkv, const T* cos, const T* sin, const int64_t* slots, int64_t rows,
-              const RotaryShape& shape, T* q, T* k, T* v, T* k_cache, T* v_cache) {
+              const RotaryShape& shape, T* q, T* k, T* v, T* k_cache, T* v_cache,
+              const Parallel& parallel) {
   const int64_t dim = shape.dim, width = shape.kv_heads * dim;
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel(rows, [&](int64_t first, int64_t last) HWY_ATTR {
+  for (int64_t r = first; r < last; ++r) {
     const T* in = qkv.data + r * qkv.stride;
     for (int64_t h = 0; h < shape.heads; ++h)
       RotateHead(in + h * dim, cos + r * dim, sin + r * dim, dim, q + (r * shape.heads + h) * dim);
@@ -113,14 +120,16 @@ void RotaryKv(Rows<const T> qkv, const T* cos, const T* sin, const int64_t* slot
     std::memcpy(k_cache + slots[r] * width, k + r * width, width * sizeof(T));
     std::memcpy(v_cache + slots[r] * width, v + r * width, width * sizeof(T));
   }
+  });
 }
 
 // T(silu(gate)) * up, rounded as F.silu(gate) * up.
 template <typename T>
-void SiluMul(Rows<const T> gate_up, int64_t rows, int64_t size, T* out) {
+void SiluMul(Rows<const T> gate_up, int64_t rows, int64_t size, T* out, const Parallel& parallel) {
+  parallel(rows, [&](int64_t first, int64_t last) HWY_ATTR {
   const DF df;
   const auto one = hn::Set(df, 1.f);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = first; r < last; ++r) {
     const T* gate = gate_up.data + r * gate_up.stride;
     const T* up = gate + size;
     T* o = out + r * size;
@@ -133,25 +142,28 @@ void SiluMul(Rows<const T> gate_up, int64_t rows, int64_t size, T* out) {
       o[i] = FromF32<T>(Rounded<T>(g / (1.f + std::exp(-g))) * ToF32(up[i]));
     });
   }
+  });
 }
 
 #define PDSERVE_BOTH_TYPES(Macro) Macro(float, F32) Macro(bf16, BF16)
 #define PDSERVE_STEPS(T, Suffix)                                                             \
   void RmsNorm##Suffix(Rows<const T> x, const T* weight, int64_t rows, int64_t size,        \
-                       float eps, T* out) {                                                  \
-    RmsNorm(x, weight, rows, size, eps, out);                                                \
+                       float eps, T* out, const Parallel& parallel) {                        \
+    RmsNorm(x, weight, rows, size, eps, out, parallel);                                      \
   }                                                                                          \
   void AddRmsNorm##Suffix(Rows<const T> x, Rows<const T> residual, const T* weight,         \
-                          int64_t rows, int64_t size, float eps, T* sum, T* normed) {        \
-    AddRmsNorm(x, residual, weight, rows, size, eps, sum, normed);                           \
+                          int64_t rows, int64_t size, float eps, T* sum, T* normed,          \
+                          const Parallel& parallel) {                                        \
+    AddRmsNorm(x, residual, weight, rows, size, eps, sum, normed, parallel);                 \
   }                                                                                          \
   void RotaryKv##Suffix(Rows<const T> qkv, const T* cos, const T* sin, const int64_t* slots, \
                         int64_t rows, const RotaryShape& shape, T* q, T* k, T* v,            \
-                        T* k_cache, T* v_cache) {                                            \
-    RotaryKv(qkv, cos, sin, slots, rows, shape, q, k, v, k_cache, v_cache);                  \
+                        T* k_cache, T* v_cache, const Parallel& parallel) {                  \
+    RotaryKv(qkv, cos, sin, slots, rows, shape, q, k, v, k_cache, v_cache, parallel);        \
   }                                                                                          \
-  void SiluMul##Suffix(Rows<const T> gate_up, int64_t rows, int64_t size, T* out) {         \
-    SiluMul(gate_up, rows, size, out);                                                       \
+  void SiluMul##Suffix(Rows<const T> gate_up, int64_t rows, int64_t size, T* out,           \
+                       const Parallel& parallel) {                                           \
+    SiluMul(gate_up, rows, size, out, parallel);                                             \
   }
 PDSERVE_BOTH_TYPES(PDSERVE_STEPS)
 
@@ -168,22 +180,23 @@ namespace pdserve {
   HWY_EXPORT(RotaryKv##Suffix);                                                              \
   HWY_EXPORT(SiluMul##Suffix);                                                               \
   void rms_norm(Rows<const T> x, const T* weight, int64_t rows, int64_t size, float eps,     \
-                T* out) {                                                                    \
-    HWY_DYNAMIC_DISPATCH(RmsNorm##Suffix)(x, weight, rows, size, eps, out);                  \
+                T* out, const Parallel& parallel) {                                          \
+    HWY_DYNAMIC_DISPATCH(RmsNorm##Suffix)(x, weight, rows, size, eps, out, parallel);        \
   }                                                                                          \
   void add_rms_norm(Rows<const T> x, Rows<const T> residual, const T* weight, int64_t rows,  \
-                    int64_t size, float eps, T* sum, T* normed) {                            \
+                    int64_t size, float eps, T* sum, T* normed, const Parallel& parallel) {  \
     HWY_DYNAMIC_DISPATCH(AddRmsNorm##Suffix)(x, residual, weight, rows, size, eps, sum,      \
-                                             normed);                                        \
+                                             normed, parallel);                              \
   }                                                                                          \
   void rotary_kv(Rows<const T> qkv, const T* cos, const T* signed_sin, const int64_t* slots, \
                  int64_t rows, const RotaryShape& shape, T* q, T* k, T* v, T* k_cache,       \
-                 T* v_cache) {                                                               \
+                 T* v_cache, const Parallel& parallel) {                                     \
     HWY_DYNAMIC_DISPATCH(RotaryKv##Suffix)(qkv, cos, signed_sin, slots, rows, shape, q, k, v, \
-                                           k_cache, v_cache);                                \
+                                           k_cache, v_cache, parallel);                      \
   }                                                                                          \
-  void silu_mul(Rows<const T> gate_up, int64_t rows, int64_t size, T* out) {                 \
-    HWY_DYNAMIC_DISPATCH(SiluMul##Suffix)(gate_up, rows, size, out);                         \
+  void silu_mul(Rows<const T> gate_up, int64_t rows, int64_t size, T* out,                   \
+                const Parallel& parallel) {                                                  \
+    HWY_DYNAMIC_DISPATCH(SiluMul##Suffix)(gate_up, rows, size, out, parallel);               \
   }
 PDSERVE_BOTH_TYPES(PDSERVE_EXPORT_STEPS)
 

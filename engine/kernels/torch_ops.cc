@@ -22,6 +22,11 @@ void torch_parallel(int64_t n, const pdserve::RangeBody& body) {
   at::parallel_for(0, n, 1, body);
 }
 
+// The layer steps' rows: a few (a decode step) are one thread's work; a prompt's are split.
+void rows_parallel(int64_t n, const pdserve::RangeBody& body) {
+  at::parallel_for(0, n, 32, body);
+}
+
 bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
 template <typename T>
@@ -201,8 +206,12 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   check_weight(weight, x);
   at::Tensor o = at::empty(x.sizes(), x.options());
   const float e = static_cast<float>(eps);
-  if (is_bf16(x)) pdserve::rms_norm(rows_view<bf16>(x), in<bf16>(weight), x.size(0), x.size(1), e, out<bf16>(o));
-  else pdserve::rms_norm(rows_view<float>(x), in<float>(weight), x.size(0), x.size(1), e, out<float>(o));
+  if (is_bf16(x))
+    pdserve::rms_norm(rows_view<bf16>(x), in<bf16>(weight), x.size(0), x.size(1), e, out<bf16>(o),
+                      rows_parallel);
+  else
+    pdserve::rms_norm(rows_view<float>(x), in<float>(weight), x.size(0), x.size(1), e,
+                      out<float>(o), rows_parallel);
   return o;
 }
 
@@ -217,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at
   const float e = static_cast<float>(eps);
   if (is_bf16(x))
     pdserve::add_rms_norm(rows_view<bf16>(x), rows_view<bf16>(residual), in<bf16>(weight), x.size(0),
-                          x.size(1), e, out<bf16>(sum), out<bf16>(normed));
+                          x.size(1), e, out<bf16>(sum), out<bf16>(normed), rows_parallel);
   else
     pdserve::add_rms_norm(rows_view<float>(x), rows_view<float>(residual), in<float>(weight),
-                          x.size(0), x.size(1), e, out<float>(sum), out<float>(normed));
+                          x.size(0), x.size(1), e, out<float>(sum), out<float>(normed), rows_parallel);
   return {sum, normed};
 }
 
@@ -256,11 +265,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_kv(
   if (is_bf16(qkv))
     pdserve::rotary_kv(rows_view<bf16>(qkv), in<bf16>(cos), in<bf16>(signed_sin), sp, rows, shape,
                        out<bf16>(q), out<bf16>(k), out<bf16>(v), out<bf16>(k_cache),
-                       out<bf16>(v_cache));
+                       out<bf16>(v_cache), rows_parallel);
   else
     pdserve::rotary_kv(rows_view<float>(qkv), in<float>(cos), in<float>(signed_sin), sp, rows,
                        shape, out<float>(q), out<float>(k), out<float>(v), out<float>(k_cache),
-                       out<float>(v_cache));
+                       out<float>(v_cache), rows_parallel);
   return {q, k, v};
 }
 
@@ -270,8 +279,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
               " columns");
   const int64_t rows = gate_up.size(0), size = gate_up.size(1) / 2;
   at::Tensor o = at::empty({rows, size}, gate_up.options());
-  if (is_bf16(gate_up)) pdserve::silu_mul(rows_view<bf16>(gate_up), rows, size, out<bf16>(o));
-  else pdserve::silu_mul(rows_view<float>(gate_up), rows, size, out<float>(o));
+  if (is_bf16(gate_up))
+    pdserve::silu_mul(rows_view<bf16>(gate_up), rows, size, out<bf16>(o), rows_parallel);
+  else pdserve::silu_mul(rows_view<float>(gate_up), rows, size, out<float>(o), rows_parallel);
   return o;
 }
 

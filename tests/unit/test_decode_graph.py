@@ -94,5 +94,5 @@ def test_with_pdserves_kernels_decode_steps_record_no_graph():
     if not native_kernels.load():
         pytest.skip("pdserve's native kernels cannot run on this machine")
     engine = tiny_engine()
-    assert all(layer.native_decode for layer in engine.runner.model.layers)
+    assert all(layer.native for layer in engine.runner.model.layers)
     assert engine.runner.decode_graphs is None and engine.record_decode_graphs() == []

@@ -102,8 +102,8 @@ def test_an_engine_decodes_with_it_and_agrees_with_sdpa(dtype):
 
     native = tiny_engine(dtype=dtype)
     sdpa = tiny_engine(dtype=dtype, native_kernels=False)
-    assert all(layer.native_decode for layer in native.runner.model.layers)
-    assert not any(layer.native_decode for layer in sdpa.runner.model.layers)
+    assert all(layer.native for layer in native.runner.model.layers)
+    assert not any(layer.native for layer in sdpa.runner.model.layers)
     tokens = [(37 * i + 11) % 4000 for i in range(40)]  # decode steps over 3-40 tokens
     got, want = (teacher_forced_logits(e, tokens) for e in (native, sdpa))
     # The same model; attention rounds differently in its last bit.

@@ -118,8 +118,8 @@ def test_an_engine_prefills_with_it_and_agrees_with_sdpa(dtype):
 
     native = tiny_engine(dtype=dtype)
     sdpa = tiny_engine(dtype=dtype, native_kernels=False)
-    assert all(layer.native_prefill for layer in native.runner.model.layers)
-    assert not any(layer.native_prefill for layer in sdpa.runner.model.layers)
+    assert all(layer.native for layer in native.runner.model.layers)
+    assert not any(layer.native for layer in sdpa.runner.model.layers)
     prompt = [(37 * i + 11) % 4000 for i in range(90)]
 
     def last_logits(engine, chunks):
