@@ -27,11 +27,11 @@ from engine.scheduler import ScheduledSeq  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
-# (dtype, quantization, pdserve's VNNI kernels). float32 activations with int8/int4
-# weights isolate what the weights cost (PyTorch's float32 weight-only kernels are slow,
-# so `auto` never picks them; they are exact here); bf16 int8/int4 run with pdserve's
-# kernels (int8 activations) and with PyTorch's (bf16 activations).
+# (dtype, quantization, pdserve's kernels). int8/int4 with pdserve's kernels (int16
+# activation codes) in either dtype, and with PyTorch's: in float32 those are exact and
+# isolate what the weights cost; in bf16 they take bf16 activations.
 SETTINGS = (("float32", "none", False), ("bfloat16", "none", False),
+            ("float32", "int8", True), ("float32", "int4", True),
             ("bfloat16", "int8", True), ("bfloat16", "int8", False),
             ("bfloat16", "int4", True), ("bfloat16", "int4", False),
             ("float32", "int8", False), ("float32", "int4", False))
