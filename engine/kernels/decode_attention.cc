@@ -95,22 +95,23 @@ HWY_INLINE void WeightedValues(const float* probs, int heads, int64_t stride,
   }
 }
 
-// One (sequence, KV head) task: the query heads sharing the KV head read each key and
-// value once per four heads.
+// One task: query heads [g_begin, g_end) of KV head h for sequence b, which read each key
+// and value once per four heads.
 template <typename T>
 void AttendOne(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots,
                const T* mask, int64_t context, const AttentionShape& shape, int64_t b,
-               int64_t h, std::vector<float>& query, std::vector<float>& scores, T* out) {
+               int64_t h, int64_t g_begin, int64_t g_end, std::vector<float>& query,
+               std::vector<float>& scores, T* out) {
   const DF df;
   const int64_t dim = shape.dim, lanes = hn::Lanes(df);
   const int64_t group = shape.heads / shape.kv_heads, row_stride = shape.kv_heads * dim;
-  for (int64_t g = 0; g < group; ++g) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
     const T* row = q + (b * shape.heads + h * group + g) * dim;
     for (int64_t c = 0; c < dim; c += lanes)
       hn::StoreU(hn::Mul(LoadF32(df, row + c), hn::Set(df, shape.scale)), df, &query[g * dim + c]);
   }
-  for (int64_t g0 = 0; g0 < group; g0 += kHeadsAtOnce) {
-    const int heads = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, group - g0));
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kHeadsAtOnce) {
+    const int heads = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, g_end - g0));
     for (int64_t l = 0; l < context; ++l) {
       const float add = ToF32(mask[l]);
       if (add == -INFINITY) {  // padding
@@ -123,9 +124,9 @@ void AttendOne(const T* q, const T* k_cache, const T* v_cache, const int64_t* sl
       for (int i = 0; i < heads; ++i) s[i * context] += add;
     }
   }
-  for (int64_t g = 0; g < group; ++g) Softmax(&scores[g * context], context);
-  for (int64_t g0 = 0; g0 < group; g0 += kHeadsAtOnce) {
-    const int heads = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, group - g0));
+  for (int64_t g = g_begin; g < g_end; ++g) Softmax(&scores[g * context], context);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kHeadsAtOnce) {
+    const int heads = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, g_end - g0));
     WeightedValues(&scores[g0 * context], heads, context, v_cache + h * dim, slots, row_stride,
                    context, dim, out + (b * shape.heads + h * group + g0) * dim);
   }
@@ -136,12 +137,17 @@ void DecodeAttention(const T* q, const T* k_cache, const T* v_cache, const int64
                      const T* mask, int64_t batch, int64_t context, const AttentionShape& shape,
                      T* out, const Parallel& parallel) {
   const int64_t group = shape.heads / shape.kv_heads;
-  parallel(batch * shape.kv_heads, [&](int64_t first, int64_t last) {
+  // Few (sequence, KV head) pairs (a lone stream: 3 for the default model) leave a thread
+  // idle; then each query head is a task of its own, re-reading its KV head's cache.
+  const int64_t per_task = batch * shape.kv_heads >= 8 ? group : 1;
+  const int64_t parts = group / per_task;
+  parallel(batch * shape.kv_heads * parts, [&](int64_t first, int64_t last) {
     std::vector<float> query(group * shape.dim), scores(group * context);
     for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / shape.kv_heads, h = task % shape.kv_heads;
+      const int64_t pair = task / parts, part = task % parts;
+      const int64_t b = pair / shape.kv_heads, h = pair % shape.kv_heads;
       AttendOne(q, k_cache, v_cache, slots + b * context, mask + b * context, context, shape,
-                b, h, query, scores, out);
+                b, h, part * per_task, (part + 1) * per_task, query, scores, out);
     }
   });
 }

@@ -154,6 +154,69 @@ HWY_INLINE void AllRows(const Pairs& pairs, const Codes& q, int64_t rows, int64_
   }
 }
 
+#if !HWY_HAVE_SCALABLE
+// One activation row against all slices of a tile at once, on targets whose vectors have
+// a fixed size: each activation pair is broadcast once for every slice (AVX2 has two
+// slices of 8 rows, 128-bit targets four), and the slices' sums stay in registers.
+constexpr int kSlices = kTileRows / HWY_MIN(HWY_LANES(float), 16);
+
+// body(i, s, w): weight pair vector i of slice s, as Int4Pairs/Int8Pairs give them.
+struct Int4Slices {
+  const uint8_t* tile;
+  template <class Body>
+  HWY_INLINE void operator()(Body body) const {
+    const DU32 du32;
+    const DI16 di16;
+    const int64_t lanes = hn::Lanes(du32);
+    const auto nibbles = hn::Set(du32, 0x000F000Fu);
+    for (int p = 0; p < 4; ++p) {
+      hn::Vec<DU32> v[kSlices];
+      for (int s = 0; s < kSlices; ++s)
+        v[s] = hn::LoadU(du32, reinterpret_cast<const uint32_t*>(tile + 64 * p) + s * lanes);
+      for (int s = 0; s < kSlices; ++s) body(4 * p, s, hn::BitCast(di16, hn::And(v[s], nibbles)));
+      for (int s = 0; s < kSlices; ++s)
+        body(4 * p + 1, s, hn::BitCast(di16, hn::And(hn::ShiftRight<4>(v[s]), nibbles)));
+      for (int s = 0; s < kSlices; ++s)
+        body(4 * p + 2, s, hn::BitCast(di16, hn::And(hn::ShiftRight<8>(v[s]), nibbles)));
+      for (int s = 0; s < kSlices; ++s)
+        body(4 * p + 3, s, hn::BitCast(di16, hn::And(hn::ShiftRight<12>(v[s]), nibbles)));
+    }
+  }
+};
+
+struct Int8Slices {
+  const int8_t* tile;
+  template <class Body>
+  HWY_INLINE void operator()(Body body) const {
+    const DI32 di32;
+    const DI16 di16;
+    const int64_t lanes = hn::Lanes(di32);
+    for (int p = 0; p < 8; ++p) {
+      hn::Vec<DI16> v[kSlices];
+      for (int s = 0; s < kSlices; ++s)
+        v[s] = hn::BitCast(di16, hn::LoadU(di32, reinterpret_cast<const int32_t*>(tile + 64 * p) +
+                                                     s * lanes));
+      for (int s = 0; s < kSlices; ++s) body(2 * p, s, hn::ShiftRight<8>(hn::ShiftLeft<8>(v[s])));
+      for (int s = 0; s < kSlices; ++s) body(2 * p + 1, s, hn::ShiftRight<8>(v[s]));
+    }
+  }
+};
+
+// The group's sums of one activation row for every slice: epilog(s, sums as floats).
+template <class Slices, class Epilog>
+HWY_INLINE void OneRowDots(const Slices& slices, const int16_t* codes, Epilog epilog) {
+  const DI32 di32;
+  const DF df;
+  hn::Vec<DI32> sum[kSlices], half[kSlices];
+  for (int s = 0; s < kSlices; ++s) sum[s] = half[s] = hn::Zero(di32);
+  slices([&](int i, int s, auto w) HWY_ATTR {
+    sum[s] = hn::ReorderWidenMulAccumulate(di32, w, Pair(codes, i), sum[s], half[s]);
+  });
+  for (int s = 0; s < kSlices; ++s)
+    epilog(s, hn::ConvertTo(df, hn::RearrangeToOddPlusEven(sum[s], half[s])));
+}
+#endif  // !HWY_HAVE_SCALABLE
+
 template <typename T>
 void Int4Linear(const T* x, int64_t rows, int64_t k, const uint8_t* codes, const f16* scale,
                 const f16* minimum, int64_t n, T* y, const Parallel& parallel) {
@@ -168,16 +231,25 @@ void Int4Linear(const T* x, int64_t rows, int64_t k, const uint8_t* codes, const
       std::memset(acc, 0, sizeof(float) * rows * kTileRows);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t tile = b * groups + g;
-        for (int64_t s = 0; s < kTileRows; s += lanes) {
+        // Row m's sums of the group for the slice of rows [s, s + lanes), folded into acc.
+        const auto fold = [&](int64_t m, int64_t s, auto dot) HWY_ATTR {
+          const int64_t at = m * groups + g;
           const auto w_scale = hn::PromoteTo(df, hn::LoadU(df16, scale + tile * kTileRows + s));
           const auto w_min = hn::PromoteTo(df, hn::LoadU(df16, minimum + tile * kTileRows + s));
-          AllRows(Int4Pairs{codes + tile * 256, s}, q, rows, k, g, [&](int64_t m, auto dot) HWY_ATTR {
-            const int64_t at = m * groups + g;
-            float* a = acc + m * kTileRows + s;
-            auto sum = hn::MulAdd(dot, hn::Mul(w_scale, hn::Set(df, q.scale[at])), hn::Load(df, a));
-            hn::Store(hn::MulAdd(w_min, hn::Set(df, q.sum[at]), sum), df, a);
-          });
+          float* a = acc + m * kTileRows + s;
+          auto sum = hn::MulAdd(dot, hn::Mul(w_scale, hn::Set(df, q.scale[at])), hn::Load(df, a));
+          hn::Store(hn::MulAdd(w_min, hn::Set(df, q.sum[at]), sum), df, a);
+        };
+#if !HWY_HAVE_SCALABLE
+        if (rows == 1) {
+          OneRowDots(Int4Slices{codes + tile * 256}, &q.code[g * kGroup],
+                     [&](int s, auto dot) HWY_ATTR { fold(0, s * lanes, dot); });
+          continue;
         }
+#endif
+        for (int64_t s = 0; s < kTileRows; s += lanes)
+          AllRows(Int4Pairs{codes + tile * 256, s}, q, rows, k, g,
+                  [&](int64_t m, auto dot) HWY_ATTR { fold(m, s, dot); });
       }
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t s = 0; s < kTileRows; s += lanes)
@@ -199,12 +271,20 @@ void Int8Linear(const T* x, int64_t rows, int64_t k, const int8_t* codes, const 
       std::memset(acc, 0, sizeof(float) * rows * kTileRows);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t tile = b * groups + g;
-        for (int64_t s = 0; s < kTileRows; s += lanes) {
-          AllRows(Int8Pairs{codes + tile * 512, s}, q, rows, k, g, [&](int64_t m, auto dot) HWY_ATTR {
-            float* a = acc + m * kTileRows + s;
-            hn::Store(hn::MulAdd(dot, hn::Set(df, q.scale[m * groups + g]), hn::Load(df, a)), df, a);
-          });
+        const auto fold = [&](int64_t m, int64_t s, auto dot) HWY_ATTR {
+          float* a = acc + m * kTileRows + s;
+          hn::Store(hn::MulAdd(dot, hn::Set(df, q.scale[m * groups + g]), hn::Load(df, a)), df, a);
+        };
+#if !HWY_HAVE_SCALABLE
+        if (rows == 1) {
+          OneRowDots(Int8Slices{codes + tile * 512}, &q.code[g * kGroup],
+                     [&](int s, auto dot) HWY_ATTR { fold(0, s * lanes, dot); });
+          continue;
         }
+#endif
+        for (int64_t s = 0; s < kTileRows; s += lanes)
+          AllRows(Int8Pairs{codes + tile * 512, s}, q, rows, k, g,
+                  [&](int64_t m, auto dot) HWY_ATTR { fold(m, s, dot); });
       }
       for (int64_t s = 0; s < kTileRows; s += lanes) {
         const auto w_scale = hn::LoadU(df, scale + b * kTileRows + s);
