@@ -95,6 +95,106 @@ HWY_INLINE void WeightedValues(const float* probs, int heads, int64_t stride,
   }
 }
 
+#if !HWY_HAVE_SCALABLE
+// Fixed-width vectors can live in arrays: a block of kHeads x kKeys (scores) or
+// kHeads x kChunks (values) independent sums, so that a lone query head is not bound by
+// the latency of one chain of multiply-adds (one head of a lone stream is a task).
+
+// scores[h * stride + j] = query row h . key of position first + j, for kKeys positions.
+template <int kHeads, int kKeys, typename T>
+HWY_INLINE void ScoreBlock(const float* query, const T* keys, const int64_t* slots,
+                           int64_t row_stride, int64_t dim, float* scores, int64_t stride) {
+  const DF df;
+  using V = hn::Vec<DF>;
+  const int64_t lanes = hn::Lanes(df);
+  const T* key[kKeys];
+  for (int j = 0; j < kKeys; ++j) key[j] = keys + slots[j] * row_stride;
+  V sum[kHeads][kKeys];
+  for (int h = 0; h < kHeads; ++h)
+    for (int j = 0; j < kKeys; ++j) sum[h][j] = hn::Zero(df);
+  for (int64_t c = 0; c < dim; c += lanes) {
+    V k[kKeys];
+    for (int j = 0; j < kKeys; ++j) k[j] = LoadF32(df, key[j] + c);
+    for (int h = 0; h < kHeads; ++h) {
+      const V q = hn::LoadU(df, query + h * dim + c);
+      for (int j = 0; j < kKeys; ++j) sum[h][j] = hn::MulAdd(q, k[j], sum[h][j]);
+    }
+  }
+  for (int h = 0; h < kHeads; ++h)
+    for (int j = 0; j < kKeys; ++j)
+      scores[h * stride + j] = hn::GetLane(hn::SumOfLanes(df, sum[h][j]));
+}
+
+template <int kHeads, int kKeys, typename T>
+HWY_INLINE void ScoreRows(const float* query, const T* keys, const int64_t* slots,
+                          int64_t row_stride, int64_t context, int64_t dim, float* scores) {
+  int64_t l = 0;
+  for (; l + kKeys <= context; l += kKeys)
+    ScoreBlock<kHeads, kKeys>(query, keys, slots + l, row_stride, dim, scores + l, context);
+  for (; l < context; ++l)
+    ScoreBlock<kHeads, 1>(query, keys, slots + l, row_stride, dim, scores + l, context);
+}
+
+// out rows of kHeads heads = sum_l probs[h][l] * value[l], kChunks vectors of a row at once.
+template <int kHeads, int kChunks, typename T>
+HWY_INLINE void ValueRows(const float* probs, const T* values, const int64_t* slots,
+                          int64_t row_stride, int64_t context, int64_t dim, T* out) {
+  const DF df;
+  using V = hn::Vec<DF>;
+  const int64_t lanes = hn::Lanes(df);
+  for (int64_t c0 = 0; c0 < dim; c0 += kChunks * lanes) {
+    const int64_t chunks = std::min<int64_t>(kChunks, (dim - c0) / lanes);
+    V sum[kHeads][kChunks];
+    for (int h = 0; h < kHeads; ++h)
+      for (int i = 0; i < kChunks; ++i) sum[h][i] = hn::Zero(df);
+    for (int64_t l = 0; l < context; ++l) {
+      const T* row = values + slots[l] * row_stride + c0;
+      V p[kHeads];
+      for (int h = 0; h < kHeads; ++h) p[h] = hn::Set(df, probs[h * context + l]);
+      for (int i = 0; i < kChunks; ++i) {
+        if (i >= chunks) break;
+        const V v = LoadF32(df, row + i * lanes);
+        for (int h = 0; h < kHeads; ++h) sum[h][i] = hn::MulAdd(p[h], v, sum[h][i]);
+      }
+    }
+    for (int h = 0; h < kHeads; ++h)
+      for (int i = 0; i < chunks; ++i) StoreF32(df, sum[h][i], out + h * dim + c0 + i * lanes);
+  }
+}
+#endif  // !HWY_HAVE_SCALABLE
+
+// Scores of `heads` (1-4) query rows against every position of the context.
+template <typename T>
+HWY_INLINE void AllScores(const float* query, int heads, const T* keys, const int64_t* slots,
+                          int64_t row_stride, int64_t context, int64_t dim, float* scores) {
+#if !HWY_HAVE_SCALABLE
+  switch (heads) {
+    case 1: return ScoreRows<1, 4>(query, keys, slots, row_stride, context, dim, scores);
+    case 2: return ScoreRows<2, 4>(query, keys, slots, row_stride, context, dim, scores);
+    case 3: return ScoreRows<3, 2>(query, keys, slots, row_stride, context, dim, scores);
+    default: return ScoreRows<4, 2>(query, keys, slots, row_stride, context, dim, scores);
+  }
+#else
+  for (int64_t l = 0; l < context; ++l)
+    KeyScores(query, heads, keys + slots[l] * row_stride, dim, scores + l, context);
+#endif
+}
+
+template <typename T>
+HWY_INLINE void AllValues(const float* probs, int heads, const T* values, const int64_t* slots,
+                          int64_t row_stride, int64_t context, int64_t dim, T* out) {
+#if !HWY_HAVE_SCALABLE
+  switch (heads) {
+    case 1: return ValueRows<1, 8>(probs, values, slots, row_stride, context, dim, out);
+    case 2: return ValueRows<2, 4>(probs, values, slots, row_stride, context, dim, out);
+    case 3: return ValueRows<3, 2>(probs, values, slots, row_stride, context, dim, out);
+    default: return ValueRows<4, 2>(probs, values, slots, row_stride, context, dim, out);
+  }
+#else
+  WeightedValues(probs, heads, context, values, slots, row_stride, context, dim, out);
+#endif
+}
+
 // One task: query heads [g_begin, g_end) of KV head h for sequence b, which read each key
 // and value once per four heads.
 template <typename T>
@@ -112,23 +212,20 @@ void AttendOne(const T* q, const T* k_cache, const T* v_cache, const int64_t* sl
   }
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kHeadsAtOnce) {
     const int heads = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, g_end - g0));
-    for (int64_t l = 0; l < context; ++l) {
-      const float add = ToF32(mask[l]);
-      if (add == -INFINITY) {  // padding
-        for (int i = 0; i < heads; ++i) scores[(g0 + i) * context + l] = -INFINITY;
-        continue;
-      }
-      float* s = &scores[g0 * context + l];
-      KeyScores(&query[g0 * dim], heads, k_cache + slots[l] * row_stride + h * dim, dim, s,
-                context);
-      for (int i = 0; i < heads; ++i) s[i * context] += add;
-    }
+    AllScores(&query[g0 * dim], heads, k_cache + h * dim, slots, row_stride, context, dim,
+              &scores[g0 * context]);
+  }
+  // Padding positions (slot 0, whatever it holds) get exactly -inf, and so probability 0.
+  for (int64_t l = 0; l < context; ++l) {
+    const float add = ToF32(mask[l]);
+    for (int64_t g = g_begin; g < g_end; ++g)
+      scores[g * context + l] = add == -INFINITY ? -INFINITY : scores[g * context + l] + add;
   }
   for (int64_t g = g_begin; g < g_end; ++g) Softmax(&scores[g * context], context);
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kHeadsAtOnce) {
     const int heads = static_cast<int>(std::min<int64_t>(kHeadsAtOnce, g_end - g0));
-    WeightedValues(&scores[g0 * context], heads, context, v_cache + h * dim, slots, row_stride,
-                   context, dim, out + (b * shape.heads + h * group + g0) * dim);
+    AllValues(&scores[g0 * context], heads, v_cache + h * dim, slots, row_stride, context,
+              dim, out + (b * shape.heads + h * group + g0) * dim);
   }
 }
 

@@ -2,8 +2,8 @@
 // call, for models whose linear layers all run pdserve's quantized kernels.
 //
 // A decode step of a few rows spends as long between the kernels as in them when Python
-// drives each layer: about ten dispatched calls a layer, ~3 ms of a 1-row step of the
-// default model on 2 cores. Here the same kernels run in the same order on the same
+// drives each layer: about ten dispatched calls a layer (docs/performance.md measures
+// the share). Here the same kernels run in the same order on the same
 // values (kernels.h), with the intermediates in buffers allocated once per call, so the
 // result is the per-layer path's bit for bit (tests/unit/test_decode_stack.py).
 // engine/llama.py builds the stack once the layers are quantized; steps with a prompt
