@@ -17,7 +17,8 @@ phase in its timings). `--transformers` adds transformers' `generate()` in the s
 dtype, the earlier baseline. `--eager` adds each quantization with its decode steps run
 eagerly (`--no-decode-graphs`), to measure what the recorded graphs save;
 `--torch-kernels` int8/int4 with PyTorch's weight-only kernels instead of pdserve's
-VNNI ones (`--no-native-kernels`). Best of
+(`--no-native-kernels`). The first line names the CPU, the flags that choose pdserve's
+path and the kernels' target. Best of
 `--rounds`, alternating, so that a noisy neighbour slows every engine rather than one.
 """
 
@@ -33,11 +34,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import llama_cpp  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.cpu_features import cpu_has_bf16_matmul  # noqa: E402
+from engine.cpu_features import cpu_flags, cpu_has_bf16_matmul, kernel_target  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
+
+
+# The flags that decide pdserve's path on x86 (engine.cpu_features); ARM64 names its target.
+NAMED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU a figure was measured on: its model name, the flags that choose pdserve's
+    path, and the kernels' target, so that a report names its CPU family."""
+    name = "unknown CPU"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    present = cpu_flags()
+    flags = " ".join(f for f in NAMED_FLAGS if f in present) or "none of " + "/".join(NAMED_FLAGS)
+    return f"{name} ({flags}); pdserve's kernels: {kernel_target() or 'none, PyTorch serves'}"
 
 
 def corpus_prompts(tokenizer, streams: int, length: int) -> list[list[int]]:
@@ -174,6 +193,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer(next(iter(engines.values())).files)
     others = peers(args)
+    print(cpu_description())
     print(f"default model ({args.dtype}), {args.threads} threads, {args.new_tokens} new tokens "
           f"per stream, best of {args.rounds} alternating rounds; tok/s (prefill, decode)")
     print(f"{'engine':>20} {'streams':>7} {'prompt':>6} {'prefill':>9} {'decode':>8}")
