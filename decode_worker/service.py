@@ -148,9 +148,9 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                                       f"lease holds the first {lease.seq.num_cached_tokens} "
                                       "positions already and needs the rest")
             await context.send_initial_metadata(KV_ACCEPTED)
-            # Chunks are checked and written on the event loop: a chunk (1 MiB) takes
-            # ~0.2 ms, less than handing it to a thread costs, and gRPC core goes on
-            # reading the socket meanwhile (measured with bench/kv_transfer.py).
+            # Chunks are checked and written on the event loop: a chunk takes less time
+            # than handing it to a thread costs, and gRPC core goes on reading the
+            # socket meanwhile (measured with bench/kv_transfer.py).
             async for msg in request_iterator:
                 kind = receiver.check_message(msg)
                 if kind == "trailer":

@@ -42,7 +42,7 @@ def build_decode_tables(block_tables: list[list[int]], context_lens: list[int],
                         dtype: torch.dtype = torch.float32):
     """Padded slot table and mask for a group of decode sequences. The mask is additive
     (0 or -inf in the model's dtype), built once a step: SDPA turns a boolean mask
-    into this form again in every layer (about 5 ms a step at 16 rows on CPU)."""
+    into this form again in every layer (see docs/performance.md, Measurements behind the code)."""
     max_blocks = max(len(t) for t in block_tables)
     padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
     tables = torch.tensor(padded, dtype=torch.long, device=device)
@@ -96,7 +96,7 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """cache[slots] for any shape of `slots`. index_select on the flattened ids, because
-    advanced indexing with a 2-D index was ~6x slower on CPU for decode-sized gathers."""
+    advanced indexing with a 2-D index is much slower on CPU for decode-sized gathers."""
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
@@ -105,8 +105,8 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     """One token per sequence. The query heads that share a KV head are laid out as that
     head's query rows, so SDPA reads each K/V once instead of repeating it per group.
     pdserve's kernel reads them in place through the slot table instead of gathering
-    them (3x faster for one sequence, 2x for 16; equal to float32 rounding, one bf16
-    rounding of the result)."""
+    them (faster, docs/performance.md; equal to float32 rounding, one bf16 rounding of
+    the result)."""
     if native:
         return torch.ops.pdserve.decode_attention(q, k_cache, v_cache, meta.decode_slots,
                                                   meta.decode_mask, scale)

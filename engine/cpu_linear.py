@@ -1,16 +1,18 @@
 """Linear layers on CPU: the GEMM form that is fastest for each batch size and dtype.
 
-Two tricks, both measured on the default model on 2 cores (AMD EPYC, AVX512-BF16):
+Two tricks, both measured on the default model on 2 cores (the figures:
+docs/performance.md, Measurements behind the code):
 
 - Prepacked weights. A plain GEMM repacks the weight matrix into the library's blocked
   layout on every call; with a decode batch of a few rows that repacking costs as much
   as the multiply. `prepack()` stores a oneDNN copy in that layout once, at load (as
-  PyTorch's own CPU inference compiler does), and `linear()` multiplies by it: 1.6-1.9x
-  faster from 1 to 97 rows in bf16, bit-identical to F.linear; in fp32 1.4-1.9x from 4
-  rows on and slower below, so small fp32 batches keep the transposed form.
+  PyTorch's own CPU inference compiler does), and `linear()` multiplies by it: faster
+  for every row count in bf16, bit-identical to F.linear; in fp32 faster from
+  `PACKED_MIN_ROWS_FP32` rows on and slower below, so small fp32 batches keep the
+  transposed form.
 - Transposed GEMMs. Without a packed weight, W @ X^T beats X @ W^T from 2 rows on in
-  fp32 (1.2-4.7x) and from 16 rows on in bf16 (1.1-1.4x); a single fp32 row is doubled,
-  because MKL's GEMV reads the weights at a third of a 2-row GEMM's speed.
+  fp32 and from 16 rows on in bf16; a single fp32 row is doubled, because MKL's GEMV
+  reads the weights far slower than a 2-row GEMM.
 
 Quantized weights (engine.quantization) go through weight-only kernels for the few
 rows of a decode step, where reading the weights is the whole cost: 4-bit codes are a
@@ -42,10 +44,8 @@ PACKED_MIN_ROWS_FP32 = 4
 # The batch size oneDNN tunes the packed layout for: a full decode batch. Any row count
 # works with it; prompts are compute-bound and barely care.
 PACK_FOR_ROWS = 16
-# Most rows for which PyTorch's weight-only kernels beat the dequantized, prepacked weights.
-# Decode steps of the default model in bf16, 2 cores (kernel vs dequantized, ms): int4
-# 15.8 vs 28.0 at 2 rows, 28.4 vs 32.8 at 8, even at 12, 44.1 vs 38.9 at 16; int8 24.7
-# vs 28.1 at 4 rows, 35.6 vs 29.0 at 6.
+# Most rows for which PyTorch's weight-only kernels beat the dequantized, prepacked weights
+# (decode steps of the default model in bf16: docs/performance.md).
 INT4_MAX_ROWS = 10
 INT8_MAX_ROWS = 4
 # How the int4 kernel tiles the input dimension (PyTorch's CPU layout takes any of 2,

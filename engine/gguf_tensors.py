@@ -1,10 +1,11 @@
 """The tensors of a GGUF file, read from its header and mapped from disk, without the rest.
 
 The `gguf` package's reader turns every metadata field into Python objects first: for
-the default model, a vocabulary of 49,152 strings and their scores, about 7 s of every
-int4 worker's start on 2 cores. This reads the header, steps over the metadata by its
-lengths (only the alignment is kept) and maps each tensor's bytes. Layout: the GGUF
-specification (ggml's docs/gguf.md), versions 2 and 3, little-endian.
+the default model, a vocabulary of 49,152 strings and their scores, seconds of every
+int4 worker's start (docs/performance.md, Measurements behind the code). This reads the
+header, steps over the metadata by its lengths (only the alignment is kept) and maps
+each tensor's bytes. Layout: the GGUF specification (ggml's docs/gguf.md), versions 2
+and 3, little-endian.
 """
 
 import struct

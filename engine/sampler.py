@@ -133,7 +133,8 @@ class Sampler:
         temps = [max(p.temperature, _MIN_TEMPERATURE) for p in params]
         temps = torch.tensor(temps, device=work.device).unsqueeze(1)
         # Both forms leave `work` untouched. Not index_select: with two threads on a
-        # fresh buffer it was ~50x slower than plain indexing on the target CPUs.
+        # fresh buffer it was far slower than plain indexing (docs/performance.md,
+        # Measurements behind the code).
         x = work / temps if len(sampled) == len(seqs) else work[sampled].div_(temps)
         _apply_top_k(x, [p.top_k for p in params])
         _apply_top_p(x, [p.top_p for p in params])
@@ -158,7 +159,7 @@ class Sampler:
                 if seq.params.seed is not None:
                     key = noise_key(seq.params.seed, seq.sample_index, seq.num_tokens)
                     noise[j].uniform_(generator=torch.Generator("cpu").manual_seed(key))
-        # -log(U) is Exp(1) and ~4x cheaper on the CPU than Tensor.exponential_.
+        # -log(U) is Exp(1) and cheaper on the CPU than Tensor.exponential_.
         # U == 0 gives q = inf, which only makes that token lose.
         return noise.log_().neg_().clamp_min_(_MIN_NOISE)
 
@@ -254,7 +255,7 @@ def _apply_top_p(x: torch.Tensor, top_p: list[float]) -> None:
     sub = _select(x, rows)
     probs = sub.softmax(dim=-1)
     limit = torch.tensor([top_p[j] for j in rows], device=x.device).unsqueeze(1)
-    # Sorting a whole 49k row costs ~20x a top-256. The nucleus usually fits in the
+    # Sorting a whole 49k row costs far more than a top-256. The nucleus usually fits in the
     # first candidates; rows whose nucleus may not are redone with more, then all.
     vocab = probs.shape[1]
     drop, spills = _outside_nucleus(probs, limit, min(_TOP_P_CANDIDATES[0], vocab))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # ISA-L's CRC32: the same checksum as zlib's, about 3x faster
+try:  # ISA-L's CRC32: the same checksum as zlib's, faster
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal has wheels for the usual platforms
     from zlib import crc32

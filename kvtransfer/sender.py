@@ -133,7 +133,7 @@ class KvSender:
     async def _encode(self, item) -> list:
         layer, start, staged = item
         if staged.event is None:
-            # Host memory already: encoding (~0.15 ms per MiB) costs less than a thread
+            # Host memory already: encoding a chunk costs less than a thread
             # hand-off. A device copy is waited for in a thread, off the event loop.
             return _encode_staged(layer, start, staged, self.max_chunk_bytes)
         return await asyncio.to_thread(_encode_staged, layer, start, staged,

@@ -1,8 +1,8 @@
-"""The README's flag tables, written from the same config dataclasses as the flags, so
-that the documented defaults can never drift from the code's.
+"""The flag tables of docs/configuration.md, written from the same config dataclasses as
+the flags, so that the documented defaults can never drift from the code's.
 
     python -m pdserve.flag_docs           # print the tables
-    python -m pdserve.flag_docs --write   # replace them in README.md (between markers)
+    python -m pdserve.flag_docs --write   # replace them in docs/configuration.md (between markers)
 """
 
 import argparse
@@ -19,7 +19,7 @@ from pdserve_proto.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 BEGIN = "<!-- flag tables: python -m pdserve.flag_docs --write -->"
 END = "<!-- end of flag tables -->"
 _NOT_IN_UP = ", ".join(f"`--{name}`" for name in GATEWAY_EXCLUDED)
@@ -70,9 +70,10 @@ def replace_in(text: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    parser.add_argument("--write", action="store_true",
+                        help="update docs/configuration.md in place")
     if parser.parse_args().write:
-        README.write_text(replace_in(README.read_text()))
+        DOC.write_text(replace_in(DOC.read_text()))
     else:
         sys.stdout.write(tables() + "\n")
     return 0

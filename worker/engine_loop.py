@@ -7,8 +7,8 @@ read each request's outputs from an asyncio queue that the engine thread fills.
 Workers build the engine on that same thread (`EngineLoop.create`): OpenMP keeps one
 thread team per thread that runs parallel regions, and once a process holds more
 OpenMP threads than CPUs, libgomp stops spinning between regions and every kernel pays
-a futex wake-up. A model loaded on the main thread and stepped on another took 33 ms a
-decode step on 2 cores instead of 14 (default model, int4).
+a futex wake-up: a model loaded on the main thread and stepped on another decoded at
+less than half the speed (docs/performance.md, Measurements behind the code).
 """
 
 import asyncio

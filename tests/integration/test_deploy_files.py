@@ -245,9 +245,9 @@ def test_every_compose_process_gets_the_same_internal_token():
     services = compose()["services"]
     tokens = {services[role]["environment"].get("PDSERVE_INTERNAL_TOKEN") for role in ROLES}
     (token,) = tokens
-    # From the operator's environment, with a default the README documents.
+    # From the operator's environment, with a default docs/operations.md documents.
     default = re.fullmatch(r"\$\{PDSERVE_INTERNAL_TOKEN:-(.+)\}", token).group(1)
-    assert f"`{default}`" in (ROOT / "README.md").read_text()
+    assert f"`{default}`" in (ROOT / "docs" / "operations.md").read_text()
 
 
 def test_every_kubernetes_process_gets_the_internal_token_from_one_secret():

@@ -175,9 +175,10 @@ def test_changed_flags_round_trip_through_the_parser():
     assert config_from_args(GatewayConfig, again) == config_from_args(GatewayConfig, args)
 
 
-def test_readme_flag_tables_are_the_configs():
+def test_documented_flag_tables_are_the_configs():
     from pdserve import flag_docs
 
-    text = flag_docs.README.read_text()
+    text = flag_docs.DOC.read_text()
     assert flag_docs.replace_in(text) == text, \
-        "README's flag tables drift from the configs: python -m pdserve.flag_docs --write"
+        "docs/configuration.md's flag tables drift from the configs: " \
+        "python -m pdserve.flag_docs --write"
