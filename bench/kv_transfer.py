@@ -31,8 +31,8 @@ from engine.sampling_params import SamplingParams  # noqa: E402
 from kvtransfer.codec import KvShape, make_fingerprint  # noqa: E402
 from kvtransfer.sender import KvSender  # noqa: E402
 from pdserve.launch import ChildProcess, pdserve_argv  # noqa: E402
+from pdserve_config.security import SecurityConfig  # noqa: E402
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS as GRPC_OPTIONS  # noqa: E402
-from pdserve_proto.security import SecurityConfig  # noqa: E402
 from pdserve_proto.v1 import common_pb2, decode_pb2, kv_pb2  # noqa: E402
 from worker.convert import params_to_proto  # noqa: E402
 

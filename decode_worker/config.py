@@ -3,7 +3,8 @@ its `pdserve decode` flags."""
 
 from dataclasses import dataclass
 
-from worker.config import PORT_HELP, WorkerConfig, flag
+from pdserve_config.fields import flag
+from worker.config import PORT_HELP, WorkerConfig
 
 DEFAULT_PORT = 50052
 

@@ -4,7 +4,7 @@ import asyncio
 
 from decode_worker.config import DecodeConfig
 from engine.config import EngineConfig
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 
 
 def run(config: DecodeConfig, engine_config: EngineConfig, security: SecurityConfig) -> int:

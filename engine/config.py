@@ -6,7 +6,9 @@ environment variables (`PDSERVE_BLOCK_SIZE`) and the code can never disagree. No
 here imports torch: `pdserve --help` stays fast.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pdserve_config.fields import flag
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,10 +31,6 @@ _QUANTIZATION_RULE = (
     "dtype; else none")
 
 
-def _flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine process needs to start.
@@ -41,32 +39,32 @@ class EngineConfig:
     `kv_cache_memory_fraction` of free device memory (CUDA) or of usable RAM (CPU).
     """
 
-    model: str = _flag("default", "'default' (SmolLM2-135M-Instruct, bundled), a local "
+    model: str = flag("default", "'default' (SmolLM2-135M-Instruct, bundled), a local "
                        "Hugging Face folder of the Llama family, or random:PRESET (tiny, "
                        "tiny-qwen2, tiny-llama3, smollm2-135m, llama-3.2-1b)")
-    dtype: str = _flag("auto", _DTYPE_RULE, choices=DTYPES)
-    quantization: str = _flag("auto", _QUANTIZATION_RULE, choices=QUANTIZATIONS)
-    device: str = _flag("auto", "auto: cuda when available, else cpu", choices=DEVICES)
-    seed: int = _flag(0, "seed for random weights and for unseeded sampling")
-    block_size: int = _flag(16, "tokens per KV block (a power of two)")
-    kv_cache_tokens: int | None = _flag(
+    dtype: str = flag("auto", _DTYPE_RULE, choices=DTYPES)
+    quantization: str = flag("auto", _QUANTIZATION_RULE, choices=QUANTIZATIONS)
+    device: str = flag("auto", "auto: cuda when available, else cpu", choices=DEVICES)
+    seed: int = flag(0, "seed for random weights and for unseeded sampling")
+    block_size: int = flag(16, "tokens per KV block (a power of two)")
+    kv_cache_tokens: int | None = flag(
         None, "KV cache capacity in tokens (overrides the memory fraction)")
-    kv_cache_memory_fraction: float | None = _flag(
+    kv_cache_memory_fraction: float | None = flag(
         None, f"share of free GPU memory (default {DEFAULT_CUDA_KV_FRACTION}) or of RAM on "
               f"CPU (default {DEFAULT_CPU_KV_FRACTION}; of the container's memory limit "
               f"where that is lower) for the KV cache")
-    max_num_seqs: int = _flag(64, "most sequences in the running batch")
-    max_num_batched_tokens: int = _flag(
+    max_num_seqs: int = flag(64, "most sequences in the running batch")
+    max_num_batched_tokens: int = flag(
         512, "token budget of one step; longer prompts are prefilled in chunks")
-    max_model_len: int | None = _flag(None, "context limit (default: the model's)")
-    prefix_caching: bool = _flag(True, "keep the full KV blocks of finished sequences and "
+    max_model_len: int | None = flag(None, "context limit (default: the model's)")
+    prefix_caching: bool = flag(True, "keep the full KV blocks of finished sequences and "
                                        "reuse them for later prompts with the same prefix")
-    num_threads: int | None = _flag(None, "CPU threads for torch (default: torch's choice)")
-    decode_graphs: bool = _flag(True, "CPU without pdserve's kernels: replay decode steps of up "
+    num_threads: int | None = flag(None, "CPU threads for torch (default: torch's choice)")
+    decode_graphs: bool = flag(True, "CPU without pdserve's kernels: replay decode steps of up "
                                       "to 16 sequences from a graph per batch size, recorded "
                                       "by a decode worker before it serves (the same ops "
                                       "without Python's per-op cost; same output)")
-    native_kernels: bool = _flag(True, "CPU: decode steps (int4/int8 layers, attention over the "
+    native_kernels: bool = flag(True, "CPU: decode steps (int4/int8 layers, attention over the "
                                        "paged cache, the layers' small steps) and prompt "
                                        "attention run pdserve's kernels, compiled once with "
                                        "the system C++ compiler over Highway for the CPU's "

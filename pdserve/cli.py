@@ -16,7 +16,7 @@ from pdserve import healthcheck, stack
 from pdserve.config_flags import add_config_flags, config_from_args
 from pdserve.env_flags import apply_env_defaults
 from pdserve.launch import die_with_parent
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 

@@ -13,12 +13,7 @@ import types
 import typing
 
 
-def flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
-    """A config field with the help text of its command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
-
-
-def flag_name(field: dataclasses.Field) -> str:
+def option_name(field: dataclasses.Field) -> str:
     name = field.name.replace("_", "-")
     return f"--no-{name}" if field.type is bool and field.default is True else f"--{name}"
 
@@ -45,13 +40,13 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class, *, exclude=(
         help_text = field.metadata.get("help")
         if field.type is bool:
             default_on = field.default is True
-            target.add_argument(flag_name(field), dest=field.name,
+            target.add_argument(option_name(field), dest=field.name,
                                 action="store_false" if default_on else "store_true",
                                 help=f"turn off: {help_text}" if default_on else help_text)
             continue
         required = field.default is dataclasses.MISSING
         default = None if required else field.default
-        target.add_argument(flag_name(field), dest=field.name, type=_value_type(field),
+        target.add_argument(option_name(field), dest=field.name, type=_value_type(field),
                             default=default, required=required,
                             choices=field.metadata.get("choices"), help=help_text)
 
@@ -75,9 +70,9 @@ def changed_flags(config_class, args: argparse.Namespace, *, exclude=()) -> list
         if value == field.default or value is None:
             continue
         if field.type is bool:
-            argv.append(flag_name(field))
+            argv.append(option_name(field))
         elif isinstance(value, tuple):
-            argv += [flag_name(field), ",".join(map(str, value))]
+            argv += [option_name(field), ",".join(map(str, value))]
         else:
-            argv += [flag_name(field), str(value)]
+            argv += [option_name(field), str(value)]
     return argv

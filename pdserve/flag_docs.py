@@ -12,10 +12,10 @@ from pathlib import Path
 
 from decode_worker.config import DecodeConfig
 from engine.config import EngineConfig
-from pdserve.config_flags import flag_name
+from pdserve.config_flags import option_name
 from pdserve.env_flags import PREFIX
 from pdserve.stack import ENGINE_EXCLUDED, GATEWAY_EXCLUDED, StackConfig
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
@@ -52,7 +52,7 @@ def table(config_class) -> str:
     rows = ["| flag | variable | default | meaning |", "| --- | --- | --- | --- |"]
     for field in dataclasses.fields(config_class):
         meaning = field.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{flag_name(field)}` | `{PREFIX}{field.name.upper()}` | "
+        rows.append(f"| `{option_name(field)}` | `{PREFIX}{field.name.upper()}` | "
                     f"{_default(field)} | {meaning} |")
     return "\n".join(rows)
 

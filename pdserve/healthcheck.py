@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 
 from pdserve.config_flags import config_from_args
-from pdserve_proto.security import NO_SECURITY, SecurityConfig
+from pdserve_config.security import NO_SECURITY, SecurityConfig
 
 DEFAULT_TARGET_ENV = "PDSERVE_HEALTH_TARGET"
 

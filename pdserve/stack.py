@@ -26,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from pdserve.config_flags import changed_flags, config_from_args, flag
+from pdserve.config_flags import changed_flags, config_from_args
 from pdserve.launch import ChildProcess, pdserve_argv
 from pdserve.supervisor import Supervisor
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.fields import flag
+from pdserve_config.security import SecurityConfig
 from server.gateway import GatewayConfig
 
 START_TIMEOUT = 300.0

@@ -3,8 +3,9 @@ its `pdserve prefill` flags."""
 
 from dataclasses import dataclass
 
+from pdserve_config.fields import flag
 from pdserve_proto.limits import DEFAULT_KV_CHUNK_BYTES
-from worker.config import PORT_HELP, WorkerConfig, flag
+from worker.config import PORT_HELP, WorkerConfig
 
 DEFAULT_PORT = 50051
 

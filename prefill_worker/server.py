@@ -3,7 +3,7 @@
 import asyncio
 
 from engine.config import EngineConfig
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 
 

@@ -27,8 +27,8 @@ import torch
 from engine.errors import InvalidRequestError
 from kvtransfer.codec import Coverage, KvFormatError, decode_chunk, shape_of
 from kvtransfer.sender import KvSender, KvSendError
+from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
-from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
 from worker.convert import (
     compile_grammar,

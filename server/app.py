@@ -20,7 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
-from pdserve_proto.security import NO_SECURITY, SecurityConfig
+from pdserve_config.security import NO_SECURITY, SecurityConfig
 from server import openapi_schema
 from server.admission import Admission
 from server.api_keys import ApiKeys

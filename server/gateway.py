@@ -7,6 +7,8 @@ each default and help text is written here once.
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve_config.fields import flag
+
 DEFAULT_PORT = 8000
 
 
@@ -15,41 +17,37 @@ def parse_addresses(value: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value.split(",") if a.strip())
 
 
-def _flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass(frozen=True)
 class GatewayConfig:
     decode: tuple[str, ...] = field(metadata={
         "help": "decode workers, host:port[,host:port...]; a DNS name stands for every "
                 "address behind it", "type": parse_addresses})
-    prefill: tuple[str, ...] = _flag((), "prefill workers, host:port[,...]; none: colocated",
+    prefill: tuple[str, ...] = flag((), "prefill workers, host:port[,...]; none: colocated",
                                      type=parse_addresses)
-    colocated: bool = _flag(False, "ignore --prefill: every prompt is prefilled on a decode "
+    colocated: bool = flag(False, "ignore --prefill: every prompt is prefilled on a decode "
                                    "worker")
-    host: str = _flag("127.0.0.1", "address to listen on")
-    port: int = _flag(DEFAULT_PORT, "HTTP port")
-    model: str = _flag("default", "the workers' model, for the tokenizer and chat template: "
+    host: str = flag("127.0.0.1", "address to listen on")
+    port: int = flag(DEFAULT_PORT, "HTTP port")
+    model: str = flag("default", "the workers' model, for the tokenizer and chat template: "
                                   "'default', a Hugging Face folder, or random:PRESET (uses "
                                   "the default model's tokenizer)")
-    served_model_name: str | None = _flag(None, "model name clients use (default: the "
+    served_model_name: str | None = flag(None, "model name clients use (default: the "
                                                 "model's name)")
-    api_key: str | None = _flag(None, "require 'Authorization: Bearer KEY' on /v1/*; "
+    api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' on /v1/*; "
                                       "several keys: KEY,KEY,... (any one is accepted)")
-    api_key_file: str | None = _flag(None, "file of accepted API keys, one a line (blank "
+    api_key_file: str | None = flag(None, "file of accepted API keys, one a line (blank "
                                            "lines and # comments skipped), read at start; "
                                            "adds to --api-key")
-    max_inflight: int = _flag(64, "requests generating at once; more wait in the queue")
-    max_queue: int = _flag(256, "requests waiting for a slot; beyond it: 429")
-    local_prefill_max_tokens: int = _flag(32, "prompts shorter than this prefill on the "
+    max_inflight: int = flag(64, "requests generating at once; more wait in the queue")
+    max_queue: int = flag(256, "requests waiting for a slot; beyond it: 429")
+    local_prefill_max_tokens: int = flag(32, "prompts shorter than this prefill on the "
                                               "decode worker")
-    max_body_bytes: int = _flag(4 << 20, "largest request body; larger: 413")
-    request_timeout: float = _flag(600.0, "seconds a request may take end to end")
-    migration_limit: int = _flag(3, "times one request may move to another decode worker "
+    max_body_bytes: int = flag(4 << 20, "largest request body; larger: 413")
+    request_timeout: float = flag(600.0, "seconds a request may take end to end")
+    migration_limit: int = flag(3, "times one request may move to another decode worker "
                                     "when the one serving it fails mid-stream (0: never)")
-    health_interval: float = _flag(1.0, "seconds between Health polls of every worker")
-    resolve_interval: float = _flag(10.0, "seconds between DNS look-ups of the worker names")
+    health_interval: float = flag(1.0, "seconds between Health polls of every worker")
+    resolve_interval: float = flag(10.0, "seconds between DNS look-ups of the worker names")
 
     def __post_init__(self):
         if not self.decode:
@@ -73,7 +71,7 @@ class GatewayConfig:
 
 
 def run(config: GatewayConfig, log_level: str, security) -> int:
-    """Serve until stopped; `security` (pdserve_proto.security.SecurityConfig) secures
+    """Serve until stopped; `security` (pdserve_config.security.SecurityConfig) secures
     the gateway's calls to the workers."""
     import uvicorn
 

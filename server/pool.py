@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
-from pdserve_proto.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from server.prefix_index import PromptBlocks
 

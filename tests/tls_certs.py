@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 
 HOSTS = ("127.0.0.1", "localhost")
 

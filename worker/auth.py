@@ -1,4 +1,4 @@
-"""The workers' side of pdserve_proto.security: every RPC must carry the internal token.
+"""The workers' side of pdserve_config.security: every RPC must carry the internal token.
 
 A server interceptor, so that no handler (Generate, Prefill, PushKv, Health, one added
 later) can be reached without it. A call that lacks the token, or carries another one,
@@ -14,7 +14,7 @@ import logging
 
 import grpc
 
-from pdserve_proto.security import TOKEN_KEY, TOKEN_SCHEME
+from pdserve_config.security import TOKEN_KEY, TOKEN_SCHEME
 
 log = logging.getLogger("pdserve.worker.auth")
 

@@ -2,14 +2,11 @@
 WorkerConfig with its port and its own settings; the `pdserve` command builds the flags
 from these fields (`--metrics-port` from `metrics_port`), so defaults live here only."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pdserve_config.fields import flag
 
 PORT_HELP = "gRPC port (0: any free port, printed at start)"
-
-
-def flag(default, help: str, **extra):  # noqa: A002 - argparse's own word
-    """A config field with the help text of its command-line flag."""
-    return field(default=default, metadata={"help": help, **extra})
 
 
 def check_port(name: str, port: int | None) -> None:

@@ -8,9 +8,9 @@ import uuid
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from pdserve_config.security import SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.prefix import short
-from pdserve_proto.security import SecurityConfig
 from pdserve_proto.v1 import common_pb2
 from worker.auth import server_interceptors
 from worker.config import WorkerConfig

@@ -47,7 +47,7 @@ def subcommand(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
-def flag_vars(role: str) -> set[str]:
+def variables_of(role: str) -> set[str]:
     """The variables `pdserve [top-level flags] ROLE [flags]` reads."""
     actions = build_parser()._actions + subcommand(role)._actions
     return {"PDSERVE_" + a.dest.upper() for a in actions
@@ -148,7 +148,7 @@ def test_compose_commands_and_variables_are_real_flags(role):
     service = compose()["services"][role]
     args = build_parser().parse_args(service["command"])
     assert args.command == role
-    unknown = set(service["environment"]) - flag_vars(role) - NON_FLAG_VARS
+    unknown = set(service["environment"]) - variables_of(role) - NON_FLAG_VARS
     assert not unknown, f"{role}: variables that no flag reads: {sorted(unknown)}"
     assert service["healthcheck"]["test"] == ["CMD", "pdserve", "health"]
     target = service["environment"]["PDSERVE_HEALTH_TARGET"]
@@ -182,7 +182,7 @@ def test_prometheus_scrapes_gateway_and_every_worker_replica():
 def test_kubernetes_args_and_configmap_variables_are_real_flags():
     docs = k8s_docs()
     (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    every_flag = set().union(*(flag_vars(r) for r in ROLES))
+    every_flag = set().union(*(variables_of(r) for r in ROLES))
     unknown = set(config["data"]) - every_flag - NON_FLAG_VARS
     assert not unknown, f"ConfigMap variables that no flag reads: {sorted(unknown)}"
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
@@ -195,7 +195,7 @@ def test_kubernetes_args_and_configmap_variables_are_real_flags():
                 assert services[host]["spec"]["clusterIP"] == "None", \
                     f"{host} must be headless so its name resolves to every pod"
         for env in container.get("env", []):
-            assert env["name"] in flag_vars(args.command) | NON_FLAG_VARS
+            assert env["name"] in variables_of(args.command) | NON_FLAG_VARS
         probes = [container[p] for p in ("readinessProbe", "livenessProbe")]
         if args.command == "gateway":
             assert [p["httpGet"]["path"] for p in probes] == ["/ready", "/health"]

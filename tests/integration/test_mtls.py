@@ -9,7 +9,7 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from pdserve.healthcheck import probe
-from pdserve_proto.security import NO_SECURITY
+from pdserve_config.security import NO_SECURITY
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2
 from tests.integration.stack import Stack
 from tests.integration.workers import Worker, gen_request

@@ -15,7 +15,7 @@ from pathlib import Path
 from engine.sampling_params import SamplingParams
 from pdserve.env_flags import PREFIX
 from pdserve.launch import ChildProcess, pdserve_argv
-from pdserve_proto.security import NO_SECURITY, SecurityConfig
+from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import (
     common_pb2,
     decode_pb2,

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc
 from tests.tls_certs import Authority
 

@@ -16,7 +16,7 @@ from engine.config import BF16_CPU_FLAGS, EngineConfig
 from pdserve import stack
 from pdserve.cli import build_parser, main
 from pdserve.config_flags import changed_flags, config_from_args
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 

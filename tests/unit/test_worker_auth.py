@@ -1,5 +1,5 @@
 """The internal token on a real gRPC server on loopback: the interceptor the workers
-install (worker.auth) against the channels every caller dials (pdserve_proto.security),
+install (worker.auth) against the channels every caller dials (pdserve_config.security),
 for each shape of call a worker serves: unary (Health), server-streaming (Generate),
 client-streaming (PushKv)."""
 
@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pdserve_proto.security import SecurityConfig
+from pdserve_config.security import SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 from worker.auth import MISSING, WRONG, server_interceptors
 

@@ -15,35 +15,33 @@ Hand-written beside the generated stubs (proto/generate.py leaves this file alon
 """
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from pdserve_config.fields import flag
 
 TOKEN_KEY = "authorization"
 TOKEN_SCHEME = "Bearer "
 _TLS_FILES = ("tls_ca", "tls_cert", "tls_key")
 
 
-def _flag(default, help: str):  # noqa: A002 - argparse's own word
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class SecurityConfig:
-    internal_token: str | None = _flag(
+    internal_token: str | None = flag(
         None, "shared secret every gRPC call between pdserve's processes carries and every "
               "worker requires (UNAUTHENTICATED otherwise); the same on every process. "
               "Pass it as PDSERVE_INTERNAL_TOKEN rather than on a command line `ps` shows "
               "(default: no check)")
-    tls_ca: str | None = _flag(
+    tls_ca: str | None = flag(
         None, "CA certificate (PEM) that signs every process' certificate; with --tls-cert "
               "and --tls-key, gRPC between the processes is mutual TLS (default: plaintext)")
-    tls_cert: str | None = _flag(
+    tls_cert: str | None = flag(
         None, "this process' certificate (PEM, signed by --tls-ca): a worker presents it to "
               "its callers, every caller presents it to the workers")
-    tls_key: str | None = _flag(None, "the private key (PEM) of --tls-cert")
-    tls_server_name: str | None = _flag(
+    tls_key: str | None = flag(None, "the private key (PEM) of --tls-cert")
+    tls_server_name: str | None = flag(
         None, "name the workers' certificates are checked against (default: the host "
               "dialled); set it when workers are dialled by IP address, as the gateway "
               "does behind a DNS name")
@@ -54,12 +52,12 @@ class SecurityConfig:
                 object.__setattr__(self, name, None)
         given = [name for name in _TLS_FILES if getattr(self, name)]
         if given and len(given) < len(_TLS_FILES):
-            missing = ", ".join(_flag_of(n) for n in _TLS_FILES if n not in given)
+            missing = ", ".join(_option_of(n) for n in _TLS_FILES if n not in given)
             raise ValueError(f"mutual TLS needs --tls-ca, --tls-cert and --tls-key together; "
                              f"missing {missing}")
         for name in given:
             if not Path(getattr(self, name)).is_file():
-                raise ValueError(f"{_flag_of(name)} {getattr(self, name)}: no such file")
+                raise ValueError(f"{_option_of(name)} {getattr(self, name)}: no such file")
         if self.tls_server_name and not self.tls:
             raise ValueError("--tls-server-name needs mutual TLS (--tls-ca, --tls-cert, "
                              "--tls-key)")
@@ -117,7 +115,7 @@ class SecurityConfig:
 NO_SECURITY = SecurityConfig()
 
 
-def _flag_of(name: str) -> str:
+def _option_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
