@@ -9,7 +9,7 @@ import pytest
 
 from bench.cli import load_tokenizer
 from bench.workload import build_requests
-from tests.integration.stack import ROOT, Stack
+from tests.support.stack import ROOT, Stack
 
 
 def pdserve(*args: str) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def test_sweep_writes_tables_plots_and_summary(tmp_path):
                                      "random:tiny", "--prefill", "0"],
                          "url": "http://127.0.0.1:{port}", "ready": "/health"}]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    from tests.integration.stack import free_port
+    from tests.support.stack import free_port
     result = pdserve("bench", "sweep", "--spec", str(tmp_path / "spec.json"), "--out",
                      str(tmp_path / "out"), "--port", str(free_port()))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,7 +94,7 @@ def test_sweep_writes_tables_plots_and_summary(tmp_path):
 
 
 def test_plain_transformers_baseline_server_serves_the_benchmark(tmp_path):
-    from tests.integration.stack import free_port
+    from tests.support.stack import free_port
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.hf_server", "--port", str(port),
                                "--threads", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.stack import Stack, pid_listening_on, scrape
+from tests.support.stack import Stack, pid_listening_on, scrape
 
 MODEL = "SmolLM2-135M-Instruct"
 BOUND = 90.0  # seconds any one request may take, faults included

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from pdserve.launch import ChildProcess, pdserve_argv
-from tests.integration.stack import ROOT, free_port, scrape
-from tests.integration.workers import Worker
+from tests.support.stack import ROOT, free_port, scrape
+from tests.support.workers import Worker
 
 MODEL = "SmolLM2-135M-Instruct"
 BOUND = 120.0

@@ -1,5 +1,5 @@
 """The compose stack's own services as local processes: gateway, 2 prefill and 2 decode
-replicas started from deploy/docker-compose.yml (see compose_local.py), a real
+replicas started from deploy/docker-compose.yml (see tests/support/compose_local.py), a real
 Prometheus server scraping them with the shipped config, and the Grafana dashboard's
 metric names checked against what /metrics exposes."""
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.compose_local import DEPLOY, LocalCompose, prometheus_binary
+from tests.support.compose_local import DEPLOY, LocalCompose, prometheus_binary
 
 WORDS = ("river stone lantern harbor meadow copper violin orchard glacier compass "
          "thunder saffron quarry beacon").split()

@@ -12,7 +12,7 @@ from engine import native_kernels
 from engine.cpu_features import auto_dtype
 from engine.sampling_params import SamplingParams
 from tests.integration.conftest import GREEDY, MAX_NEW
-from tests.integration.workers import Worker, colocated, disaggregated
+from tests.support.workers import Worker, colocated, disaggregated
 
 ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--quantization", "none",
                "--kv-cache-tokens", "16384")

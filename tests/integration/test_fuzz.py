@@ -27,7 +27,7 @@ from hypothesis_jsonschema import from_schema
 
 from engine.presets import SMOLLM2_VOCAB
 from server.errors import APIError
-from tests.integration.stack import Stack, kv_transfer_bytes
+from tests.support.stack import Stack, kv_transfer_bytes
 
 MODEL = "random:tiny"
 LOCAL_PREFILL_MAX = 8  # shorter prompts prefill on the decode worker, longer ones remotely

@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from tests.integration.conftest import MAX_NEW
-from tests.integration.stack import ROOT, Stack, free_port
-from tests.integration.stack import scrape as scrape_url
+from tests.support.stack import ROOT, Stack, free_port
+from tests.support.stack import scrape as scrape_url
 
 KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import Stack
+from tests.support.stack import Stack
 
 MODEL = "SmolLM2-135M-Instruct"
 

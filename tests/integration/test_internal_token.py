@@ -14,8 +14,8 @@ from engine.sampling_params import SamplingParams
 from pdserve.launch import ChildProcess, pdserve_argv
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.integration.stack import ROOT, Stack, free_port, kv_transfer_bytes
-from tests.integration.workers import Worker, gen_request, security_env
+from tests.support.stack import ROOT, Stack, free_port, kv_transfer_bytes
+from tests.support.workers import Worker, gen_request, security_env
 from worker.auth import MISSING, WRONG
 from worker.convert import params_to_proto
 

@@ -17,7 +17,7 @@ from engine.presets import SMOLLM2_VOCAB, random_hf_config
 from engine.sampling_params import SamplingParams
 from kvtransfer.codec import LAYOUT_VERSION, encode_layer
 from pdserve_proto.v1 import common_pb2, decode_pb2, kv_pb2, prefill_pb2
-from tests.integration.workers import Worker, gen_request
+from tests.support.workers import Worker, gen_request
 from worker.convert import params_to_proto
 
 pytestmark = pytest.mark.timeout(180)

@@ -11,9 +11,9 @@ from engine.sampling_params import SamplingParams
 from pdserve.healthcheck import probe
 from pdserve_config.security import NO_SECURITY
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2
-from tests.integration.stack import Stack
-from tests.integration.workers import Worker, gen_request
-from tests.tls_certs import Authority
+from tests.support.stack import Stack
+from tests.support.tls_certs import Authority
+from tests.support.workers import Worker, gen_request
 from worker.convert import params_to_proto
 
 ENGINE = ("--model", "random:tiny", "--dtype", "float32", "--kv-cache-tokens", "2048")

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from engine.sampling_params import SamplingParams
-from tests.integration.stack import Stack
-from tests.integration.workers import Worker, colocated, disaggregated
+from tests.support.stack import Stack
+from tests.support.workers import Worker, colocated, disaggregated
 
 ARGS = ("--model", "default", "--dtype", "float32", "--quantization", "none",
         "--kv-cache-tokens", "8192")

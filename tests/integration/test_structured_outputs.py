@@ -14,7 +14,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.integration.stack import Stack
+from tests.support.stack import Stack
 
 MODEL = "SmolLM2-135M-Instruct"
 PATHS = ("colocated", "1P1D")

@@ -9,7 +9,7 @@ import pytest
 
 from pdserve_config.security import SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc
-from tests.tls_certs import Authority
+from tests.support.tls_certs import Authority
 
 
 class Decode(decode_pb2_grpc.DecodeServiceServicer):

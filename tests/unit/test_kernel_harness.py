@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests import kernel_harness
+from tests.support import kernel_harness
 from tests.unit.conftest import KERNEL_TARGETS, NO_KERNELS
 
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdserve.launch import ChildProcess, listening_address, pdserve_argv
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from tests.integration.workers import security_env
+from tests.support.workers import security_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
