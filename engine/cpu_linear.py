@@ -14,7 +14,7 @@ docs/performance.md, Measurements behind the code):
   fp32 and from 16 rows on in bf16; a single fp32 row is doubled, because MKL's GEMV
   reads the weights far slower than a 2-row GEMM.
 
-Quantized weights (engine.quantization) go through weight-only kernels for the few
+Quantized weights (engine.quantized_weights) go through weight-only kernels for the few
 rows of a decode step, where reading the weights is the whole cost: 4-bit codes are a
 quarter of bf16's bytes and an eighth of float32's. These are pdserve's own kernels
 (engine.native_kernels) up to a full decode batch of 16 rows, in float32 or bfloat16;
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import native_kernels
-from engine.quantization import Int4Groups, Int8Rows, QuantizedWeight
+from engine.quantized_weights import Int4Groups, Int8Rows, QuantizedWeight
 
 log = logging.getLogger("pdserve.engine")
 

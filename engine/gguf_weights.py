@@ -16,7 +16,7 @@ import torch
 
 from engine.gguf_tensors import read_tensors
 from engine.model_config import ModelConfig
-from engine.quantization import Int4Groups, Int8Rows, QuantizedWeight
+from engine.quantized_weights import Int4Groups, Int8Rows, QuantizedWeight
 
 BLOCK = 32  # weights per block in Q4_0, Q4_1 and Q8_0
 # GGUF name within a block -> (our module, the part it is of a fused module or None)

@@ -17,7 +17,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.kv_cache import KVCache
 from engine.model_config import ModelConfig
-from engine.quantization import QuantizedWeight
+from engine.quantized_weights import QuantizedWeight
 from engine.rotary import RotaryEmbedding, apply_rotary
 
 # Called after each layer with (layer index, K, V) of all new tokens in the batch.

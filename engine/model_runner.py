@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine import quantize
+from engine import model_quantization
 from engine.attention import AttentionMetadata, PrefillSpan, build_decode_tables
 from engine.config import (
     DEFAULT_CPU_KV_FRACTION,
@@ -95,8 +95,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = files.config
-        self.quantization = quantize.resolve(config.quantization, self.device, self.dtype, files,
-                                             config.native_kernels)
+        self.quantization = model_quantization.resolve(
+            config.quantization, self.device, self.dtype, files, config.native_kernels)
         # Set by _build_model from the weights as loaded, before any quantization.
         self.weights_digest = ""
         self.model = self._build_model(config, files, max_model_len)
@@ -121,7 +121,7 @@ class ModelRunner:
             model.load_weights(iter_weights(files.path))
         model = model.to(self.dtype).eval()
         self.weights_digest = weights_digest(model, files.config)
-        plan = quantize.quantized_weights(self.quantization, model, files)
+        plan = model_quantization.quantized_weights(self.quantization, model, files)
         if plan:
             log.debug("%d weight-only quantized kernels",
                       model.quantize(plan, native=config.native_kernels))

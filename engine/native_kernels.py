@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from engine import cpu_features
-from engine.quantization import Int4Groups, Int8Rows
+from engine.quantized_weights import Int4Groups, Int8Rows
 
 log = logging.getLogger("pdserve.engine")
 
@@ -137,7 +137,7 @@ def int8_matmul(weight: Int8Rows) -> PackedLinear | None:
 def pack_int4(weight: Int4Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's layout (kernels.h): codes [N/16, K/32, 4, 64], where in load p row j's
     four bytes hold inputs 8p + (0 | 2 << 4), (4 | 6 << 4), (1 | 3 << 4), (5 | 7 << 4);
-    scales and minimums float16 [N/16, K/32, 16] (exact: see engine.quantization)."""
+    scales and minimums float16 [N/16, K/32, 16] (exact: see engine.quantized_weights)."""
     n, k = weight.q.shape
     blocks, groups = n // ROWS_PER_BLOCK, k // GROUP
     q = weight.q.view(blocks, ROWS_PER_BLOCK, groups, 4, 8)     # block, j, g, p, input

@@ -13,7 +13,7 @@ import engine.cpu_features as cpu_features
 import engine.cpu_linear as cpu_linear
 import engine.native_kernels as native_kernels
 from engine.cpu_linear import prepare_quantized
-from engine.quantization import Int4Groups, Int8Rows
+from engine.quantized_weights import Int4Groups, Int8Rows
 from tests.unit.conftest import KERNEL_TARGETS, NO_KERNELS
 
 pytestmark = pytest.mark.skipif(not KERNEL_TARGETS, reason=NO_KERNELS.kwargs["reason"])

@@ -11,7 +11,7 @@ import engine.cpu_linear as cpu_linear
 import engine.native_kernels as native_kernels
 from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.gguf_weights import _q4_0, _q4_1, _q8_0, _unpermuted_rows
-from engine.quantization import Int4Groups, Int8Rows
+from engine.quantized_weights import Int4Groups, Int8Rows
 
 FORMATS = {"int4": Int4Groups.from_float, "int8": Int8Rows.from_float}
 # bf16 activations and scales round to 8 bits: results agree to about 1% of the output's
@@ -149,7 +149,7 @@ def test_gguf_int4_codes_are_exactly_the_converted_default_model(model_dir):
 
 def test_what_runs_for_each_setting():
     from engine.loader import resolve_model
-    from engine.quantize import resolve
+    from engine.model_quantization import resolve
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     tiny, default = resolve_model("random:tiny"), resolve_model("default")

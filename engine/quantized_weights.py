@@ -7,8 +7,8 @@
 - Int8Rows: 8-bit codes with one scale per output row, w[n, k] = q[n, k] * scale[n].
 
 Scales are kept in float32 for PyTorch's kernels. Int4Groups' are float16 values (a
-GGUF file's are float16; `from_float` rounds its own), so pdserve's VNNI kernel reads
-them as float16 without changing them: a sixth of the bytes a 1-row step reads.
+GGUF file's are float16; `from_float` rounds its own), so pdserve's kernels read them
+as float16 without changing them: a sixth of the bytes a 1-row step reads.
 """
 
 from dataclasses import dataclass

@@ -14,7 +14,7 @@ import torch
 from engine import native_kernels
 from engine.cpu_features import auto_quantization
 from engine.loader import ModelFiles
-from engine.quantization import INT4_GROUP_SIZE, Int4Groups, Int8Rows, QuantizedWeight
+from engine.quantized_weights import INT4_GROUP_SIZE, Int4Groups, Int8Rows, QuantizedWeight
 
 log = logging.getLogger("pdserve.engine")
 
