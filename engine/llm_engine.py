@@ -29,7 +29,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.grammar import GrammarTokenizer, compiled
 from engine.kv_cache import contiguous_slots, slots_for_positions
-from engine.loader import ModelFiles, resolve_model
+from engine.loader import ModelFiles, resolve_model, tokenizer_folder
 from engine.model_runner import ModelRunner, sampling_order
 from engine.sampler import SampledToken, Sampler
 from engine.sampling_params import SamplingParams
@@ -249,13 +249,7 @@ class LLMEngine:
     def grammar_tokenizer(self) -> GrammarTokenizer:
         """llguidance's view of the vocabulary, made at the first constrained request."""
         if self._grammar_tokenizer is None:
-            from engine.presets import SMOLLM2_VOCAB
-
-            path = self.files.path
-            if path is None and self.model_config.vocab_size == SMOLLM2_VOCAB:
-                from model_store.default_model import ensure_default_model
-
-                path = ensure_default_model()  # random presets borrow its tokenizer
+            path = tokenizer_folder(self.files)
             if path is None or not (path / "tokenizer.json").is_file():
                 raise InvalidRequestError("grammar", f"{self.files.name} has no "
                                                      "tokenizer.json to constrain output with")

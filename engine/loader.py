@@ -129,22 +129,27 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_tokenizer(files: ModelFiles):
-    """The model's tokenizer, or None when it has none.
-
-    Random presets whose vocabulary matches the default model borrow its tokenizer,
-    so that text-in, text-out paths can run on random weights.
-    """
-    from transformers import AutoTokenizer
-
+def tokenizer_folder(files: ModelFiles) -> Path | None:
+    """The folder holding the model's tokenizer, or None when it has none. Random presets
+    whose vocabulary matches the default model borrow its tokenizer, so that text-in,
+    text-out paths (and grammars) run on random weights. The one rule for every user of
+    the tokenizer: transformers' (`load_tokenizer`) and the grammars' (LLMEngine)."""
     if files.path is not None:
-        if not any((files.path / name).is_file() for name in TOKENIZER_FILES):
-            return None
-        return AutoTokenizer.from_pretrained(files.path, local_files_only=True)
+        has_one = any((files.path / name).is_file() for name in TOKENIZER_FILES)
+        return files.path if has_one else None
     from engine.presets import SMOLLM2_VOCAB
 
     if files.config.vocab_size == SMOLLM2_VOCAB:
         from model_store.default_model import ensure_default_model
 
-        return AutoTokenizer.from_pretrained(ensure_default_model(), local_files_only=True)
+        return ensure_default_model()
     return None
+
+
+def load_tokenizer(files: ModelFiles):
+    """The model's tokenizer (transformers'), or None when it has none."""
+    from transformers import AutoTokenizer
+
+    folder = tokenizer_folder(files)
+    return None if folder is None else AutoTokenizer.from_pretrained(folder,
+                                                                     local_files_only=True)
