@@ -14,12 +14,14 @@ import grpc
 from decode_worker.leases import Lease, LeaseTable
 from engine.errors import InvalidRequestError
 from engine.llm_engine import NoCapacityError
+from engine.sequence import FinishReason
 from kvtransfer.codec import KvProtocolError, encode_layer, fingerprint_mismatch
 from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
 from worker.convert import (
     compile_grammar,
+    finish_reason_to_proto,
     params_from_proto,
     prompt_logprobs_to_proto,
     token_from_proto,
@@ -117,10 +119,11 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             elif request.remote_prefill and index == 0:
                 kv_wait = time.monotonic() - started
             if out.finished:
-                if out.finish_reason == "error":
+                if out.finish_reason == FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, "the model step failed")
                 yield decode_pb2.GenerateResponse(finished=decode_pb2.Finished(
-                    finish_reason=str(out.finish_reason), prompt_tokens=seq.num_prompt_tokens,
+                    finish_reason=finish_reason_to_proto(out.finish_reason),
+                    prompt_tokens=seq.num_prompt_tokens,
                     completion_tokens=seq.num_output_tokens, kv_wait_seconds=kv_wait,
                     cached_tokens=seq.num_cached_tokens))
                 return

@@ -82,6 +82,12 @@ class FinishEvent:
     completion_tokens: int
 
 
+# The wire's finish reasons as OpenAI names them (the engine's own rule decided them).
+FINISH_REASONS = {decode_pb2.FINISH_REASON_STOP: "stop",
+                  decode_pb2.FINISH_REASON_LENGTH: "length",
+                  decode_pb2.FINISH_REASON_ABORT: "abort"}
+
+
 def api_error(exc: grpc.aio.AioRpcError, what: str) -> APIError:
     """A worker's gRPC status as the HTTP status a client can act on."""
     code, details = exc.code(), exc.details() or ""
@@ -339,7 +345,11 @@ class Router:
             return _token(message.token)
         if kind == "finished":
             f = message.finished
-            return FinishEvent(f.finish_reason, f.prompt_tokens, f.completion_tokens)
+            if f.finish_reason not in FINISH_REASONS:
+                raise APIError(502, f"decode worker sent finish reason {f.finish_reason}, "
+                                    "which this gateway does not know")
+            return FinishEvent(FINISH_REASONS[f.finish_reason], f.prompt_tokens,
+                               f.completion_tokens)
         if kind == "prompt_logprobs":
             return _prompt_logprobs(message.prompt_logprobs)
         raise APIError(502, f"decode worker sent an unexpected {kind!r} message")

@@ -11,9 +11,9 @@ from engine.grammar import Grammar, compiled
 from engine.llm_engine import LLMEngine
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
+from engine.sequence import FinishReason, TokenLogprob
 from kvtransfer.codec import KvShape, make_fingerprint
-from pdserve_proto.v1 import common_pb2
+from pdserve_proto.v1 import common_pb2, decode_pb2
 
 
 def params_from_proto(msg) -> SamplingParams:
@@ -49,6 +49,19 @@ def params_to_proto(params: SamplingParams):
     if params.grammar is not None:
         msg.grammar.kind, msg.grammar.spec = params.grammar.kind, params.grammar.spec
     return msg
+
+
+# The reasons a Generate stream may end with; ERROR becomes a gRPC status instead, and
+# PREFILLED belongs to prefill-only requests, which never stream.
+_FINISH_TO_PROTO = {FinishReason.STOP: decode_pb2.FINISH_REASON_STOP,
+                    FinishReason.LENGTH: decode_pb2.FINISH_REASON_LENGTH,
+                    FinishReason.ABORT: decode_pb2.FINISH_REASON_ABORT}
+
+
+def finish_reason_to_proto(reason: FinishReason) -> int:
+    if reason not in _FINISH_TO_PROTO:
+        raise ValueError(f"finish reason {reason!r} does not travel in Finished")
+    return _FINISH_TO_PROTO[reason]
 
 
 def token_to_proto(token_id: int, index: int, logprob: TokenLogprob | None):

@@ -23,6 +23,7 @@ from pdserve_proto.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from server.router import FINISH_REASONS
 from worker.convert import params_to_proto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,4 +121,4 @@ def _collect(result: Result, msg) -> None:
         result.tokens.append(msg.token.token_id)
     elif msg.HasField("finished"):
         result.finished = msg.finished
-        result.finish_reason = msg.finished.finish_reason
+        result.finish_reason = FINISH_REASONS[msg.finished.finish_reason]

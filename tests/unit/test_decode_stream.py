@@ -47,7 +47,8 @@ def test_remote_prefill_stream_skips_only_the_first_token():
     # Tokens 2..4 exactly once each: the prefill worker has sent token 1.
     assert _tokens(messages) == colocated[1:]
     finished = messages[-1].finished
-    assert (finished.finish_reason, finished.completion_tokens) == ("length", 4)
+    assert (finished.finish_reason, finished.completion_tokens) == (
+        decode_pb2.FINISH_REASON_LENGTH, 4)
 
 
 def test_colocated_stream_numbers_every_token_once():
