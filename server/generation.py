@@ -40,7 +40,7 @@ class Delta:
 class Choice:
     index: int
     prompt: list[int]
-    params: dict
+    params: common_pb2.SamplingParams
     # max_tokens 0 (with echo): the workers generate one token, which is not returned.
     drop_output: bool = False
 
@@ -89,7 +89,7 @@ class Generation:
                     await task
 
     async def _run(self, choice: Choice) -> None:
-        params = common_pb2.SamplingParams(**choice.params)
+        params = choice.params
         rid = self.request_id if len(self.choices) == 1 else f"{self.request_id}-{choice.index}"
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=choice.prompt,
                                        skip_special_tokens=self.skip_special_tokens)

@@ -9,6 +9,7 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pdserve_proto.v1.common_pb2 import SamplingParams
 from server import protocol
 from server.admission import QueueFull
 from server.errors import APIError
@@ -139,7 +140,7 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
     _check_pools(state, prompts)
     room = _context_check(state, prompts, req)
     default_max = room if chat else min(16, room)
-    fields = protocol.sampling_fields(req, default_max_tokens=default_max,
+    params = protocol.sampling_params(req, default_max_tokens=default_max,
                                       eos_token_ids=state.tokenizer.eos_token_ids,
                                       grammar=grammar)
     n = req.n or 1
@@ -148,7 +149,7 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
     # to another decode worker mid-stream go on with the tokens it would have had.
     seed = req.seed if req.seed is not None else secrets.randbits(63)
     choices = [Choice(i * n + j, prompt,
-                      _with_seed(fields, protocol.choice_seed(seed, j)), drop_output)
+                      _with_seed(params, protocol.choice_seed(seed, j)), drop_output)
                for i, prompt in enumerate(prompts) for j in range(n)]
     recorder = state.metrics.request(sum(len(p) for p in prompts))
     slot = state.admission.slot()
@@ -160,7 +161,7 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
                        headers={"Retry-After": str(exc.retry_after)}) from None
     recorder.queued(ticket.queue_seconds)
     gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
-                     want_logprobs=fields.get("logprobs") is not None,
+                     want_logprobs=params.HasField("logprobs"),
                      skip_special_tokens=req.skip_special_tokens, recorder=recorder)
     view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts,
                         tools=req.callable_tools if chat else [])
@@ -199,10 +200,11 @@ class _StreamingResponse(StreamingResponse):
             await self._on_close()
 
 
-def _with_seed(fields: dict, seed: int | None) -> dict:
-    out = dict(fields)
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    out = SamplingParams()
+    out.CopyFrom(params)
     if seed is not None:
-        out["seed"] = seed
+        out.seed = seed
     return out
 
 

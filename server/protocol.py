@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdserve_proto.limits import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from pdserve_proto.v1 import common_pb2
 from server.errors import APIError, invalid
 from server.structured import Guided, requested_grammar
 from server.tools import (
@@ -323,11 +324,12 @@ def output_grammar(req) -> tuple[str, str, str] | None:
     return requested_grammar(req)
 
 
-def sampling_fields(req: CompletionRequest | ChatCompletionRequest, *,
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, *,
                     default_max_tokens: int | None, eos_token_ids=(),
-                    grammar: tuple[str, str, str] | None = None) -> dict:
-    """The proto SamplingParams fields of one choice (the seed is choice 0's; see
-    choice_seed). The tokenizer's end tokens stop generation unless ignore_eos is set."""
+                    grammar: tuple[str, str, str] | None = None) -> common_pb2.SamplingParams:
+    """The SamplingParams the workers get for one choice, built from the validated
+    request (the seed is choice 0's; see choice_seed). The tokenizer's end tokens stop
+    generation unless ignore_eos is set."""
     chat = isinstance(req, ChatCompletionRequest)
     if chat and req.max_completion_tokens is not None:
         param, max_tokens = "max_completion_tokens", req.max_completion_tokens
@@ -343,30 +345,26 @@ def sampling_fields(req: CompletionRequest | ChatCompletionRequest, *,
     if req.min_tokens > max_tokens:
         raise invalid("min_tokens", f"min_tokens ({req.min_tokens}) is over {param} "
                                     f"({max_tokens})")
-    fields = {
-        "temperature": float(req.temperature), "top_p": float(req.top_p),
-        "top_k": req.top_k or -1, "min_p": float(req.min_p),
-        "repetition_penalty": float(req.repetition_penalty),
-        "presence_penalty": float(req.presence_penalty),
-        "frequency_penalty": float(req.frequency_penalty),
-        "max_tokens": max_tokens, "min_tokens": req.min_tokens, "ignore_eos": req.ignore_eos,
-        "stop_token_ids": [] if req.ignore_eos else sorted({
+    params = common_pb2.SamplingParams(
+        temperature=float(req.temperature), top_p=float(req.top_p), top_k=req.top_k or -1,
+        min_p=float(req.min_p), repetition_penalty=float(req.repetition_penalty),
+        presence_penalty=float(req.presence_penalty),
+        frequency_penalty=float(req.frequency_penalty),
+        max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+        stop_token_ids=[] if req.ignore_eos else sorted({
             int(t) for t in eos_token_ids if 0 <= t <= INT32_MAX}),
-    }
-    if req.seed is not None:
-        fields["seed"] = req.seed
-    if req.logit_bias:
-        fields["logit_bias"] = {int(k): float(v) for k, v in req.logit_bias.items()}
-    if grammar is not None:
-        fields["grammar"] = {"kind": grammar[0], "spec": grammar[1]}
+        seed=req.seed,
+        logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
+        grammar=None if grammar is None else common_pb2.Grammar(kind=grammar[0],
+                                                                spec=grammar[1]))
     if chat:
         if req.logprobs:
-            fields["logprobs"] = req.top_logprobs or 0
+            params.logprobs = req.top_logprobs or 0
     elif req.logprobs is not None:
-        fields["logprobs"] = req.logprobs
+        params.logprobs = req.logprobs
         if req.echo:
-            fields["prompt_logprobs"] = req.logprobs
-    return fields
+            params.prompt_logprobs = req.logprobs
+    return params
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

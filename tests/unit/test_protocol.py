@@ -176,11 +176,11 @@ def test_completion_logprobs_accepted_up_to_20():
 
 def test_echo_with_logprobs_asks_for_the_prompt_logprobs_and_max_tokens_0_is_echo_only():
     req = protocol.parse_completion_request(completion(echo=True, logprobs=2, max_tokens=0))
-    fields = protocol.sampling_fields(req, default_max_tokens=16)
-    assert (fields["prompt_logprobs"], fields["logprobs"], fields["max_tokens"]) == (2, 2, 1)
-    plain = protocol.sampling_fields(protocol.parse_completion_request(completion(logprobs=2)),
+    params = protocol.sampling_params(req, default_max_tokens=16)
+    assert (params.prompt_logprobs, params.logprobs, params.max_tokens) == (2, 2, 1)
+    plain = protocol.sampling_params(protocol.parse_completion_request(completion(logprobs=2)),
                                      default_max_tokens=16)
-    assert "prompt_logprobs" not in plain
+    assert not plain.HasField("prompt_logprobs")
     assert rejects(protocol.parse_completion_request,
                    completion(max_tokens=0)).param == "max_tokens"
 
@@ -318,16 +318,16 @@ def test_check_token_ids():
         assert str(ids[-1]) in info.value.message
 
 
-# ----- sampling fields --------------------------------------------------------------------
+# ----- sampling params --------------------------------------------------------------------
 
 def test_sampling_defaults():
-    fields = protocol.sampling_fields(protocol.parse_completion_request(completion()),
+    params = protocol.sampling_params(protocol.parse_completion_request(completion()),
                                       default_max_tokens=16, eos_token_ids=(2, 7))
-    assert fields == {
-        "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "max_tokens": 16, "min_tokens": 0, "ignore_eos": False, "stop_token_ids": [2, 7]}
-    common_pb2.SamplingParams(**fields)  # the proto accepts the dict as it is
+    assert params == common_pb2.SamplingParams(
+        temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0,
+        repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        max_tokens=16, min_tokens=0, ignore_eos=False, stop_token_ids=[2, 7])
+    assert not params.HasField("seed") and not params.HasField("logprobs")
 
 
 def test_sampling_mapping():
@@ -335,50 +335,49 @@ def test_sampling_mapping():
         temperature=0, top_p=0.9, top_k=0, min_p=0.05, repetition_penalty=1.1,
         presence_penalty=0.5, frequency_penalty=-0.5, max_tokens=7, min_tokens=3,
         ignore_eos=True, seed=-5, logprobs=3))
-    fields = protocol.sampling_fields(req, default_max_tokens=16, eos_token_ids=(2,))
-    assert fields == {
-        "temperature": 0.0, "top_p": 0.9, "top_k": -1, "min_p": 0.05,
-        "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5,
-        "max_tokens": 7, "min_tokens": 3, "ignore_eos": True, "stop_token_ids": [],
-        "seed": -5, "logprobs": 3}
-    params = common_pb2.SamplingParams(**fields)
+    params = protocol.sampling_params(req, default_max_tokens=16, eos_token_ids=(2,))
+    assert params == common_pb2.SamplingParams(
+        temperature=0.0, top_p=0.9, top_k=-1, min_p=0.05,
+        repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5,
+        max_tokens=7, min_tokens=3, ignore_eos=True, stop_token_ids=[],
+        seed=-5, logprobs=3)
     assert params.HasField("seed") and params.HasField("logprobs")
     req = protocol.parse_completion_request(completion(top_k=40, seed=2**63 - 1))
-    fields = protocol.sampling_fields(req, default_max_tokens=16)
-    assert fields["top_k"] == 40 and "logprobs" not in fields
-    common_pb2.SamplingParams(**fields)
+    params = protocol.sampling_params(req, default_max_tokens=16)
+    assert params.top_k == 40 and not params.HasField("logprobs")
+    assert params.seed == 2**63 - 1
 
 
 def test_sampling_chat_logprobs_and_max_tokens():
-    def fields(**kw):
-        return protocol.sampling_fields(protocol.parse_chat_request(chat(**kw)),
+    def params(**kw):
+        return protocol.sampling_params(protocol.parse_chat_request(chat(**kw)),
                                         default_max_tokens=100, eos_token_ids=())
-    assert "logprobs" not in fields() and "seed" not in fields()
-    assert "logprobs" not in fields(logprobs=False)
-    assert fields(logprobs=True)["logprobs"] == 0
-    assert fields(logprobs=True, top_logprobs=5)["logprobs"] == 5
-    assert fields()["max_tokens"] == 100
-    assert fields(max_tokens=9)["max_tokens"] == 9
-    assert fields(max_completion_tokens=8, max_tokens=9)["max_tokens"] == 8
-    assert fields(seed=3)["seed"] == 3
+    assert not params().HasField("logprobs") and not params().HasField("seed")
+    assert not params(logprobs=False).HasField("logprobs")
+    assert params(logprobs=True).HasField("logprobs") and params(logprobs=True).logprobs == 0
+    assert params(logprobs=True, top_logprobs=5).logprobs == 5
+    assert params().max_tokens == 100
+    assert params(max_tokens=9).max_tokens == 9
+    assert params(max_completion_tokens=8, max_tokens=9).max_tokens == 8
+    assert params(seed=3).seed == 3
 
 
 def test_sampling_max_tokens_errors():
     req = protocol.parse_completion_request(completion())
     for default in (None, 0):
         with pytest.raises(APIError) as info:
-            protocol.sampling_fields(req, default_max_tokens=default)
+            protocol.sampling_params(req, default_max_tokens=default)
         assert info.value.status == 400 and info.value.param == "max_tokens"
     req = protocol.parse_chat_request(chat(max_completion_tokens=4, min_tokens=5))
     with pytest.raises(APIError) as info:
-        protocol.sampling_fields(req, default_max_tokens=100)
+        protocol.sampling_params(req, default_max_tokens=100)
     assert info.value.param == "min_tokens" and "max_completion_tokens" in info.value.message
     req = protocol.parse_completion_request(completion(min_tokens=20))
     with pytest.raises(APIError) as info:
-        protocol.sampling_fields(req, default_max_tokens=16)
+        protocol.sampling_params(req, default_max_tokens=16)
     assert info.value.param == "min_tokens"
     req = protocol.parse_completion_request(completion(min_tokens=5, max_tokens=5))
-    assert protocol.sampling_fields(req, default_max_tokens=None)["min_tokens"] == 5
+    assert protocol.sampling_params(req, default_max_tokens=None).min_tokens == 5
 
 
 # ----- per-choice seeds -------------------------------------------------------------------
@@ -522,11 +521,9 @@ def test_response_shapes_are_exact():
 
 # ----- logit_bias ---------------------------------------------------------------------------
 
-def test_logit_bias_reaches_the_sampling_fields_as_token_ids():
+def test_logit_bias_reaches_the_sampling_params_as_token_ids():
     req = protocol.parse_chat_request(chat(logit_bias={"42": -100, "7": 2.5}))
-    fields = protocol.sampling_fields(req, default_max_tokens=4)
-    assert fields["logit_bias"] == {42: -100.0, 7: 2.5}
-    params = common_pb2.SamplingParams(**fields)
+    params = protocol.sampling_params(req, default_max_tokens=4)
     assert dict(params.logit_bias) == {42: -100.0, 7: 2.5}
 
 
