@@ -20,15 +20,14 @@ from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
 from worker.convert import (
-    compile_grammar,
     finish_reason_to_proto,
-    params_from_proto,
     prompt_logprobs_to_proto,
     token_from_proto,
     token_to_proto,
 )
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import health_response
+from worker.requests import validated
 from worker.status import DOMAIN_ERRORS, StatusError, status_of
 
 log = logging.getLogger("pdserve.decode")
@@ -46,18 +45,15 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
 
     async def Generate(self, request, context):
         rid = request.request_id
-        if not rid:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         resume = list(request.resume_token_ids)
-        if resume and request.remote_prefill:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
-                                "(resume_token_ids) is prefilled here, not remotely")
         try:
-            params = params_from_proto(request.params)
-            self.engine.validate_prompt(list(request.prompt_token_ids))
-            await compile_grammar(params)
-        except InvalidRequestError as exc:
-            await status_of(exc).abort(context)
+            params = await validated(self.engine, rid, request.prompt_token_ids,
+                                     request.params)
+            if resume and request.remote_prefill:
+                raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
+                                  "(resume_token_ids) is prefilled here, not remotely")
+        except StatusError as exc:
+            await exc.abort(context)
         try:
             outputs = self.loop.subscribe(rid)
         except StatusError as exc:

@@ -31,13 +31,12 @@ from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
 from worker.convert import (
-    compile_grammar,
-    params_from_proto,
     prompt_logprobs_to_proto,
     token_to_proto,
 )
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import health_response
+from worker.requests import validated
 from worker.status import StatusError, status_of
 
 log = logging.getLogger("pdserve.prefill")
@@ -116,11 +115,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def _prefill(self, request, context):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        params = self._validate(request)
-        try:
-            await compile_grammar(params)
-        except InvalidRequestError as exc:
-            raise status_of(exc) from None
+        params = await self._validate(request)
         first = request.decode_cached_tokens
         header = kv_pb2.KvHeader(request_id=rid, lease_id=request.lease_id,
                                  fingerprint=self.fingerprint, num_tokens=len(prompt),
@@ -219,17 +214,12 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                   wanted, request.decode_address)
         return start, list(zip(k, v, strict=True))
 
-    def _validate(self, request):
-        if not request.request_id:
-            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+    async def _validate(self, request):
         if not request.decode_address or not request.lease_id:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT,
                               "decode_address and lease_id are both required")
-        try:
-            params = params_from_proto(request.params)
-            self.engine.validate_prompt(list(request.prompt_token_ids))
-        except InvalidRequestError as exc:
-            raise status_of(exc) from None
+        params = await validated(self.engine, request.request_id, request.prompt_token_ids,
+                                 request.params)
         if not 0 <= request.decode_cached_tokens < len(request.prompt_token_ids):
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"decode_cached_tokens {request.decode_cached_tokens} outside "
