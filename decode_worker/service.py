@@ -54,30 +54,27 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                                   "(resume_token_ids) is prefilled here, not remotely")
         except StatusError as exc:
             await exc.abort(context)
-        try:
-            outputs = self.loop.subscribe(rid)
-        except StatusError as exc:
-            await exc.abort(context)
         started = time.monotonic()
-        finished = False
         try:
-            if request.remote_prefill:
-                lease = await self._reserve(request, params, context)
-                yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
-                    lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
-                    model_digest=self.fingerprint.model_digest,
-                    cached_tokens=lease.seq.num_cached_tokens))
-            else:
-                await self._call(lambda e: e.add_request(rid, list(request.prompt_token_ids),
-                                                         params, resume_token_ids=resume),
-                                 context)
-            async for message in self._stream(outputs, request, started, context):
-                finished = message.HasField("finished")
-                yield message
-        finally:
-            self.loop.unsubscribe(rid)
-            if not finished:  # cancelled or failed: free the blocks now
-                self.loop.submit(lambda e: self.leases.release(e, rid, None))
+            # Leaving early (cancelled, failed) frees the blocks now.
+            with self.loop.subscription(
+                    rid, lambda e: self.leases.release(e, rid, None)) as subscription:
+                if request.remote_prefill:
+                    lease = await self._reserve(request, params, context)
+                    yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
+                        lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
+                        model_digest=self.fingerprint.model_digest,
+                        cached_tokens=lease.seq.num_cached_tokens))
+                else:
+                    await self._call(lambda e: e.add_request(
+                        rid, list(request.prompt_token_ids), params, resume_token_ids=resume),
+                        context)
+                async for message in self._stream(subscription.outputs, request, started,
+                                                  context):
+                    subscription.completed = message.HasField("finished")
+                    yield message
+        except StatusError as exc:  # ALREADY_EXISTS from subscribing
+            await exc.abort(context)
 
     async def _reserve(self, request, params, context) -> Lease:
         prompt = list(request.prompt_token_ids)

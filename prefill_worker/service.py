@@ -123,40 +123,40 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         sender = KvSender(self._channel(request.decode_address), header, asyncio.get_running_loop(),
                           layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
         arrived = time.monotonic()
-        outputs = self.loop.subscribe(rid)  # StatusError (ALREADY_EXISTS) ends the call
-        transfer = self._transfers[rid] = _Transfer(
-            sender, [first] * self.engine.model_config.num_layers)
-        sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))
-        done = False
-        pulled = 0
-        try:
-            kv = await self._pull(request, prompt) if params.prompt_logprobs is None else None
-
-            def queue(engine):
-                nonlocal pulled
-                if kv is not None:
-                    start, layers = kv
-                    pulled = max(0, engine.import_prefix(prompt, start, layers) - start)
-                engine.add_request(rid, prompt, params, export_kv=True, prefill_only=True)
-
+        # StatusError (ALREADY_EXISTS) ends the call; leaving early aborts the request.
+        with self.loop.subscription(rid, lambda e: e.abort_request(rid)) as subscription:
+            transfer = self._transfers[rid] = _Transfer(
+                sender, [first] * self.engine.model_config.num_layers)
+            sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))
+            pulled = 0
             try:
-                await self.loop.call(queue)
-            except InvalidRequestError as exc:
-                raise status_of(exc) from None
-            log.debug("request %s: queued %d prompt tokens", rid, len(prompt))
-            out = await self._first_output(outputs, sending, request.decode_address)
-            sampled_at = time.monotonic()
-            log.debug("request %s: first token %d, waiting for the KV ack", rid, out.token_id)
-            sender.finish(token_to_proto(out.token_id, 0, out.logprob))
-            ack = await self._ack(sending, request.decode_address)
-            done = True
-        finally:
-            self._transfers.pop(rid, None)
-            started = transfer.compute_started or arrived
-            self.loop.unsubscribe(rid)
-            if not done:
-                self.loop.submit(lambda e: e.abort_request(rid))
-                sending.cancel()
+                kv = await self._pull(request, prompt) if params.prompt_logprobs is None else None
+
+                def queue(engine):
+                    nonlocal pulled
+                    if kv is not None:
+                        start, layers = kv
+                        pulled = max(0, engine.import_prefix(prompt, start, layers) - start)
+                    engine.add_request(rid, prompt, params, export_kv=True, prefill_only=True)
+
+                try:
+                    await self.loop.call(queue)
+                except InvalidRequestError as exc:
+                    raise status_of(exc) from None
+                log.debug("request %s: queued %d prompt tokens", rid, len(prompt))
+                out = await self._first_output(subscription.outputs, sending,
+                                               request.decode_address)
+                sampled_at = time.monotonic()
+                log.debug("request %s: first token %d, waiting for the KV ack", rid,
+                          out.token_id)
+                sender.finish(token_to_proto(out.token_id, 0, out.logprob))
+                ack = await self._ack(sending, request.decode_address)
+                subscription.completed = True
+            finally:
+                self._transfers.pop(rid, None)
+                started = transfer.compute_started or arrived
+                if not subscription.completed:
+                    sending.cancel()
         acked = time.monotonic()
         log.debug("request %s: %d KV bytes acknowledged", rid, ack.bytes_received)
         first_token = token_to_proto(out.token_id, 0, out.logprob)

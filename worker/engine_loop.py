@@ -12,6 +12,7 @@ less than half the speed (docs/performance.md, Measurements behind the code).
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -30,6 +31,14 @@ log = logging.getLogger("pdserve.engine")
 # How long the idle engine thread sleeps waiting for a command before running its
 # periodic tasks (lease expiry) again.
 IDLE_POLL_SECONDS = 0.02
+
+
+@dataclass
+class Subscription:
+    """A request's outputs while its RPC runs (EngineLoop.subscription)."""
+
+    outputs: asyncio.Queue
+    completed: bool = False  # set once the request ended as it should: nothing to release
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,20 @@ class EngineLoop:
 
     def unsubscribe(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+
+    @contextlib.contextmanager
+    def subscription(self, request_id: str, release: Callable[[LLMEngine], object]):
+        """subscribe() for the block. Leaving it before the subscription is marked
+        `completed` (the client left, a failure, a bug) runs `release(engine)` on the engine
+        thread, so the request's blocks are freed on every path; both services hold their
+        requests this way."""
+        subscription = Subscription(self.subscribe(request_id))
+        try:
+            yield subscription
+        finally:
+            self.unsubscribe(request_id)
+            if not subscription.completed:
+                self.submit(release)
 
     def call(self, fn: Callable[[LLMEngine], object]) -> asyncio.Future:
         """Run fn(engine) on the engine thread; the future gets its result or exception."""
