@@ -6,12 +6,8 @@ headless Service) join and leave the rotation without a restart. Each resolved w
 is polled with `Health`; one that fails `fail_after` polls in a row (or a call) leaves
 the rotation until a poll succeeds again.
 
-Picking weighs load against the prefix cache (server.prefix_index):
-- prefill: the fewest prompt tokens to compute before this one's first token, i.e.
-  queued tokens (reported plus sent since) plus this prompt's tokens the worker lacks;
-- decode: the highest `cached prompt tokens - LOAD_TOKENS_PER_SEQUENCE x sequences`
-  (running, waiting and sent since the last report), then the most free KV blocks: a
-  cached prefix saves its KV transfer or local prefill, a busier batch slows every token.
+Picking weighs load against the prefix cache by the rule of server.placement, over the
+healthy workers' latest reports and what this gateway sent them since.
 """
 
 import asyncio
@@ -27,14 +23,10 @@ import grpc
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from server.placement import best_decode, best_prefill
 from server.prefix_index import PromptBlocks
 
 log = logging.getLogger("pdserve.gateway.pool")
-
-# A sequence already in a decode worker's batch weighs as much as this many prompt tokens
-# it would not have to receive or compute: a heuristic, about one prefill chunk of a
-# short prompt on a CPU for one more row in every decode step.
-LOAD_TOKENS_PER_SEQUENCE = 32
 
 _STUBS = {"prefill": prefill_pb2_grpc.PrefillServiceStub,
           "decode": decode_pb2_grpc.DecodeServiceStub}
@@ -228,25 +220,16 @@ class WorkerPool:
         return [w for w in self.workers.values() if w.healthy]
 
     def pick(self, exclude: set[str] = frozenset(), prompt: PromptBlocks | None = None) -> Worker:
-        """The worker for `prompt` by the scores in the module's docstring. Both count
-        what this gateway sent since the last report; ties go to fewer in-flight requests,
-        so an idle pool is used round-robin-like."""
+        """The worker for `prompt` by server.placement's rule. Both roles count what
+        this gateway sent since the last report; ties go to fewer in-flight requests, so
+        an idle pool is used round-robin-like."""
         candidates = [w for w in self.healthy() if w.address not in exclude]
         if not candidates:
             known = ", ".join(f"{w.address} ({w.last_error or 'starting'})"
                               for w in self.workers.values()) or "none resolved"
             raise NoWorkerError(f"no healthy {self.role} worker (known: {known})")
-
-        def cached(worker: Worker) -> int:
-            return prompt.matched_tokens(worker) if prompt is not None else 0
-
-        if self.role == "decode":
-            return max(candidates, key=lambda w: (
-                cached(w) - LOAD_TOKENS_PER_SEQUENCE * w.sequences(), w.free_blocks(),
-                -w.inflight))
-        uncached = len(prompt.prompt) if prompt is not None else 0
-        return min(candidates, key=lambda w: (w.queued_tokens() + uncached - cached(w),
-                                              w.inflight))
+        best = best_decode if self.role == "decode" else best_prefill
+        return best(candidates, prompt).worker
 
     @contextlib.contextmanager
     def count_inflight(self, worker: Worker, prompt_tokens: int):

@@ -1,21 +1,27 @@
 """One generation (one choice of one prompt) across the worker pools.
 
-Disaggregated: the decode worker reserves KV blocks (Generate, remote_prefill), the
-prefill worker computes the prompt and streams its KV into that lease, the first token
-comes back from the prefill worker at once and the rest from the decode worker's stream.
-A prompt whose part the chosen decode worker does not hold cached is shorter than
-`local_prefill_max_tokens`, or every prompt without a prefill pool, runs colocated on the
-decode worker. Workers are picked by load and by how much of the prompt their prefix
-caches hold (server.pool). Leaving the generator early (client gone, stop string)
-cancels both gRPC calls, which frees the request's blocks on both workers.
+The life of a request:
 
-Migration: when the decode worker fails mid-stream (its process dies, its stream breaks,
-or it leaves the rotation because it stopped answering Health), the request goes on on
-another decode worker, which recomputes the prompt and the tokens sent so far
-(GenerateRequest.resume_token_ids) and continues from the next one; the client's stream
-goes on as if nothing happened. Sampling noise is keyed by (seed, position) and every
-request has a seed (the gateway draws one when the client set none), so the tokens are
-the ones the first worker would have produced.
+1. Place it (server.placement): the decode worker that holds most of the prompt cached
+   for its load; the prompt is prefilled remotely when the part that worker lacks is at
+   least `local_prefill_max_tokens` long and a prefill worker is healthy, else colocated.
+2. Generate on the decode worker. Colocated, it prefills and streams every token.
+   Remote, it first reserves KV blocks for the prompt (a lease) and answers `reserved`;
+   RESOURCE_EXHAUSTED or UNAVAILABLE moves on to the next decode worker.
+3. Remote only: Prefill on the best prefill worker (server.placement), which computes the
+   prompt, streams its KV into the lease and returns the first token. A retryable
+   failure (`_RETRYABLE`) gives up the lease and starts again from 2 once, with another
+   prefill worker and a request id of its own.
+4. Tokens 2..N and the finish come from the decode worker's stream.
+5. If the decode worker fails mid-stream (its stream breaks with a `_MIGRATE` status or
+   ends early, or the worker leaves the rotation because it stopped answering Health),
+   the request migrates: another decode worker recomputes the prompt and the tokens sent
+   so far (GenerateRequest.resume_token_ids) and goes on from the next one, up to
+   `migration_limit` times. Noise is keyed by (seed, position) and every request has a
+   seed, so the client's stream goes on with the tokens it would have had. A request
+   whose sent tokens already end it (`finished_by`) is finished instead.
+6. Leaving the generator early (client gone, stop string) cancels both gRPC calls, which
+   frees the request's blocks on both workers.
 """
 
 import asyncio
@@ -27,6 +33,7 @@ import grpc
 
 from pdserve_proto.v1 import decode_pb2, prefill_pb2
 from server.errors import APIError
+from server.placement import prefill_remotely
 from server.pool import NoWorkerError, Worker, WorkerPool
 from server.prefix_index import PromptBlocks
 
@@ -126,9 +133,9 @@ class Router:
         """Whether a prompt with this many tokens to compute goes to a prefill worker:
         long enough, and a healthy one that has not failed this request is there (else
         the decode worker prefills it: slower, but the request is served)."""
-        return (self.prefill is not None
-                and num_uncached_tokens >= self.local_prefill_max_tokens
-                and any(w.address not in failed_prefill for w in self.prefill.healthy()))
+        return self.prefill is not None and prefill_remotely(
+            num_uncached_tokens, self.local_prefill_max_tokens,
+            (w for w in self.prefill.healthy() if w.address not in failed_prefill))
 
     async def generate(self, request_id: str, prompt: list[int], params) -> AsyncIterator:
         """TokenEvent..., (PrefillEvent before the first token when disaggregated),

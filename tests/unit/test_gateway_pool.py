@@ -91,7 +91,7 @@ def with_prefix(worker: Worker, prompt: list[int], blocks: int, space=b"ns") -> 
 
 
 def test_decode_pick_weighs_the_cached_prefix_against_the_batch():
-    from server.pool import LOAD_TOKENS_PER_SEQUENCE
+    from server.placement import LOAD_TOKENS_PER_SEQUENCE
     from server.prefix_index import PromptBlocks
 
     prompt = list(range(100, 230))  # 130 tokens: 8 full blocks before the last token
