@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pdserve_proto.v1 import common_pb2
 from server.detokenizer import IncrementalDetokenizer, StopChecker
 from server.errors import APIError
-from server.router import FinishEvent, PrefillEvent, PromptLogprobsEvent, Router, TokenEvent
+from server.events import FinishEvent, PrefillEvent, PromptLogprobsEvent, TokenEvent
+from server.router import Router
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pdserve_proto.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from server.router import FINISH_REASONS
+from server.events import FINISH_REASONS
 from worker.convert import params_to_proto
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,10 +9,11 @@ import grpc
 import pytest
 
 from pdserve_proto.v1 import common_pb2, decode_pb2, prefill_pb2
-from server import router as router_module
+from server import worker_calls
 from server.errors import APIError
+from server.events import FinishEvent, PrefillEvent, TokenEvent
 from server.pool import Worker, WorkerPool
-from server.router import FinishEvent, PrefillEvent, Router, TokenEvent
+from server.router import Router
 
 PROMPT = list(range(10, 50))
 TOKENS = [101, 102, 103, 104, 105]
@@ -137,7 +138,7 @@ def disaggregated_run(request):
         [token(i + 1, t) for i, t in enumerate(TOKENS[1:])] + [finished(len(TOKENS))]
 
 
-@pytest.mark.parametrize("code", sorted(router_module._RETRYABLE, key=lambda c: c.name))
+@pytest.mark.parametrize("code", sorted(worker_calls.RETRYABLE, key=lambda c: c.name))
 def test_a_prefill_failing_with_a_retryable_status_is_retried_on_another(code):
     decode = FakeDecode(disaggregated_run, disaggregated_run)
     first, second = FakePrefill(rpc_error(code)), FakePrefill(TOKENS[0])
@@ -149,7 +150,7 @@ def test_a_prefill_failing_with_a_retryable_status_is_retried_on_another(code):
     # The first attempt's lease is given up, and the retry has a request id of its own.
     assert decode.calls[0].cancelled
     assert decode.requests[1].request_id == "req-retry"
-    assert prefill.workers["p1"].healthy == (code not in router_module._WORKER_DOWN)
+    assert prefill.workers["p1"].healthy == (code not in worker_calls.WORKER_DOWN)
     assert any(isinstance(e, PrefillEvent) and e.worker == "p2" for e in events)
 
 
@@ -246,7 +247,7 @@ def test_a_stop_token_before_the_failure_finishes_the_request():
 
 
 def test_a_worker_that_stalls_and_leaves_the_rotation_is_migrated(monkeypatch):
-    monkeypatch.setattr(router_module, "STALL_CHECK_SECONDS", 0.01)
+    monkeypatch.setattr(worker_calls, "STALL_CHECK_SECONDS", 0.01)
     a = FakeDecode(colocated_run(TOKENS[:2], then=HANG))
     b = FakeDecode(resumed_run)
     decode = pool("decode", a=a, b=b)
