@@ -52,52 +52,47 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             if resume and request.remote_prefill:
                 raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
                                   "(resume_token_ids) is prefilled here, not remotely")
-        except StatusError as exc:
-            await exc.abort(context)
-        started = time.monotonic()
-        try:
+            started = time.monotonic()
             # Leaving early (cancelled, failed) frees the blocks now.
             with self.loop.subscription(
                     rid, lambda e: self.leases.release(e, rid, None)) as subscription:
                 if request.remote_prefill:
-                    lease = await self._reserve(request, params, context)
+                    lease = await self._reserve(request, params)
                     yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
                         lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
                         model_digest=self.fingerprint.model_digest,
                         cached_tokens=lease.seq.num_cached_tokens))
                 else:
                     await self._call(lambda e: e.add_request(
-                        rid, list(request.prompt_token_ids), params, resume_token_ids=resume),
-                        context)
-                async for message in self._stream(subscription.outputs, request, started,
-                                                  context):
+                        rid, list(request.prompt_token_ids), params, resume_token_ids=resume))
+                async for message in self._stream(subscription.outputs, request, started):
                     subscription.completed = message.HasField("finished")
                     yield message
-        except StatusError as exc:  # ALREADY_EXISTS from subscribing
+        except StatusError as exc:  # any failure of the request ends the RPC here
             await exc.abort(context)
 
-    async def _reserve(self, request, params, context) -> Lease:
+    async def _reserve(self, request, params) -> Lease:
         prompt = list(request.prompt_token_ids)
         try:
             return await self.loop.call(lambda e: self.leases.reserve(
                 e, request.request_id, prompt, params, request.lease_timeout_seconds or None))
         except NoCapacityError as exc:
-            await status_of(exc, f"no room for {len(prompt)} prompt tokens: ").abort(context)
+            raise status_of(exc, f"no room for {len(prompt)} prompt tokens: ") from None
         except InvalidRequestError as exc:
-            await status_of(exc).abort(context)
+            raise status_of(exc) from None
 
-    async def _call(self, fn, context):
+    async def _call(self, fn):
         try:
             return await self.loop.call(fn)
         except InvalidRequestError as exc:
-            await status_of(exc).abort(context)
+            raise status_of(exc) from None
 
-    async def _stream(self, outputs: asyncio.Queue, request, started: float, context):
+    async def _stream(self, outputs: asyncio.Queue, request, started: float):
         kv_wait = 0.0
         while True:
             out = await outputs.get()
             if isinstance(out, StatusError):
-                await out.abort(context)
+                raise out
             seq = out.seq
             index = out.index  # not seq.num_output_tokens: later steps may have run already
             if out.token_id is not None and not (request.remote_prefill and index == 0):
@@ -113,7 +108,7 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                 kv_wait = time.monotonic() - started
             if out.finished:
                 if out.finish_reason == FinishReason.ERROR:
-                    await context.abort(grpc.StatusCode.INTERNAL, "the model step failed")
+                    raise StatusError(grpc.StatusCode.INTERNAL, "the model step failed")
                 yield decode_pb2.GenerateResponse(finished=decode_pb2.Finished(
                     finish_reason=finish_reason_to_proto(out.finish_reason),
                     prompt_tokens=seq.num_prompt_tokens,

@@ -29,7 +29,7 @@ def _stream_after_engine_ran_ahead(remote_prefill: bool, max_tokens: int):
             for output in engine.step():
                 queue.put_nowait(output)
         request = decode_pb2.GenerateRequest(request_id="r1", remote_prefill=remote_prefill)
-        messages = [m async for m in service._stream(queue, request, 0.0, context=None)]
+        messages = [m async for m in service._stream(queue, request, 0.0)]
         return engine.requests, messages
 
     return asyncio.run(scenario())
