@@ -221,6 +221,9 @@ class EngineLoop:
                 self.loop.call_soon_threadsafe(_set_exception, future, exc)
             return
         if future is not None:
+            # The caller may ask Health next: the stats it reads must include this command
+            # (a reservation's blocks), not wait for the end of the iteration.
+            self.stats = self._snapshot()
             self.loop.call_soon_threadsafe(_set_result, future, result)
 
     def _snapshot(self) -> EngineStats:
