@@ -10,13 +10,13 @@ The life of a request:
    RESOURCE_EXHAUSTED or UNAVAILABLE moves on to the next decode worker.
 3. Remote only: Prefill on the best prefill worker (server.placement), which computes the
    prompt, streams its KV into the lease and returns the first token. A retryable
-   failure (`worker_calls.RETRYABLE`) gives up the lease and starts again from 2 once, with another
-   prefill worker and a request id of its own.
+   failure (`worker_calls.RETRYABLE`) gives up the lease and starts again from 2 once,
+   with another prefill worker and a request id of its own.
 4. Tokens 2..N and the finish come from the decode worker's stream.
-5. If the decode worker fails mid-stream (its stream breaks with a `worker_calls.MIGRATE` status or
-   ends early, or the worker leaves the rotation because it stopped answering Health),
-   the request migrates: another decode worker recomputes the prompt and the tokens sent
-   so far (GenerateRequest.resume_token_ids) and goes on from the next one, up to
+5. If the decode worker fails mid-stream (its stream breaks with a `worker_calls.MIGRATE`
+   status or ends early, or the worker leaves the rotation because it stopped answering
+   Health), the request migrates: another decode worker recomputes the prompt and the
+   tokens sent so far (GenerateRequest.resume_token_ids) and goes on from the next one, up to
    `migration_limit` times. Noise is keyed by (seed, position) and every request has a
    seed, so the client's stream goes on with the tokens it would have had. A request
    whose sent tokens already end it (`finished_by`) is finished instead.
@@ -45,7 +45,6 @@ class Router:
         self.prefill = prefill
         self.calls = WorkerCalls(decode, prefill, request_timeout)
         self.local_prefill_max_tokens = local_prefill_max_tokens
-        self.request_timeout = request_timeout
         self.migration_limit = migration_limit
         self.on_migrate = on_migrate
 
@@ -106,8 +105,7 @@ class Router:
                 events = self.calls.colocated(worker, call, first, len(prompt))
             else:
                 events = self.calls.disaggregated(rid, prompt, params, worker, call,
-                                                  first.reserved, failed_prefill, blocks,
-                                                  attempt)
+                                                  first.reserved, failed_prefill, blocks)
             try:
                 async for event in events:
                     yield event

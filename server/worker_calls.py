@@ -112,8 +112,7 @@ class WorkerCalls:
                 call.cancel()
 
     async def disaggregated(self, request_id, prompt, params, decode: Worker, call,
-                            reserved, failed_prefill: set[str], blocks: PromptBlocks,
-                            attempt: int):
+                            reserved, failed_prefill: set[str], blocks: PromptBlocks):
         """Raises RetryPrefill (after cancelling the lease) when another prefill worker
         should be tried."""
         try:
