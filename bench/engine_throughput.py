@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import llama_cpp  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.cpu_features import cpu_flags, cpu_has_bf16_matmul, kernel_target  # noqa: E402
+from engine.cpu_features import cpu_has_bf16_matmul, kernel_target, read_cpu  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -48,15 +48,10 @@ NAMED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16
 def cpu_description() -> str:
     """The CPU a figure was measured on: its model name, the flags that choose pdserve's
     path, and the kernels' target, so that a report names its CPU family."""
-    name = "unknown CPU"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    present = cpu_flags()
-    flags = " ".join(f for f in NAMED_FLAGS if f in present) or "none of " + "/".join(NAMED_FLAGS)
-    return f"{name} ({flags}); pdserve's kernels: {kernel_target() or 'none, PyTorch serves'}"
+    cpu = read_cpu()
+    flags = " ".join(f for f in NAMED_FLAGS if f in cpu.flags) or "none of " + "/".join(NAMED_FLAGS)
+    return (f"{cpu.model or 'unknown CPU'} ({flags}); pdserve's kernels: "
+            f"{kernel_target() or 'none, PyTorch serves'}")
 
 
 def corpus_prompts(tokenizer, streams: int, length: int) -> list[list[int]]:

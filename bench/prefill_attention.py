@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import native_kernels  # noqa: E402
 from engine.attention import PrefillSpan, _prefill_attention  # noqa: E402
-from engine.cpu_features import auto_dtype, cpu_flags  # noqa: E402
+from engine.cpu_features import auto_dtype, cpu_flags, read_cpu  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 SHAPES = ((64, 0), (476, 0), (108, 368), (136, 448), (128, 1024))
@@ -62,8 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if not native_kernels.load():
         sys.exit("pdserve's prompt attention kernel cannot run here (see the log above)")
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), "unknown CPU")
+    model = read_cpu().model or "unknown CPU"
     print(f"{model}; AMX: {'yes' if 'amx_bf16' in cpu_flags() else 'no'}; torch "
           f"{torch.__version__}; {args.dtype}; kernels: {native_kernels.target()}")
     print("| threads | new tokens | cached context | pdserve ms | SDPA ms | speed-up |")

@@ -38,22 +38,26 @@ BF16_TARGETS = frozenset({"avx512_vnni", "avx512"})  # where bf16 matrix flags c
 class Cpu:
     arch: str              # "x86_64", "aarch64", or "" where /proc/cpuinfo says neither
     flags: frozenset[str]  # x86 "flags", ARM "Features"
+    model: str = ""        # x86 "model name" (benchmarks name the CPU they ran on)
 
 
 def read_cpu(path: str | None = None) -> Cpu:
     """The first processor of /proc/cpuinfo (or `path`); no flags where it is missing
     (not Linux)."""
+    model = ""
     try:
         with open(path or CPUINFO) as lines:
             for line in lines:
                 key, _, value = line.partition(":")
+                if key.strip() == "model name":  # before "flags" in each processor's block
+                    model = value.strip()
                 if key.strip() == "flags":
-                    return Cpu("x86_64", frozenset(value.split()))
+                    return Cpu("x86_64", frozenset(value.split()), model)
                 if key.strip() == "Features":
-                    return Cpu("aarch64", frozenset(value.split()))
+                    return Cpu("aarch64", frozenset(value.split()), model)
     except OSError:
         pass
-    return Cpu("", frozenset())
+    return Cpu("", frozenset(), model)
 
 
 def cpu_flags() -> set[str]:

@@ -114,3 +114,12 @@ def test_no_cpuinfo_means_no_kernel_target(tmp_path):
     assert cpu.arch == "" and kernel_target(cpu) is None
     assert auto_dtype("cpu", cpu) == "float32"
     assert auto_quantization("cpu", True, True, cpu) == "none"
+
+
+def test_the_model_name_comes_with_the_flags(tmp_path):
+    path = tmp_path / "cpuinfo-named"
+    path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+                    f"flags\t\t: {CPUINFO['avx2']}\n")
+    cpu = read_cpu(str(path))
+    assert (cpu.model, kernel_target(cpu)) == ("AMD EPYC", "avx2")
+    assert read_cpu(cpuinfo_file(tmp_path, "cortex_a72")).model == ""
