@@ -1,6 +1,4 @@
-"""`pdserve decode`: a decode worker process."""
-
-import asyncio
+"""`pdserve decode`: a decode worker process (worker.process with this role)."""
 
 from decode_worker.config import DecodeConfig
 from engine.config import EngineConfig
@@ -8,25 +6,16 @@ from pdserve_config.security import SecurityConfig
 
 
 def run(config: DecodeConfig, engine_config: EngineConfig, security: SecurityConfig) -> int:
-    asyncio.run(_serve(config, engine_config, security))
-    return 0
-
-
-async def _serve(config: DecodeConfig, engine_config: EngineConfig,
-                 security: SecurityConfig) -> None:
     # Imported here: `pdserve --help` and config errors must not wait for torch.
     from decode_worker.service import DecodeService
     from kvtransfer.wire import add_decode_service
-    from worker.convert import engine_fingerprint
-    from worker.engine_loop import EngineLoop
-    from worker.grpc_server import serve
+    from worker.process import Role, run_worker
 
-    engine_loop = await EngineLoop.create(lambda: build_engine(engine_config))
-    engine = engine_loop.engine
-    service = DecodeService(engine_loop, engine_fingerprint(engine), config.lease_timeout)
-    await serve("decode", config, security, engine_loop,
-                lambda server: add_decode_service(service, server),
-                service_name="pdserve.v1.DecodeService")
+    role = Role("decode", "pdserve.v1.DecodeService",
+                make_service=lambda loop, fingerprint: DecodeService(
+                    loop, fingerprint, config.lease_timeout),
+                add_service=add_decode_service, build_engine=build_engine)
+    return run_worker(role, config, engine_config, security)
 
 
 def build_engine(engine_config: EngineConfig):

@@ -41,6 +41,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         self.leases = LeaseTable(engine_loop, lease_timeout)
         engine_loop.periodic.append(self.leases.expire)
 
+    async def close(self) -> None:
+        """Nothing to release beyond the engine: its leases end with the engine's blocks,
+        and it opens no channels (prefill workers call it)."""
+
     # ----- Generate ---------------------------------------------------------------------
 
     async def Generate(self, request, context):

@@ -91,6 +91,7 @@ class LLMEngine:
         self.kv_export: KVExport | None = None
         self._grammar_tokenizer: GrammarTokenizer | None = None
         self._ids = itertools.count()
+        self._ended_on_arrival: list[StepOutput] = []  # resumed requests already complete
 
     # ----- requests -------------------------------------------------------------------
 
@@ -100,15 +101,25 @@ class LLMEngine:
                     resume_token_ids: list[int] = ()) -> list[Sequence]:
         """Queue a request; one sequence per sample (`params.n`). `resume_token_ids`:
         the output a failed worker had generated; the sequence starts as if it had been
-        preempted after them (their KV is recomputed, then it samples the next token)."""
+        preempted after them (their KV is recomputed, then it samples the next token).
+        When those tokens already end it (the worker failed between its last token and
+        its finish), it finishes at the next step without computing anything: the
+        finish rule is this engine's alone, the gateway never guesses it."""
         if resume_token_ids:
             self._check_resume(prompt_token_ids, params, resume_token_ids)
         seqs = self._new_sequences(request_id, prompt_token_ids, params)
-        if resume_token_ids:
-            for seq in seqs:
-                seq.output_token_ids = list(resume_token_ids)
         for seq in seqs:
             seq.export_kv, seq.prefill_only = export_kv, prefill_only
+            if resume_token_ids:
+                seq.output_token_ids = list(resume_token_ids)
+                last = resume_token_ids[-1]
+                reason = self._has_matcher(seq) and self._finish_reason(seq, last)
+                if reason:
+                    self._finish(seq, reason)
+                    self._ended_on_arrival.append(StepOutput(
+                        request_id, seq.sample_index, None, None, reason, seq,
+                        seq.num_output_tokens))
+                    continue
             self.scheduler.add(seq)
         return seqs
 
@@ -125,7 +136,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._ended_on_arrival)
 
     def record_decode_graphs(self) -> list[int]:
         """Record the decode graph of every batch size now (engine.decode_graph), where
@@ -147,6 +158,10 @@ class LLMEngine:
     # ----- the step -------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        ended, self._ended_on_arrival = self._ended_on_arrival, []
+        return ended + self._step_batch()
+
+    def _step_batch(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -262,10 +277,10 @@ class LLMEngine:
                       resume: list[int]) -> None:
         if not isinstance(params, SamplingParams) or params.n != 1:
             raise InvalidRequestError("resume_token_ids", "a resumed request has one sample")
-        if len(resume) >= params.max_tokens:
+        if len(resume) > params.max_tokens:
             raise InvalidRequestError(
-                "resume_token_ids", f"{len(resume)} tokens resumed leave nothing of "
-                f"max_tokens={params.max_tokens} to generate")
+                "resume_token_ids", f"{len(resume)} tokens resumed are more than "
+                f"max_tokens={params.max_tokens}")
         self.validate_prompt(list(prompt) + list(resume))
 
     def validate_prompt(self, prompt: list[int]) -> None:

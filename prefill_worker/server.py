@@ -1,6 +1,4 @@
-"""`pdserve prefill`: a prefill worker process."""
-
-import asyncio
+"""`pdserve prefill`: a prefill worker process (worker.process with this role)."""
 
 from engine.config import EngineConfig
 from pdserve_config.security import SecurityConfig
@@ -8,27 +6,16 @@ from prefill_worker.config import PrefillConfig
 
 
 def run(config: PrefillConfig, engine_config: EngineConfig, security: SecurityConfig) -> int:
-    asyncio.run(_serve(config, engine_config, security))
-    return 0
-
-
-async def _serve(config: PrefillConfig, engine_config: EngineConfig,
-                 security: SecurityConfig) -> None:
     # Imported here: `pdserve --help` and config errors must not wait for torch.
-    from engine.llm_engine import LLMEngine
     from pdserve_proto.v1 import prefill_pb2_grpc
     from prefill_worker.service import PrefillService
-    from worker.convert import engine_fingerprint
-    from worker.engine_loop import EngineLoop
-    from worker.grpc_server import serve
+    from worker.process import Role, run_worker
 
-    engine_loop = await EngineLoop.create(lambda: LLMEngine(engine_config))
-    engine = engine_loop.engine
-    service = PrefillService(engine_loop, engine_fingerprint(engine), layerwise=config.layerwise,
-                             max_chunk_bytes=config.kv_chunk_bytes,
-                             transfer_timeout=config.transfer_timeout,
-                             pull_kv=config.pull_kv, security=security)
-    await serve("prefill", config, security, engine_loop,
-                lambda server: prefill_pb2_grpc.add_PrefillServiceServicer_to_server(
-                    service, server), service_name="pdserve.v1.PrefillService")
-    await service.close()
+    role = Role("prefill", "pdserve.v1.PrefillService",
+                make_service=lambda loop, fingerprint: PrefillService(
+                    loop, fingerprint, layerwise=config.layerwise,
+                    max_chunk_bytes=config.kv_chunk_bytes,
+                    transfer_timeout=config.transfer_timeout, pull_kv=config.pull_kv,
+                    security=security),
+                add_service=prefill_pb2_grpc.add_PrefillServiceServicer_to_server)
+    return run_worker(role, config, engine_config, security)

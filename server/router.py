@@ -18,8 +18,9 @@ The life of a request:
    Health), the request migrates: another decode worker recomputes the prompt and the
    tokens sent so far (GenerateRequest.resume_token_ids) and goes on from the next one, up to
    `migration_limit` times. Noise is keyed by (seed, position) and every request has a
-   seed, so the client's stream goes on with the tokens it would have had. A request
-   whose sent tokens already end it (`finished_by`) is finished instead.
+   seed, so the client's stream goes on with the tokens it would have had. When the
+   sent tokens already end the request (the worker failed before its finish), the new
+   worker finishes it at once: the finish rule is the engine's alone.
 6. Leaving the generator early (client gone, stop string) cancels both gRPC calls, which
    frees the request's blocks on both workers.
 """
@@ -28,7 +29,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from server.errors import APIError
-from server.events import FinishEvent, TokenEvent
+from server.events import TokenEvent
 from server.placement import prefill_remotely
 from server.pool import WorkerPool
 from server.prefix_index import PromptBlocks
@@ -76,10 +77,6 @@ class Router:
                 return
             except DecodeFailed as failure:
                 failed.add(failure.worker)
-                ended = finished_by(sent, params, len(prompt), self.decode.max_seq_len)
-                if ended is not None:  # it had sent its last token; only the finish was lost
-                    yield FinishEvent(ended, len(prompt), len(sent))
-                    return
                 if migrations >= self.migration_limit:
                     raise failure.error from None
                 migrations += 1
@@ -131,15 +128,3 @@ class Router:
         async for event in self.calls.colocated(worker, call, first, len(prompt) + len(sent)):
             yield event
 
-
-def finished_by(sent: list[int], params, prompt_tokens: int,
-                max_seq_len: int | None) -> str | None:
-    """The finish reason of a request whose worker failed after sending `sent`, when
-    those tokens already end it (the worker died between its last token and the
-    finish); None when it has more to generate."""
-    if len(sent) >= params.max_tokens or (
-            max_seq_len is not None and prompt_tokens + len(sent) >= max_seq_len):
-        return "length"
-    if sent and sent[-1] in params.stop_token_ids and len(sent) >= params.min_tokens:
-        return "stop"
-    return None

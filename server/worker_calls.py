@@ -105,7 +105,10 @@ class WorkerCalls:
     async def colocated(self, worker: Worker, call, first, num_prompt_tokens: int):
         with self.decode.count_inflight(worker, num_prompt_tokens):
             try:
-                yield event_of(first)
+                event = event_of(first)
+                yield event
+                if isinstance(event, FinishEvent):  # a resumed request that had ended
+                    return
                 async for event in self.rest(worker, call):
                     yield event
             finally:

@@ -230,19 +230,25 @@ def test_no_migration_at_limit_zero():
     assert not b.requests
 
 
-def test_a_request_that_had_all_its_tokens_is_finished_not_migrated():
+def test_a_request_that_had_all_its_tokens_ends_on_the_next_worker_without_new_tokens():
+    """The worker failed between its last token and its finish: the gateway does not
+    decide that the request is over (the engine's rule does); the next worker gets every
+    token sent and answers with the finish alone."""
     a = FakeDecode(colocated_run(TOKENS, then=rpc_error(grpc.StatusCode.UNAVAILABLE)))
     b = FakeDecode(resumed_run)
     events = collect(make_router(pool("decode", a=a, b=b)))
-    assert token_ids(events) == TOKENS and not b.requests
+    assert token_ids(events) == TOKENS
+    assert list(b.requests[0].resume_token_ids) == TOKENS
     assert events[-1] == FinishEvent("length", len(PROMPT), len(TOKENS))
 
 
-def test_a_stop_token_before_the_failure_finishes_the_request():
+def test_the_finish_reason_is_the_resumed_workers():
     a = FakeDecode(colocated_run([101, 2], then=rpc_error(grpc.StatusCode.UNAVAILABLE)))
-    b = FakeDecode(resumed_run)
+    b = FakeDecode(lambda request: [decode_pb2.GenerateResponse(finished=decode_pb2.Finished(
+        finish_reason=decode_pb2.FINISH_REASON_STOP, prompt_tokens=len(PROMPT),
+        completion_tokens=len(request.resume_token_ids)))])
     events = collect(make_router(pool("decode", a=a, b=b)))
-    assert token_ids(events) == [101, 2] and not b.requests
+    assert token_ids(events) == [101, 2] and list(b.requests[0].resume_token_ids) == [101, 2]
     assert events[-1] == FinishEvent("stop", len(PROMPT), 2)
 
 
