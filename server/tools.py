@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve_proto.grammars import JSON_OPTIONS
+from pdserve_proto.json_numbers import bounded_numbers
 from server.errors import invalid
 
 _CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
@@ -128,7 +129,8 @@ def call_grammar(tools: list[ToolDef]) -> str:
     """A Lark grammar for exactly one call of one of `tools`."""
     options = [{"type": "object", "properties": {
         "name": {"const": t.function.name},
-        "arguments": t.function.parameters or {"type": "object"}},
+        "arguments": bounded_numbers(t.function.parameters or {"type": "object"},
+                                     any_values=False)},
         "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {**schema, "x-guidance": JSON_OPTIONS}
