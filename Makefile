@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= Write a haiku about the sea.
 # Debian packages: Highway for the native kernels; the ARM64 cross compiler and
-# qemu-user for the kernels' harness on ARM64 (tests). .ci/apt-install: best effort.
+# qemu-user for the kernels' harness on ARM64 (tests); redis-server for the response
+# store's Redis tests (they start their own on a free port). .ci/apt-install: best effort.
 DEBIAN_BUILD := libhwy-dev
-DEBIAN_TEST := g++-aarch64-linux-gnu qemu-user
+DEBIAN_TEST := g++-aarch64-linux-gnu qemu-user redis-server
 
 .PHONY: run generate test test-unit lint bench constraints clean
 

@@ -30,6 +30,8 @@ from server.metrics import GatewayMetrics
 from server.openai_api import openai_routes
 from server.pool import WorkerPool
 from server.request_context import request_id_var
+from server.response_store import default_store_url, open_store
+from server.responses_api import responses_routes
 from server.router import Router
 from server.tokenizer import GatewayTokenizer
 
@@ -103,6 +105,7 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
         for pool in (decode, prefill):
             if pool is not None:
                 await pool.close()
+        await app.state.response_store.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan)
     openapi_schema.install(app)
@@ -118,8 +121,14 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
                               request_timeout=config.request_timeout,
                               migration_limit=config.migration_limit,
                               on_migrate=metrics.migrated)
+    try:
+        app.state.response_store = open_store(config.response_store or default_store_url(),
+                                              config.response_ttl or None)
+    except ValueError as exc:
+        raise SystemExit(f"pdserve gateway: --response-store: {exc}") from None
     app.state.started = int(time.time())
     app.include_router(openai_routes)
+    app.include_router(responses_routes)
     _install_handlers(app, config, api_keys)
     return app
 

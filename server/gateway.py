@@ -48,13 +48,19 @@ class GatewayConfig:
                                     "when the one serving it fails mid-stream (0: never)")
     health_interval: float = flag(1.0, "seconds between Health polls of every worker")
     resolve_interval: float = flag(10.0, "seconds between DNS look-ups of the worker names")
+    response_store: str | None = flag(None, "where /v1/responses stores responses: "
+                                             "sqlite:///PATH (default: responses.db under "
+                                             "PDSERVE_CACHE) or redis://HOST:PORT/DB (shared "
+                                             "by several gateways)")
+    response_ttl: float = flag(30 * 86400.0, "seconds a stored response is kept (0: until "
+                                             "deleted)")
 
     def __post_init__(self):
         if not self.decode:
             raise ValueError("--decode: at least one decode worker address is required")
         if self.colocated:
             object.__setattr__(self, "prefill", ())  # normalised once, before any use
-        for name in ("api_key", "api_key_file"):
+        for name in ("api_key", "api_key_file", "response_store"):
             if not getattr(self, name):
                 object.__setattr__(self, name, None)  # an empty variable means none
         if self.api_key_file and not Path(self.api_key_file).is_file():
@@ -62,7 +68,8 @@ class GatewayConfig:
         for name in ("max_inflight", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("max_queue", "local_prefill_max_tokens", "migration_limit"):
+        for name in ("max_queue", "local_prefill_max_tokens", "migration_limit",
+                     "response_ttl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("request_timeout", "health_interval", "resolve_interval"):

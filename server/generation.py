@@ -89,6 +89,24 @@ class Generation:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    async def gathered(self) -> list[Delta]:
+        """Every delta, for an answer given whole, with the request's end recorded; an
+        error fails the request with its status."""
+        deltas = []
+        try:
+            async for delta in self.deltas():
+                deltas.append(delta)
+        except StreamBroken as exc:
+            self.recorder.finish("error")
+            raise exc.error from None
+        except APIError:
+            self.recorder.finish("error")
+            raise
+        ends = [d for d in deltas if d.finish_reason is not None]
+        self.recorder.cached(sum(d.cached_tokens for d in ends))
+        self.recorder.finish(ends[-1].finish_reason if ends else "stop")
+        return deltas
+
     async def _run(self, choice: Choice) -> None:
         params = choice.params
         rid = self.request_id if len(self.choices) == 1 else f"{self.request_id}-{choice.index}"

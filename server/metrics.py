@@ -18,6 +18,8 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0)
+ENDPOINTS = ("completions", "chat.completions", "responses", "responses.retrieve",
+             "responses.delete", "responses.input_items")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 WORKER_LABELS = ("worker", "role")
 
@@ -63,6 +65,10 @@ class GatewayMetrics:
             self.requests.labels(reason)
         for status in ("400", "401", "404", "413", "429", "500", "502", "503", "504"):
             self.errors.labels(status)
+        self.endpoints = Counter("pdserve_endpoint_requests", "API requests received, by "
+                                 "endpoint (before validation).", ["endpoint"], registry=r)
+        for name in ENDPOINTS:
+            self.endpoints.labels(name)
         self.migrations = Counter(
             "pdserve_migrations", "Requests moved to another decode worker mid-stream, "
             "after the one serving them failed or stopped answering.", registry=r)
@@ -106,6 +112,9 @@ class GatewayMetrics:
 
     def worker_restarted(self, address: str, role: str) -> None:
         self.restarts.labels(address, role).inc()
+
+    def endpoint(self, name: str) -> None:
+        self.endpoints.labels(name).inc()
 
     def migrated(self) -> None:
         self.migrations.inc()

@@ -5,6 +5,8 @@ import asyncio
 import json
 import logging
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,25 +26,33 @@ openai_routes = APIRouter()
 
 @openai_routes.post("/v1/completions")
 async def completions(request: Request):
-    body = await _json_body(request)
-    req = protocol.parse_completion_request(body)
     state = request.app.state
-    _check_model(state, req.model)
+    state.metrics.endpoint("completions")
+    body = await json_body(request)
+    req = protocol.parse_completion_request(body)
+    check_model(state, req.model)
     prompts, texts = [], []
     for item in prompt_inputs(req):
         ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
         check_token_ids(ids, state.tokenizer.vocab_size)
         prompts.append(ids)
         texts.append(item if isinstance(item, str) else state.tokenizer.decode(ids))
-    return await _serve(request, req, prompts, chat=False, echo_texts=texts if req.echo else None)
+    return await serve(request, req, prompts, chat=False, echo_texts=texts if req.echo else None)
 
 
 @openai_routes.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    body = await _json_body(request)
-    req = protocol.parse_chat_request(body)
     state = request.app.state
-    _check_model(state, req.model)
+    state.metrics.endpoint("chat.completions")
+    body = await json_body(request)
+    req = protocol.parse_chat_request(body)
+    check_model(state, req.model)
+    prompt = await chat_prompt(state, req)
+    return await serve(request, req, [prompt], chat=True, echo_texts=None)
+
+
+async def chat_prompt(state, req: protocol.ChatCompletionRequest) -> list[int]:
+    """The prompt of a chat request: its messages (and tools) through the chat template."""
     tokenizer = state.tokenizer
     for i, tool in enumerate(req.tools or ()):
         if tool.function.parameters is not None:
@@ -50,13 +60,12 @@ async def chat_completions(request: Request):
     messages = template_messages(req, template_takes_tools=tokenizer.template_takes_tools)
     tools = template_tools(req) if tokenizer.template_takes_tools else None
     try:
-        prompt = tokenizer.apply_chat_template(messages, tools=tools)
+        return tokenizer.apply_chat_template(messages, tools=tools)
     except ValueError as exc:
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
-    return await _serve(request, req, [prompt], chat=True, echo_texts=None)
 
 
-async def _json_body(request: Request) -> dict:
+async def json_body(request: Request) -> dict:
     limit = request.app.state.config.max_body_bytes
     raw = await request.body()
     if len(raw) > limit:
@@ -98,7 +107,7 @@ def _has_lone_surrogate(body) -> bool:
     return False
 
 
-def _check_model(state, model: str) -> None:
+def check_model(state, model: str) -> None:
     if model not in state.model_aliases:
         raise APIError(404, f"the model {model!r} does not exist; this server serves "
                             f"{state.model_name!r}", param="model", code="model_not_found")
@@ -130,7 +139,18 @@ def _context_check(state, prompts: list[list[int]], req) -> int | None:
     return limit - longest
 
 
-async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
+@dataclass(frozen=True)
+class Output:
+    """How a generation becomes the response body: SSE text, or one JSON object."""
+
+    stream: Callable[[Generation, object], AsyncIterator[str]]
+    whole: Callable[[Generation, object], Awaitable[dict]]
+
+
+async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
+                output: Output | None = None):
+    """Admit and run the request's choices; `output` (default: OpenAI's completion or
+    chat shapes) makes the body."""
     state = request.app.state
     rid = request.state.request_id
     check_token_ids(req.logit_bias or {}, state.tokenizer.vocab_size, param="logit_bias")
@@ -163,10 +183,13 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
     gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
                      want_logprobs=params.HasField("logprobs"),
                      skip_special_tokens=req.skip_special_tokens, recorder=recorder)
-    view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts,
-                        tools=req.callable_tools if chat else [])
+    shape = output
+    if shape is None:
+        view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts,
+                            tools=req.callable_tools if chat else [])
+        shape = Output(lambda g, r: sse_events(g, view, r), lambda g, r: collect(g, view, r))
     if req.stream:
-        events = sse_events(gen, view, recorder)
+        events = shape.stream(gen, recorder)
 
         async def close() -> None:
             await events.aclose()
@@ -175,7 +198,7 @@ async def _serve(request: Request, req, prompts, *, chat: bool, echo_texts):
 
         return _StreamingResponse(events, close, media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache"})
-    work = asyncio.create_task(collect(gen, view, recorder))
+    work = asyncio.create_task(shape.whole(gen, recorder))
     watcher = asyncio.create_task(_watch_disconnect(request, work))
     try:
         return JSONResponse(await work)

@@ -1,4 +1,4 @@
-"""/openapi.json with the request bodies the completion endpoints accept.
+"""/openapi.json with the request bodies the generating endpoints accept.
 
 The handlers read and validate the body themselves (so that every bad request gets a
 400 naming the field, and `null` means the default, as with OpenAI), which hides the
@@ -13,9 +13,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.responses_protocol import ResponsesRequest
 
 REQUEST_BODIES = {"/v1/completions": CompletionRequest,
-                  "/v1/chat/completions": ChatCompletionRequest}
+                  "/v1/chat/completions": ChatCompletionRequest,
+                  "/v1/responses": ResponsesRequest}
 _REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {
     "400": "invalid request: the field at fault is named in `param`",
@@ -60,10 +62,10 @@ def add_request_bodies(document: dict) -> None:
             "content": {"application/json": {"schema": {"$ref": _REF.format(
                 model=model.__name__)}}}}
         operation["responses"] = {
-            "200": {"description": "the completion; with `stream: true`, server-sent "
-                                   "events of chunks ending with `data: [DONE]` (an error "
-                                   "after the first chunk comes as an event in the error "
-                                   "shape)",
+            "200": {"description": "the completion (or response); with `stream: true`, "
+                                   "server-sent events: chunks ending with `data: [DONE]` "
+                                   "(an error after the first chunk comes as an event in "
+                                   "the error shape), or the Responses API's typed events",
                     "content": {"application/json": {"schema": {"type": "object"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
             **{status: {"description": text, "content": {"application/json": {

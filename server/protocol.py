@@ -203,15 +203,20 @@ _UNSUPPORTED_ON_COMPLETIONS = {
 }
 
 
-def _parse(cls, body: dict):
+def parse_model(cls: type[BaseModel], body: dict):
+    """`body` validated as `cls`; a 400 naming the field at fault."""
     if not isinstance(body, dict):
         raise invalid(None, "the body must be a JSON object")
     # null means "the default", as with OpenAI.
     body = {k: v for k, v in body.items() if v is not None}
     try:
-        req = cls.model_validate(body)
+        return cls.model_validate(body)
     except ValidationError as exc:
         raise _as_api_error(exc) from None
+
+
+def _parse(cls, body: dict):
+    req = parse_model(cls, body)
     refused = dict(_UNSUPPORTED_OFF)
     if cls is CompletionRequest:
         refused.update(_UNSUPPORTED_ON_COMPLETIONS)
@@ -243,6 +248,8 @@ _UNION_TYPES = {
               "token ids",
     "stop": f"a string or a list of at most {MAX_STOP} strings",
     "content": "a string or a list of content parts",
+    "input": "a string or a list of input items",
+    "output": "a string or a list of content parts",
 }
 
 

@@ -147,23 +147,14 @@ async def collect(gen: Generation, view: ResponseView, recorder) -> dict:
     texts: dict[int, list[str]] = {}
     logprobs: dict[int, list] = {}
     finish: dict[int, str] = {}
-    completion_tokens, cached_tokens, reason = 0, 0, "stop"
-    try:
-        async for delta in gen.deltas():
-            texts.setdefault(delta.index, []).append(delta.text)
-            logprobs.setdefault(delta.index, []).extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                finish[delta.index] = reason = delta.finish_reason
-                completion_tokens += delta.completion_tokens
-                cached_tokens += delta.cached_tokens
-    except StreamBroken as exc:
-        recorder.finish("error")
-        raise exc.error from None
-    except APIError:
-        recorder.finish("error")
-        raise
-    recorder.cached(cached_tokens)
-    recorder.finish(reason)
+    completion_tokens, cached_tokens = 0, 0
+    for delta in await gen.gathered():
+        texts.setdefault(delta.index, []).append(delta.text)
+        logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            finish[delta.index] = delta.finish_reason
+            completion_tokens += delta.completion_tokens
+            cached_tokens += delta.cached_tokens
     choices = []
     for index in sorted(texts):
         text = view.echo(index) + "".join(texts[index])

@@ -14,7 +14,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.support.stack import Stack
+from tests.support.stack import colocated_and_1p1d
 
 MODEL = "SmolLM2-135M-Instruct"
 PATHS = ("colocated", "1P1D")
@@ -91,15 +91,8 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def stacks():
     common = ("--dtype", "float32", "--kv-cache-tokens", "16384", "--max-inflight", "48")
-    started = {}
-    try:
-        started["colocated"] = Stack("--prefill", "0", "--decode", "1", *common)
-        started["1P1D"] = Stack("--prefill", "1", "--decode", "1",
-                                "--local-prefill-max-tokens", "0", *common)
+    with colocated_and_1p1d(*common) as started:
         yield started
-    finally:
-        for stack in started.values():
-            stack.stop()
 
 
 def client(stack) -> openai.OpenAI:

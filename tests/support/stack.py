@@ -101,6 +101,21 @@ class Stack:
         return self.child.stop(timeout, sig)
 
 
+@contextlib.contextmanager
+def colocated_and_1p1d(*args: str):
+    """{"colocated": a stack of one decode worker, "1P1D": one prefill and one decode
+    worker with every prompt prefilled remotely}, both with `args`; stopped at exit."""
+    started = {}
+    try:
+        started["colocated"] = Stack("--prefill", "0", "--decode", "1", *args)
+        started["1P1D"] = Stack("--prefill", "1", "--decode", "1",
+                                "--local-prefill-max-tokens", "0", *args)
+        yield started
+    finally:
+        for stack in started.values():
+            stack.stop()
+
+
 def pid_listening_on(address: str) -> int:
     """The process listening on `address` (host:port) on this machine, found from
     /proc/net/tcp* and the processes' socket descriptors."""

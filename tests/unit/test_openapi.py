@@ -1,4 +1,4 @@
-"""/openapi.json documents the request bodies of both completion endpoints: every field
+"""/openapi.json documents the request bodies of the generating endpoints: every field
 the gateway accepts, with every reference resolvable, so schema-driven clients and
 fuzzers see them."""
 
@@ -9,6 +9,7 @@ import pytest
 from server.app import create_app
 from server.gateway import GatewayConfig
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.responses_protocol import ResponsesRequest
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,16 @@ def refs(node) -> list[str]:
 
 
 @pytest.mark.parametrize("path,model", [("/v1/completions", CompletionRequest),
-                                        ("/v1/chat/completions", ChatCompletionRequest)])
+                                        ("/v1/chat/completions", ChatCompletionRequest),
+                                        ("/v1/responses", ResponsesRequest)])
 def test_request_body_lists_every_field(document, path, model):
     body = document["paths"][path]["post"]["requestBody"]
     assert body["required"] is True
     schema = resolve(document, body["content"]["application/json"]["schema"]["$ref"])
     assert set(schema["properties"]) == set(model.model_fields)
-    for field in ("logit_bias", "response_format", "guided_json", "seed", "stream"):
+    for field in ({"input", "previous_response_id", "text", "store", "seed", "stream"}
+                  if model is ResponsesRequest else
+                  ("logit_bias", "response_format", "guided_json", "seed", "stream")):
         assert field in schema["properties"]
     assert "model" in schema["required"]
 
