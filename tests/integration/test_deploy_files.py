@@ -2,17 +2,24 @@
 container files name must exist in the project."""
 
 import argparse
+import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
 
 from pdserve.cli import build_parser
+from server.response_store import StoredResponse, open_store
+from tests.support.compose_local import LocalCompose, interpolate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -70,18 +77,23 @@ def test_kubernetes_manifests_validate_strictly():
     assert ("Deployment", "pdserve-decode") in kinds and ("Service", "pdserve-gateway") in kinds
 
 
-@pytest.mark.parametrize("overlay", ["", "overlays/gpu"])
-def test_kustomizations_render_and_validate(overlay, tmp_path):
+def kustomize(folder: Path, tmp_path: Path) -> list[dict]:
+    """`kubectl kustomize folder`, validated strictly; its documents."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    rendered = run(kubectl, "kustomize", str(DEPLOY / "k8s" / overlay))
+    rendered = run(kubectl, "kustomize", str(folder))
     assert rendered.returncode == 0, rendered.stderr
     out = tmp_path / "rendered.yaml"
     out.write_text(rendered.stdout)
     result = run(tool("kubernetes-validate"), "--strict", "-k", "1.30.0", "--quiet", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    return [d for d in yaml.safe_load_all(rendered.stdout) if d]
+
+
+@pytest.mark.parametrize("overlay", ["", "overlays/gpu", "overlays/redis"])
+def test_kustomizations_render_and_validate(overlay, tmp_path):
+    docs = kustomize(DEPLOY / "k8s" / overlay, tmp_path)
     workers = [d for d in docs if d["kind"] == "Deployment"
                and d["metadata"]["name"] in ("pdserve-prefill", "pdserve-decode")]
     assert len(workers) == 2
@@ -89,7 +101,7 @@ def test_kustomizations_render_and_validate(overlay, tmp_path):
         container = d["spec"]["template"]["spec"]["containers"][0]
         gpus = container["resources"]["limits"].get("nvidia.com/gpu")
         device = [e for e in container["env"] if e["name"] == "PDSERVE_DEVICE"]
-        if overlay:
+        if overlay == "overlays/gpu":
             assert gpus == 1 and device == [{"name": "PDSERVE_DEVICE", "value": "cuda"}]
             assert container["image"] == "pdserve:cuda"
         else:
@@ -303,3 +315,189 @@ def test_network_policies_let_only_the_gateway_and_prefill_reach_the_workers():
     # The gateway's own port stays open to its clients.
     assert all(p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] !=
                "pdserve-gateway" for p in policies)
+
+
+# ----- the response store: SQLite by default, Redis as an option -------------------------
+
+REDIS_URL = re.compile(r"export PDSERVE_RESPONSE_STORE=(redis://\S+)")
+
+
+def option(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def named_volume_mounts(service: dict) -> dict[str, str]:
+    """Mount point -> named volume."""
+    named = set(compose()["volumes"])
+    mounts = (v.split(":")[:2] for v in service.get("volumes", []))
+    return {target: source for source, target in mounts if source in named}
+
+
+def test_compose_redis_is_an_opt_in_profile():
+    services = compose()["services"]
+    redis = services["redis"]
+    # `docker compose up` without --profile starts every service but this one.
+    assert redis["profiles"] == ["redis"]
+    assert [name for name, s in services.items() if "profiles" in s] == ["redis"]
+    assert not any("redis" in s.get("depends_on", {}) for s in services.values())
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", redis["image"]), "pin the image"
+    assert "ports" not in redis
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    port = option(command, "--port")
+    check = redis["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "redis-cli"] and check[-1] == "ping"
+    assert option(check, "-p") == port and option(check, "-h") == "127.0.0.1"
+    # The append-only file is written to a named volume.
+    assert option(command, "--appendonly") == "yes"
+    assert option(command, "--dir") in named_volume_mounts(redis)
+    assert redis["deploy"]["resources"]["limits"]["memory"]
+
+
+def test_gateway_response_store_defaults_to_sqlite_on_a_volume_and_redis_is_documented():
+    services = compose()["services"]
+    gateway = services["gateway"]
+    setting = gateway["environment"]["PDSERVE_RESPONSE_STORE"]
+    default = interpolate(setting, {})
+    assert default.startswith("sqlite:////"), default
+    # Where the default file lives is writable: a named volume on the gateway, and the
+    # image's user owns that folder (a fresh named volume starts with the image's owner).
+    folder = str(Path(default.removeprefix("sqlite:///")).parent)
+    assert folder in named_volume_mounts(gateway)
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(rf"install -d -o pdserve -g pdserve {re.escape(folder)}$", dockerfile,
+                     re.M)
+    assert f"PDSERVE_RESPONSE_STORE={default}" in dockerfile  # `docker run` has it too
+    # The operator's variable replaces it: the Redis URL the docs give.
+    documented = set(REDIS_URL.findall((ROOT / "docs" / "operations.md").read_text()))
+    documented |= set(REDIS_URL.findall((DEPLOY / "docker-compose.yml").read_text()))
+    (url,) = documented
+    assert interpolate(setting, {"PDSERVE_RESPONSE_STORE": url}) == url
+    parts = urlsplit(url)
+    assert parts.hostname == "redis" and "redis" in services["redis"]["profiles"]
+    assert str(parts.port) == option(services["redis"]["command"], "--port")
+    asyncio.run(open_store(url, None).close())  # a URL the gateway accepts
+
+
+def test_kubernetes_base_has_no_redis_and_keeps_sqlite_on_the_pods_volume():
+    docs = k8s_docs()
+    assert not [d for d in docs if "redis" in d["metadata"]["name"]]
+    (gateway,) = [d for d in docs if d["kind"] == "Deployment"
+                  and d["metadata"]["name"] == "pdserve-gateway"]
+    pod = gateway["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (store,) = [e["value"] for e in container["env"] if e["name"] == "PDSERVE_RESPONSE_STORE"]
+    assert store.startswith("sqlite:////")
+    folder = str(Path(store.removeprefix("sqlite:///")).parent)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume  # writable by the pod's user; the image's cache is not
+
+
+def redis_stack(docs: list[dict]) -> tuple[dict, dict, str]:
+    """The rendered Redis Deployment and Service and the store URL the gateway gets."""
+    named = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    gateway = named[("Deployment", "pdserve-gateway")]["spec"]["template"]["spec"]
+    (store,) = [e["value"] for e in gateway["containers"][0]["env"]
+                if e["name"] == "PDSERVE_RESPONSE_STORE"]
+    return named[("Deployment", "pdserve-redis")], named[("Service", "pdserve-redis")], store
+
+
+@pytest.mark.parametrize("base", ["overlays/redis", "overlays/gpu"])
+def test_kubernetes_redis_component_gives_the_gateway_its_service(base, tmp_path):
+    if base == "overlays/redis":
+        folder = DEPLOY / "k8s" / base
+    else:  # the component on another overlay, as its comment says to add it
+        folder = tmp_path / "kustomization"
+        folder.mkdir()
+        (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [os.path.relpath(DEPLOY / "k8s" / base, folder)],
+            "components": [os.path.relpath(DEPLOY / "k8s" / "components" / "redis", folder)]}))
+    docs = kustomize(folder, tmp_path)
+    deployment, service, url = redis_stack(docs)
+    parts = urlsplit(url)
+    assert parts.scheme == "redis" and parts.path == "/0"
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == parts.port]
+    assert parts.hostname == service["metadata"]["name"]
+    assert service["metadata"]["namespace"] == deployment["metadata"]["namespace"] == "pdserve"
+    assert service["spec"]["selector"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": port["targetPort"], "containerPort": parts.port} in container["ports"]
+    assert option(container["args"], "--port") == str(parts.port)
+    assert container["image"] == compose()["services"]["redis"]["image"]  # one pin
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two at once
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert set(container["resources"]) == {"requests", "limits"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"][-1] == "ping"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert option(container["args"], "--dir") in mounts
+    # Only the gateway reaches it.
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"
+                 and d["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]]
+    (rule,) = policy["spec"]["ingress"]
+    assert [_pod_names(peer) for peer in rule["from"]] == ["pdserve-gateway"]
+    assert rule["ports"] == [{"port": port["targetPort"]}]
+    # The rest of the overlay is still there: GPU workers keep their GPUs.
+    if base == "overlays/gpu":
+        decode = next(d for d in docs if d["metadata"]["name"] == "pdserve-decode"
+                      and d["kind"] == "Deployment")
+        limits = decode["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == 1
+
+
+def _record(response_id: str) -> StoredResponse:
+    return StoredResponse(response_id, {"id": response_id, "object": "response"},
+                          [], [], time.time())
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_compose_gateways_serve_responses_from_the_configured_store(store):
+    """The compose file's own commands as local processes (tests/support/compose_local.py):
+    the gateway's default store, and with the redis profile's settings two gateway
+    replicas and the redis service, which keeps what it stored across a restart."""
+    if store == "redis":
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server is not installed (Debian package redis-server)")
+        (url,) = set(REDIS_URL.findall((ROOT / "docs" / "operations.md").read_text()))
+        local = LocalCompose({"redis": 1, "gateway": 2}, {"PDSERVE_RESPONSE_STORE": url})
+    else:
+        local = LocalCompose({"gateway": 1})
+    try:
+        local.up()  # no workers: stored responses are read without them
+        gateways = [f"http://{r.host}:8000" for r in local.replicas["gateway"]]
+        store_url = local.replicas["gateway"][0].env["PDSERVE_RESPONSE_STORE"]
+        assert store_url.startswith(f"{store}:")
+        if store == "sqlite":  # the file is on the gateway-data volume
+            assert store_url.startswith(f"sqlite:///{local.volumes_dir}/")
+
+        async def put():
+            target = open_store(store_url, 60.0)
+            await target.put(_record("resp_deploy"))
+            await target.close()
+        asyncio.run(put())
+        for url in gateways:
+            body = httpx.get(f"{url}/v1/responses/resp_deploy", timeout=30).json()
+            assert body["id"] == "resp_deploy", body
+        if store == "redis":
+            (redis,) = local.replicas["redis"]
+            redis.stop()
+            answer = httpx.get(f"{gateways[0]}/v1/responses/resp_deploy", timeout=30)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "store_unavailable"
+            redis.start()  # the same command: the append-only file on its volume
+            redis.wait_healthy()
+            assert httpx.get(f"{gateways[1]}/v1/responses/resp_deploy",
+                             timeout=30).status_code == 200
+            # Deleted through one gateway: gone for the other.
+            assert httpx.delete(f"{gateways[1]}/v1/responses/resp_deploy",
+                                timeout=30).json()["deleted"] is True
+            assert httpx.get(f"{gateways[0]}/v1/responses/resp_deploy",
+                             timeout=30).status_code == 404
+    finally:
+        local.down()

@@ -4,7 +4,12 @@ There is no Docker engine here, so each replica runs as a process with the servi
 own command (after the image's ENTRYPOINT, read from deploy/Dockerfile) and environment.
 Every replica gets its own loopback address (127.a.b.c), so replicas keep the ports the
 compose file gives them, and a service name in an argument (`decode:50052`) becomes the
-list of its replicas' addresses, as compose's DNS would answer it.
+list of its replicas' addresses, as compose's DNS would answer it, and so does one in
+a URL of an environment variable (`redis://redis:6379/0`). Services of other images
+(`redis`) run their command from PATH. Each named volume is a temporary folder, which
+takes the place of its mount point in the commands and variables of the services that
+mount it. `variables` stand for the operator's environment that `${VAR:-default}`
+reads.
 """
 
 import json
@@ -15,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 START_TIMEOUT = 180
 # Offsets of each service's replicas in the run's 127.a.b.0/24.
-_HOST_BASE = {"gateway": 10, "prefill": 20, "decode": 30, "prometheus": 40}
+_HOST_BASE = {"gateway": 10, "prefill": 20, "decode": 30, "prometheus": 40, "redis": 50}
+# Started before the workers and the gateway, as compose would for a service they need.
+_BACKING = ("redis",)
 
 
 def load_compose() -> dict:
@@ -93,10 +101,18 @@ class Replica:
                 self.proc.wait()
 
 
+def program(name: str) -> str:
+    """This environment's console script of that name, else the one on PATH."""
+    own = Path(sys.executable).parent / name
+    return str(own) if own.exists() else (shutil.which(name) or name)
+
+
 class LocalCompose:
-    def __init__(self, replicas: dict[str, int]):
+    def __init__(self, replicas: dict[str, int], variables: dict[str, str] | None = None):
         self.compose = load_compose()
+        self.variables = dict(variables or {})
         self.net = f"127.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+        self.volumes_dir = Path(tempfile.mkdtemp(prefix="compose-volumes-"))
         self.replicas: dict[str, list[Replica]] = {}
         for service, count in replicas.items():
             self.replicas[service] = [self._replica(service, i, count)
@@ -105,6 +121,23 @@ class LocalCompose:
         for reps in self.replicas.values():
             for r in reps:
                 r.argv = [self._map_names(a) for a in r.argv]
+                r.env = {k: self._map_url_names(v) if k in self._declared(r.service) else v
+                         for k, v in r.env.items()}
+
+    def _declared(self, service: str) -> set[str]:
+        return set(self.compose["services"][service].get("environment", {}))
+
+    def _volume_mounts(self, service: str) -> dict[str, str]:
+        """Mount point -> local folder, for each named volume the service mounts."""
+        named = set(self.compose.get("volumes") or {})
+        mounts = {}
+        for entry in self.compose["services"][service].get("volumes", []):
+            source, target = entry.split(":")[:2]
+            if source in named:
+                folder = self.volumes_dir / source
+                folder.mkdir(exist_ok=True)
+                mounts[target] = str(folder)
+        return mounts
 
     def host(self, service: str, index: int) -> str:
         return f"{self.net}.{_HOST_BASE[service] + index + 1}"
@@ -112,19 +145,30 @@ class LocalCompose:
     def _replica(self, service: str, index: int, count: int) -> Replica:
         spec = self.compose["services"][service]
         host = self.host(service, index)
-        entry = image_entrypoint()
-        # The image's `pdserve` is this environment's console script.
-        program = [str(Path(sys.executable).parent / entry[0]), *entry[1:]]
-        argv = program + [host if a == "0.0.0.0" else a for a in spec["command"]]
+        mounts = self._volume_mounts(service)
+
+        def local(value: str) -> str:
+            for target, folder in mounts.items():
+                value = re.sub(re.escape(target) + r"(?=/|$)", folder, value)
+            return value
+
+        if "build" in spec:  # pdserve's image: its ENTRYPOINT, then the command
+            entry = image_entrypoint()
+            # The image's `pdserve` is this environment's console script.
+            command = [program(entry[0]), *entry[1:], *spec["command"]]
+        else:  # another image: its command, found on PATH
+            command = [program(spec["command"][0]), *spec["command"][1:]]
+        argv = [host if a == "0.0.0.0" else local(a) for a in command]
         # Only the compose file's PDSERVE_ settings apply; PDSERVE_CACHE (set by the
         # image to its converted model) stays this machine's own.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PDSERVE_") or k == "PDSERVE_CACHE"}
         for key, value in spec.get("environment", {}).items():
-            env[key] = interpolate(str(value), {}).replace("127.0.0.1", host)
+            env[key] = local(interpolate(str(value), self.variables).replace("127.0.0.1", host))
         check = spec["healthcheck"]["test"]
         assert check[0] == "CMD", check
-        healthcheck = [str(Path(sys.executable).parent / check[1]), *check[2:]]
+        # 127.0.0.1 is the container itself: here the replica's own address.
+        healthcheck = [program(check[1]), *(a.replace("127.0.0.1", host) for a in check[2:])]
         return Replica(service, index, host, argv, env, healthcheck)
 
     def _map_names(self, arg: str) -> str:
@@ -133,14 +177,23 @@ class LocalCompose:
             return arg
         return ",".join(f"{r.host}:{m.group(2)}" for r in self.replicas[m.group(1)])
 
+    def _map_url_names(self, value: str) -> str:
+        """`scheme://service:port...` -> the service's first replica's address."""
+        def sub(m):
+            if m.group(1) not in self.replicas:
+                return m.group(0)
+            return f"//{self.replicas[m.group(1)][0].host}:{m.group(2)}"
+        return re.sub(r"//(\w+):(\d+)", sub, value)
+
     def up(self) -> None:
-        """Start in depends_on order: every worker healthy before the gateway starts."""
-        workers = [r for s in ("prefill", "decode") for r in self.replicas.get(s, [])]
-        for r in workers:
+        """Start in depends_on order: Redis and every worker healthy before the gateway
+        starts."""
+        first = [r for s in (*_BACKING, "prefill", "decode") for r in self.replicas.get(s, [])]
+        for r in first:
             r.start()
-        for r in workers:
+        for r in first:
             r.wait_healthy()
-        for r in self.replicas["gateway"]:
+        for r in self.replicas.get("gateway", []):
             r.start()
             r.wait_healthy()
 
@@ -148,6 +201,7 @@ class LocalCompose:
         for reps in self.replicas.values():
             for r in reps:
                 r.stop()
+        shutil.rmtree(self.volumes_dir, ignore_errors=True)
 
     def gateway_url(self) -> str:
         gw = self.replicas["gateway"][0]
