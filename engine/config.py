@@ -57,6 +57,10 @@ class EngineConfig:
     max_num_batched_tokens: int = flag(
         512, "token budget of one step; longer prompts are prefilled in chunks")
     max_model_len: int | None = flag(None, "context limit (default: the model's)")
+    priority_aging_seconds: float = flag(
+        10.0, "a waiting request's priority improves by 1 for every this many seconds it "
+              "waits, so a low priority is never starved (0: no aging); the gateway's "
+              "admission queue and both workers use it")
     prefix_caching: bool = flag(True, "keep the full KV blocks of finished sequences and "
                                        "reuse them for later prompts with the same prefix")
     num_threads: int | None = flag(None, "CPU threads for torch (default: torch's choice)")
@@ -89,6 +93,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if not self.priority_aging_seconds >= 0:
+            raise ValueError(f"priority_aging_seconds must be >= 0, got "
+                             f"{self.priority_aging_seconds}")
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens must be >= block_size, "
                              f"got {self.max_num_batched_tokens}")

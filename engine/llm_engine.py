@@ -83,7 +83,8 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
                                    self.cache_namespace if config.prefix_caching else None)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens,
+                                   config.priority_aging_seconds)
         self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
         # A sequence never outgrows what fits alone in the cache, so it can always run.
         self.max_seq_len = min(self.max_model_len, self.blocks.capacity_tokens)

@@ -40,8 +40,12 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before any other processing; -100
     # all but bans a token, +100 all but forces it (OpenAI's range).
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # Scheduling order, not sampling: lower runs first (engine.scheduler).
+    priority: int = 0
 
     def __post_init__(self):
+        _check(isinstance(self.priority, int) and not isinstance(self.priority, bool),
+               "priority", f"must be an integer, got {self.priority!r}")
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,

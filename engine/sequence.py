@@ -58,6 +58,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
+        # (effective priority, arrival) set by the scheduler; lower goes first.
+        self.rank: tuple[float, int] = (params.priority, self.seq_id)
         self.export_kv = False     # hand each layer's KV to the engine's export hook
         self.prefill_only = False  # finish once the first token is sampled
         # Prompt tokens whose KV came from the prefix cache when the sequence was first

@@ -35,7 +35,8 @@ from server.gateway import GatewayConfig
 
 START_TIMEOUT = 300.0
 # Gateway settings `pdserve up` decides itself (addresses) or shares with the workers.
-GATEWAY_EXCLUDED = ("decode", "prefill", "colocated", "model")
+SHARED_WITH_WORKERS = ("priority_aging_seconds",)  # one engine flag on up's command line
+GATEWAY_EXCLUDED = ("decode", "prefill", "colocated", "model", *SHARED_WITH_WORKERS)
 # Engine settings `pdserve up` decides per worker.
 ENGINE_EXCLUDED = ("num_threads",)
 # Settings passed by environment, not by flag.
@@ -77,7 +78,8 @@ def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]]) -> 
                         "--port", str(args.port), "--model", args.model,
                         "--decode", ",".join(addresses["decode"]),
                         *changed_flags(GatewayConfig, args, exclude=(
-                            *GATEWAY_EXCLUDED, "host", "port", *SECRETS)),
+                            *(f for f in GATEWAY_EXCLUDED if f not in SHARED_WITH_WORKERS),
+                            "host", "port", *SECRETS)),
                         *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)))
     if addresses["prefill"]:
         argv += ["--prefill", ",".join(addresses["prefill"])]

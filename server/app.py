@@ -63,7 +63,8 @@ def _default_model_folder() -> Path:
 
 def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) -> FastAPI:
     try:
-        api_keys = ApiKeys.from_settings(config.api_key, config.api_key_file)
+        api_keys = ApiKeys.from_settings(config.api_key, config.api_key_file,
+                                         config.api_key_priority)
     except ValueError as exc:
         raise SystemExit(f"pdserve gateway: {exc}") from None
     folder, name = _model_folder(config.model)
@@ -114,7 +115,8 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     app.state.model_aliases = {app.state.model_name, config.model, name}
     app.state.tokenizer = tokenizer
     app.state.metrics = metrics
-    app.state.admission = Admission(config.max_inflight, config.max_queue)
+    app.state.admission = Admission(config.max_inflight, config.max_queue,
+                                    config.priority_aging_seconds)
     app.state.decode, app.state.prefill = decode, prefill
     app.state.router = Router(decode, prefill,
                               local_prefill_max_tokens=config.local_prefill_max_tokens,
@@ -225,9 +227,11 @@ def _check_request(request: Request, config: GatewayConfig,
                    api_keys: ApiKeys) -> APIError | None:
     """Auth and body size, before any body is read."""
     if api_keys and request.url.path.startswith("/v1/"):
-        if not api_keys.accepts(request.headers.get("authorization", "")):
+        authorization = request.headers.get("authorization", "")
+        if not api_keys.accepts(authorization):
             return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                             code="invalid_api_key")
+        request.state.default_priority = api_keys.priority(authorization)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > config.max_body_bytes:
         return APIError(413, f"request body of {length} bytes is over the limit of "

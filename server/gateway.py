@@ -38,8 +38,14 @@ class GatewayConfig:
     api_key_file: str | None = flag(None, "file of accepted API keys, one a line (blank "
                                            "lines and # comments skipped), read at start; "
                                            "adds to --api-key")
+    api_key_priority: str | None = flag(None, "default priority of each key's requests "
+                                               "that name none: KEY=N[,KEY=N...] (lower "
+                                               "runs first; default 0)")
     max_inflight: int = flag(64, "requests generating at once; more wait in the queue")
     max_queue: int = flag(256, "requests waiting for a slot; beyond it: 429")
+    priority_aging_seconds: float = flag(10.0, "a waiting request's priority improves by 1 "
+                                               "for every this many seconds it waits in the "
+                                               "admission queue (0: no aging)")
     local_prefill_max_tokens: int = flag(32, "prompts shorter than this prefill on the "
                                               "decode worker")
     max_body_bytes: int = flag(4 << 20, "largest request body; larger: 413")
@@ -60,7 +66,7 @@ class GatewayConfig:
             raise ValueError("--decode: at least one decode worker address is required")
         if self.colocated:
             object.__setattr__(self, "prefill", ())  # normalised once, before any use
-        for name in ("api_key", "api_key_file", "response_store"):
+        for name in ("api_key", "api_key_file", "api_key_priority", "response_store"):
             if not getattr(self, name):
                 object.__setattr__(self, name, None)  # an empty variable means none
         if self.api_key_file and not Path(self.api_key_file).is_file():
@@ -69,7 +75,7 @@ class GatewayConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("max_queue", "local_prefill_max_tokens", "migration_limit",
-                     "response_ttl"):
+                     "response_ttl", "priority_aging_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("request_timeout", "health_interval", "resolve_interval"):

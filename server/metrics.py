@@ -39,7 +39,10 @@ class GatewayMetrics:
         self.tpot = hist("time_per_output_token_seconds",
                          "(e2e - TTFT) / (output tokens - 1) per request.")
         self.e2e = hist("e2e_request_latency_seconds", "Arrival to last token.")
-        self.queue = hist("request_queue_time_seconds", "Time waiting for admission.")
+        self.queue = Histogram("pdserve_request_queue_time_seconds",
+                               "Time waiting for admission, by request priority (as given, "
+                               "or '<-20'/'>20' beyond).", ["priority"],
+                               buckets=LATENCY_BUCKETS, registry=r)
         self.prefill_time = hist("prefill_time_seconds", "Prefill compute (prefill worker).")
         self.kv_time = hist("kv_transfer_seconds", "KV transfer, first chunk to ack.")
         self.prompt_hist = hist("request_prompt_tokens", "Prompt tokens per request.",
@@ -69,6 +72,7 @@ class GatewayMetrics:
                                  "endpoint (before validation).", ["endpoint"], registry=r)
         for name in ENDPOINTS:
             self.endpoints.labels(name)
+        self.queue.labels("0")
         self.migrations = Counter(
             "pdserve_migrations", "Requests moved to another decode worker mid-stream, "
             "after the one serving them failed or stopped answering.", registry=r)
@@ -94,8 +98,8 @@ class GatewayMetrics:
                                        "cache, since it started."),
         }
 
-    def request(self, prompt_tokens: int) -> "RequestRecorder":
-        return RequestRecorder(self, prompt_tokens)
+    def request(self, prompt_tokens: int, priority: int = 0) -> "RequestRecorder":
+        return RequestRecorder(self, prompt_tokens, priority)
 
     def worker_health(self, address: str, role: str, up: bool, free_blocks: int,
                       total_blocks: int, running: int, waiting: int,
@@ -139,12 +143,24 @@ class GatewayMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+PRIORITY_LABELS = 20  # priorities beyond +-this share a label: the series stay bounded
+
+
+def priority_label(priority: int) -> str:
+    if priority > PRIORITY_LABELS:
+        return f">{PRIORITY_LABELS}"
+    if priority < -PRIORITY_LABELS:
+        return f"<-{PRIORITY_LABELS}"
+    return str(priority)
+
+
 class RequestRecorder:
     """One request's events, turned into observations; created when the request arrives."""
 
-    def __init__(self, metrics: GatewayMetrics, prompt_tokens: int):
+    def __init__(self, metrics: GatewayMetrics, prompt_tokens: int, priority: int = 0):
         self.m = metrics
         self.prompt_tokens = prompt_tokens
+        self.priority = priority_label(priority)
         self.start = metrics.clock()
         self.first: float | None = None
         self.last: float | None = None
@@ -152,7 +168,7 @@ class RequestRecorder:
         self.done = False
 
     def queued(self, seconds: float) -> None:
-        self.m.queue.observe(seconds)
+        self.m.queue.labels(self.priority).observe(seconds)
 
     def token(self) -> None:
         now = self.m.clock()

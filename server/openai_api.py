@@ -160,9 +160,9 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
     _check_pools(state, prompts)
     room = _context_check(state, prompts, req)
     default_max = room if chat else min(16, room)
-    params = protocol.sampling_params(req, default_max_tokens=default_max,
-                                      eos_token_ids=state.tokenizer.eos_token_ids,
-                                      grammar=grammar)
+    params = protocol.sampling_params(
+        req, default_max_tokens=default_max, eos_token_ids=state.tokenizer.eos_token_ids,
+        grammar=grammar, default_priority=getattr(request.state, "default_priority", 0))
     n = req.n or 1
     drop_output = not chat and req.echo and req.max_tokens == 0
     # Every request is seeded: noise keyed by (seed, position) lets a request that moves
@@ -171,8 +171,8 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
     choices = [Choice(i * n + j, prompt,
                       _with_seed(params, protocol.choice_seed(seed, j)), drop_output)
                for i, prompt in enumerate(prompts) for j in range(n)]
-    recorder = state.metrics.request(sum(len(p) for p in prompts))
-    slot = state.admission.slot()
+    recorder = state.metrics.request(sum(len(p) for p in prompts), params.priority)
+    slot = state.admission.slot(params.priority)
     try:
         ticket = await slot.__aenter__()
     except QueueFull as exc:

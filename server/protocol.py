@@ -32,6 +32,7 @@ from server.tools import (
 MAX_N = 16
 MAX_STOP = 4
 INT32_MAX = 2**31 - 1  # SamplingParams' int32 fields
+INT32_MIN = -(2**31)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
@@ -60,6 +61,8 @@ class _Common(Guided):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions, with vLLM's names.
+    # Lower runs first; none: the API key's default (server.api_keys), else 0.
+    priority: Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)] | None = None
     top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] = -1  # -1 or 0 disables
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
@@ -333,7 +336,8 @@ def output_grammar(req) -> tuple[str, str, str] | None:
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, *,
                     default_max_tokens: int | None, eos_token_ids=(),
-                    grammar: tuple[str, str, str] | None = None) -> common_pb2.SamplingParams:
+                    grammar: tuple[str, str, str] | None = None,
+                    default_priority: int = 0) -> common_pb2.SamplingParams:
     """The SamplingParams the workers get for one choice, built from the validated
     request (the seed is choice 0's; see choice_seed). The tokenizer's end tokens stop
     generation unless ignore_eos is set."""
@@ -363,7 +367,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, *,
         seed=req.seed,
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
         grammar=None if grammar is None else common_pb2.Grammar(kind=grammar[0],
-                                                                spec=grammar[1]))
+                                                                spec=grammar[1]),
+        priority=req.priority if req.priority is not None else default_priority)
     if chat:
         if req.logprobs:
             params.logprobs = req.top_logprobs or 0

@@ -119,6 +119,7 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = None
     stream: bool = False
     # Extensions, with vLLM's names.
+    priority: Annotated[int, Field(ge=protocol.INT32_MIN, le=protocol.INT32_MAX)] | None = None
     seed: Annotated[int, Field(ge=protocol.INT64_MIN, le=protocol.INT64_MAX)] | None = None
     # OpenAI fields pdserve does not implement: refused unless at their "off" value.
     background: bool | None = None
@@ -132,7 +133,8 @@ class ResponsesRequest(BaseModel):
 _UNSUPPORTED_OFF = {
     "background": lambda v: v is False,
     "truncation": lambda v: v == "disabled",
-    "reasoning": lambda v: not v or v.get("effort") in (None, "none", "minimal"),
+    "reasoning": lambda v: not v or (isinstance(v, dict)
+                                     and v.get("effort") in (None, "none", "minimal")),
     "include": lambda v: not v,
     "conversation": lambda v: False,
     "prompt": lambda v: False,
@@ -227,7 +229,7 @@ def chat_body(req: ResponsesRequest, messages: list[dict]) -> dict:
     body: dict[str, Any] = {
         "model": req.model, "messages": messages, "stream": req.stream,
         "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
-        "top_p": req.top_p, "user": req.user, "seed": req.seed,
+        "top_p": req.top_p, "user": req.user, "seed": req.seed, "priority": req.priority,
         "parallel_tool_calls": req.parallel_tool_calls}
     if req.tools:
         body["tools"] = [{"type": "function", "function": t.model_dump(

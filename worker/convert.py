@@ -29,7 +29,7 @@ def params_from_proto(msg) -> SamplingParams:
         logit_bias=tuple(msg.logit_bias.items()),
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         grammar=Grammar(msg.grammar.kind, msg.grammar.spec) if msg.HasField("grammar")
-        else None)
+        else None, priority=msg.priority)
 
 
 def params_to_proto(params: SamplingParams):
@@ -38,7 +38,8 @@ def params_to_proto(params: SamplingParams):
         min_p=params.min_p, repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         max_tokens=params.max_tokens, min_tokens=params.min_tokens,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+        priority=params.priority)
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:

@@ -134,3 +134,72 @@ def test_queue_seconds_measures_the_wait():
 def test_rejects_nonsense_limits():
     with pytest.raises(ValueError):
         Admission(max_inflight=0, max_queue=1)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served_order(adm: Admission, arrivals: list[tuple[str, int, float]], clock: Clock):
+    """Names in the order their slots were granted: one slot held while they all queue
+    (arriving at their times), then released."""
+    async def main():
+        order = []
+        holder = adm.slot()
+        await holder.__aenter__()
+
+        async def job(name, priority):
+            async with adm.slot(priority):
+                order.append(name)
+
+        tasks = []
+        for name, priority, at in arrivals:
+            clock.now = at
+            tasks.append(asyncio.create_task(job(name, priority)))
+            await asyncio.sleep(0)  # queued now, at `at`
+        await holder.__aexit__(None, None, None)
+        await asyncio.gather(*tasks)
+        assert (adm.running, adm.waiting) == (0, 0)
+        return order
+    return asyncio.run(main())
+
+
+def test_waiters_are_served_by_priority_then_arrival():
+    clock = Clock()
+    adm = Admission(max_inflight=1, max_queue=10, priority_aging_seconds=0, clock=clock)
+    order = served_order(adm, [("b1", 10, 0), ("b2", 10, 1), ("c1", 0, 2), ("u", -1, 3),
+                               ("c2", 0, 4)], clock)
+    assert order == ["u", "c1", "c2", "b1", "b2"]
+
+
+def test_aging_bounds_how_long_a_low_priority_waits():
+    # Aging 1 s: a priority-10 request that has waited 10 s ranks as a fresh priority 0.
+    clock = Clock()
+    adm = Admission(max_inflight=1, max_queue=10, priority_aging_seconds=1.0, clock=clock)
+    order = served_order(adm, [("batch", 10, 0.0), ("chat-9s", 0, 9.0),
+                               ("chat-11s", 0, 11.0)], clock)
+    assert order == ["chat-9s", "batch", "chat-11s"]
+
+
+def test_a_cancelled_waiter_leaves_the_priority_queue():
+    async def main():
+        adm = Admission(max_inflight=1, max_queue=10)
+        holder = adm.slot()
+        await holder.__aenter__()
+        gone = asyncio.create_task(adm.slot(0).__aenter__())
+        kept_slot = adm.slot(5)
+        kept = asyncio.create_task(kept_slot.__aenter__())
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert adm.waiting == 1
+        await holder.__aexit__(None, None, None)
+        await kept
+        assert adm.running == 1
+        await kept_slot.__aexit__(None, None, None)
+        assert (adm.running, adm.waiting) == (0, 0)
+    asyncio.run(main())

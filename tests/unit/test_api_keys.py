@@ -76,3 +76,27 @@ def test_keys_are_matched_whole_and_case_sensitively():
     assert keys.accepts("Bearer a-key") and keys.accepts("bearer b-key")
     assert not keys.accepts("Bearer A-KEY") and not keys.accepts("Bearer a-key-and-more")
     assert not ApiKeys.from_settings(None, None)
+
+
+def test_each_key_has_its_default_priority(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("batch priority=10\nchat\nurgent priority=-3\n")
+    keys = ApiKeys.from_settings("flagged", str(path), "flagged=4,chat=1")
+    assert [keys.priority(f"Bearer {k}") for k in ("batch", "chat", "urgent", "flagged")] == [
+        10, 1, -3, 4]
+    assert keys.priority("Bearer nobody") == 0 and keys.priority("") == 0
+
+
+@pytest.mark.parametrize("line", ["key prio=3", "key priority=x", "key priority=1 extra"])
+def test_a_bad_priority_in_the_key_file_names_the_line(tmp_path, line):
+    path = tmp_path / "keys"
+    path.write_text(f"good\n{line}\n")
+    with pytest.raises(ValueError, match="line 2"):
+        ApiKeys.from_settings(None, str(path))
+
+
+@pytest.mark.parametrize("value,message", [("k", "not KEY=N"), ("k=high", "not KEY=N"),
+                                           ("other=1", "not accepted")])
+def test_a_bad_api_key_priority_is_refused(value, message):
+    with pytest.raises(ValueError, match=message):
+        ApiKeys.from_settings("k", None, value)

@@ -182,3 +182,11 @@ def test_documented_flag_tables_are_the_configs():
     assert flag_docs.replace_in(text) == text, \
         "docs/configuration.md's flag tables drift from the configs: " \
         "python -m pdserve.flag_docs --write"
+
+
+def test_up_gives_the_priority_aging_to_the_gateway_and_the_workers_alike():
+    args = build_parser().parse_args(["up", "--priority-aging-seconds", "2.5"])
+    worker = stack._worker_argv("prefill", args, threads=1)
+    gateway = stack._gateway_argv(args, {"decode": ["127.0.0.1:1"], "prefill": []})
+    for argv in (worker, gateway):
+        assert argv[argv.index("--priority-aging-seconds") + 1] == "2.5"

@@ -100,7 +100,7 @@ def test_request_without_tokens_counts_in_e2e_only():
     assert abs(s[("pdserve_e2e_request_latency_seconds_sum", ())] - 2.0) < 1e-9
     assert s[("pdserve_time_to_first_token_seconds_count", ())] == 0
     assert s[("pdserve_time_per_output_token_seconds_count", ())] == 0
-    assert s[("pdserve_request_queue_time_seconds_sum", ())] == 0.25
+    assert s[("pdserve_request_queue_time_seconds_sum", (("priority", "0"),))] == 0.25
     assert s[("pdserve_request_generation_tokens_count", ())] == 1
     assert s[("pdserve_request_generation_tokens_sum", ())] == 0
     assert s[("pdserve_requests_total", (("finish_reason", "error"),))] == 1
@@ -114,3 +114,13 @@ def test_running_and_waiting_gauges():
     assert s[("pdserve_requests_running", ())] == 4
     assert s[("pdserve_requests_waiting", ())] == 2
     assert m.render()[1].startswith("text/plain")
+
+
+def test_queue_time_is_kept_by_priority_with_bounded_labels():
+    m = GatewayMetrics()
+    for priority, seconds in [(0, 1.0), (5, 2.0), (5, 3.0), (-3, 0.5), (99, 7.0), (-50, 9.0)]:
+        m.request(10, priority).queued(seconds)
+    s = samples(m)
+    sums = {labels[0][1]: value for (name, labels), value in s.items()
+            if name == "pdserve_request_queue_time_seconds_sum"}
+    assert sums == {"0": 1.0, "5": 5.0, "-3": 0.5, ">20": 7.0, "<-20": 9.0}
