@@ -18,6 +18,7 @@ from engine.sequence import FinishReason
 from kvtransfer.codec import KvProtocolError, encode_layer, fingerprint_mismatch
 from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
+from pdserve_config import tracing
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
 from worker.convert import (
     finish_reason_to_proto,
@@ -50,6 +51,11 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
     async def Generate(self, request, context):
         rid = request.request_id
         resume = list(request.resume_token_ids)
+        span = tracing.start("decode", tracing.context_of(context.invocation_metadata()), {
+            "pdserve.request_id": rid, "pdserve.prompt_tokens": len(request.prompt_token_ids),
+            "pdserve.remote_prefill": request.remote_prefill,
+            "pdserve.resumed_tokens": len(resume)})
+        error = None
         try:
             params = await validated(self.engine, rid, request.prompt_token_ids,
                                      request.params)
@@ -69,11 +75,15 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                 else:
                     await self._call(lambda e: e.add_request(
                         rid, list(request.prompt_token_ids), params, resume_token_ids=resume))
-                async for message in self._stream(subscription.outputs, request, started):
+                async for message in self._stream(subscription.outputs, request, started,
+                                                  span):
                     subscription.completed = message.HasField("finished")
                     yield message
         except StatusError as exc:  # any failure of the request ends the RPC here
+            error = exc.message
             await exc.abort(context)
+        finally:
+            tracing.end(span, error=error)
 
     async def _reserve(self, request, params) -> Lease:
         prompt = list(request.prompt_token_ids)
@@ -91,8 +101,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         except InvalidRequestError as exc:
             raise status_of(exc) from None
 
-    async def _stream(self, outputs: asyncio.Queue, request, started: float):
-        kv_wait = 0.0
+    async def _stream(self, outputs: asyncio.Queue, request, started: float, span=None):
+        """The request's messages; under `span`, the lease's wait for the KV (remote
+        prefill) and the time in the running batch with the tokens generated."""
+        kv_wait, batch_from = 0.0, time.monotonic()
         while True:
             out = await outputs.get()
             if isinstance(out, StatusError):
@@ -109,8 +121,17 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                                 seq.prompt_token_ids, out.prompt_logprobs))
                 yield decode_pb2.GenerateResponse(token=token)
             elif request.remote_prefill and index == 0:
-                kv_wait = time.monotonic() - started
+                batch_from = time.monotonic()
+                kv_wait = batch_from - started
+                tracing.record("lease wait", span, tracing.wall_ns(started),
+                               tracing.wall_ns(batch_from))
             if out.finished:
+                # Not generated here: the tokens resumed, and a remote prefill's first.
+                given = len(request.resume_token_ids) + int(request.remote_prefill)
+                tracing.record("batch", span, tracing.wall_ns(batch_from),
+                               tracing.wall_ns(time.monotonic()), {
+                                   "pdserve.tokens_generated": seq.num_output_tokens - given,
+                                   "pdserve.finish_reason": str(out.finish_reason)})
                 if out.finish_reason == FinishReason.ERROR:
                     raise StatusError(grpc.StatusCode.INTERNAL, "the model step failed")
                 yield decode_pb2.GenerateResponse(finished=decode_pb2.Finished(
@@ -123,6 +144,10 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
     # ----- PushKv -----------------------------------------------------------------------
 
     async def PushKv(self, request_iterator, context):
+        with tracing.span("kv import", tracing.context_of(context.invocation_metadata())) as span:
+            return await self._push_kv(request_iterator, context, span)
+
+    async def _push_kv(self, request_iterator, context, span):
         receiver = KvReceiver(self.fingerprint, self.engine.max_seq_len)
         lease = None
         try:
@@ -152,6 +177,9 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                     receiver.on_trailer(msg.trailer)
                     first = token_from_proto(msg.trailer.first_token)
                     await self.loop.call(lambda e, first=first: self.leases.commit(e, lease, first))
+                    if span is not None:
+                        span.set_attributes({"pdserve.request_id": header.request_id,
+                                             "pdserve.kv_bytes": receiver.coverage.num_bytes})
                     return kv_pb2.PushKvResponse(
                         bytes_received=receiver.coverage.num_bytes,
                         receive_seconds=time.monotonic() - receiver.started_at)

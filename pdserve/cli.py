@@ -17,10 +17,12 @@ from pdserve.config_flags import add_config_flags, config_from_args
 from pdserve.env_flags import apply_env_defaults
 from pdserve.launch import die_with_parent
 from pdserve_config.security import SecurityConfig
+from pdserve_config.tracing import TracingConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
 SECURITY_TITLE = "gRPC between pdserve's processes"
+TRACING_TITLE = "OpenTelemetry tracing"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,17 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(prefill, PrefillConfig)
     add_config_flags(prefill, EngineConfig, title="engine")
     add_config_flags(prefill, SecurityConfig, title=SECURITY_TITLE)
+    add_config_flags(prefill, TracingConfig, title=TRACING_TITLE)
     prefill.set_defaults(func=_prefill)
 
     decode = commands.add_parser("decode", help="run a decode worker (gRPC)")
     add_config_flags(decode, DecodeConfig)
     add_config_flags(decode, EngineConfig, title="engine")
     add_config_flags(decode, SecurityConfig, title=SECURITY_TITLE)
+    add_config_flags(decode, TracingConfig, title=TRACING_TITLE)
     decode.set_defaults(func=_decode)
 
     gateway = commands.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     add_config_flags(gateway, GatewayConfig)
     add_config_flags(gateway, SecurityConfig, title=SECURITY_TITLE)
+    add_config_flags(gateway, TracingConfig, title=TRACING_TITLE)
     gateway.set_defaults(func=_gateway)
 
     up = commands.add_parser("up", help="start gateway and workers on this machine")
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(up, EngineConfig, exclude=stack.ENGINE_EXCLUDED,
                      title="engine (every worker)")
     add_config_flags(up, SecurityConfig, title=f"{SECURITY_TITLE} (every process)")
+    add_config_flags(up, TracingConfig, title=f"{TRACING_TITLE} (every process)")
     up.set_defaults(func=stack.run)
 
     generate = commands.add_parser("generate", help="generate text for one prompt, streaming")
@@ -92,22 +98,38 @@ def _configs(args: argparse.Namespace, *classes):
         raise SystemExit(f"pdserve {args.command}: {exc}") from None
 
 
+def _trace(args: argparse.Namespace, service: str) -> None:
+    """Start exporting this process's spans when an OTLP endpoint is set."""
+    from pdserve_config import tracing
+
+    (config,) = _configs(args, TracingConfig)
+    try:
+        tracing.setup(config, service)
+    except ValueError as exc:
+        raise SystemExit(f"pdserve {args.command}: {exc}") from None
+
+
 def _prefill(args: argparse.Namespace) -> int:
     from prefill_worker.server import run
 
-    return run(*_configs(args, PrefillConfig, EngineConfig, SecurityConfig))
+    configs = _configs(args, PrefillConfig, EngineConfig, SecurityConfig)
+    _trace(args, "prefill")
+    return run(*configs)
 
 
 def _decode(args: argparse.Namespace) -> int:
     from decode_worker.server import run
 
-    return run(*_configs(args, DecodeConfig, EngineConfig, SecurityConfig))
+    configs = _configs(args, DecodeConfig, EngineConfig, SecurityConfig)
+    _trace(args, "decode")
+    return run(*configs)
 
 
 def _gateway(args: argparse.Namespace) -> int:
     from server.gateway import run
 
     config, security = _configs(args, GatewayConfig, SecurityConfig)
+    _trace(args, "gateway")
     return run(config, args.log_level, security)
 
 

@@ -14,15 +14,17 @@ from decode_worker.config import DecodeConfig
 from engine.config import EngineConfig
 from pdserve.config_flags import option_name
 from pdserve.env_flags import PREFIX
-from pdserve.stack import ENGINE_EXCLUDED, GATEWAY_EXCLUDED, StackConfig
+from pdserve.stack import ENGINE_EXCLUDED, GATEWAY_EXCLUDED, SHARED_WITH_WORKERS, StackConfig
 from pdserve_config.security import SecurityConfig
+from pdserve_config.tracing import TracingConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 BEGIN = "<!-- flag tables: python -m pdserve.flag_docs --write -->"
 END = "<!-- end of flag tables -->"
-_NOT_IN_UP = ", ".join(f"`--{name}`" for name in GATEWAY_EXCLUDED)
+_NOT_IN_UP = ", ".join(f"`--{name}`" for name in GATEWAY_EXCLUDED
+                       if name not in SHARED_WITH_WORKERS)
 SECTIONS = (
     ("`pdserve gateway`", GatewayConfig),
     ("`pdserve prefill` (and the engine flags)", PrefillConfig),
@@ -33,6 +35,8 @@ SECTIONS = (
      EngineConfig),
     ("gRPC security flags, of `gateway`, `prefill`, `decode`, `health` and `up` (which "
      "passes them on to every process, the token by environment)", SecurityConfig),
+    ("OpenTelemetry tracing flags, of `gateway`, `prefill`, `decode` and `up` (which passes "
+     "them on to every process)", TracingConfig),
 )
 assert ENGINE_EXCLUDED == ("num_threads",)  # as the heading above says
 

@@ -31,6 +31,7 @@ from pdserve.launch import ChildProcess, pdserve_argv
 from pdserve.supervisor import Supervisor
 from pdserve_config.fields import flag
 from pdserve_config.security import SecurityConfig
+from pdserve_config.tracing import TracingConfig
 from server.gateway import GatewayConfig
 
 START_TIMEOUT = 300.0
@@ -70,7 +71,8 @@ def _worker_argv(role: str, args: argparse.Namespace, threads: int,
     return pdserve_argv("--log-level", args.log_level, role, "--host", "127.0.0.1",
                         "--port", str(port), "--num-threads", str(threads),
                         *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED),
-                        *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)))
+                        *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)),
+                        *changed_flags(TracingConfig, args))
 
 
 def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]]) -> list[str]:
@@ -80,7 +82,8 @@ def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]]) -> 
                         *changed_flags(GatewayConfig, args, exclude=(
                             *(f for f in GATEWAY_EXCLUDED if f not in SHARED_WITH_WORKERS),
                             "host", "port", *SECRETS)),
-                        *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)))
+                        *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)),
+                        *changed_flags(TracingConfig, args))
     if addresses["prefill"]:
         argv += ["--prefill", ",".join(addresses["prefill"])]
     return argv

@@ -27,6 +27,7 @@ import torch
 from engine.errors import InvalidRequestError
 from kvtransfer.codec import Coverage, KvFormatError, decode_chunk, shape_of
 from kvtransfer.sender import KvSender, KvSendError
+from pdserve_config import tracing
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
@@ -104,16 +105,25 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             transfer.export(self.engine, seq, layer, start, k, v)
 
     async def Prefill(self, request, context):
+        span = tracing.start("prefill", tracing.context_of(context.invocation_metadata()), {
+            "pdserve.request_id": request.request_id,
+            "pdserve.prompt_tokens": len(request.prompt_token_ids),
+            "pdserve.decode_worker": request.decode_address})
+        error = None
         try:
-            return await self._prefill(request, context)
+            return await self._prefill(request, context, span)
         except StatusError as exc:
+            error = exc.message
             log.warning("request %s: prefill failed: %s", request.request_id, exc)
             await exc.abort(context)
         except Exception as exc:  # a bug must still end the call with a status, not hang it
+            error = repr(exc)
             log.exception("request %s: prefill failed", request.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc!r}")
+        finally:
+            tracing.end(span, error=error)
 
-    async def _prefill(self, request, context):
+    async def _prefill(self, request, context, span=None):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = await self._validate(request)
         first = request.decode_cached_tokens
@@ -123,14 +133,19 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         sender = KvSender(self._channel(request.decode_address), header, asyncio.get_running_loop(),
                           layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
         arrived = time.monotonic()
+        # The decode worker's span of this KV ("kv import") is a child of this one.
+        push = tracing.start("kv push", tracing.context_in(span), {
+            "pdserve.first_position": first})
         # StatusError (ALREADY_EXISTS) ends the call; leaving early aborts the request.
         with self.loop.subscription(rid, lambda e: e.abort_request(rid)) as subscription:
             transfer = self._transfers[rid] = _Transfer(
                 sender, [first] * self.engine.model_config.num_layers)
-            sending = asyncio.create_task(sender.send(metadata=[("x-request-id", rid)]))
+            sending = asyncio.create_task(sender.send(
+                metadata=tracing.metadata((("x-request-id", rid),), push)))
             pulled = 0
             try:
-                kv = await self._pull(request, prompt) if params.prompt_logprobs is None else None
+                kv = await self._pull(request, prompt, span) \
+                    if params.prompt_logprobs is None else None
 
                 def queue(engine):
                     nonlocal pulled
@@ -157,7 +172,13 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                 started = transfer.compute_started or arrived
                 if not subscription.completed:
                     sending.cancel()
+                    tracing.end(push, error="the prefill did not complete")
         acked = time.monotonic()
+        tracing.end(push, {"pdserve.kv_bytes": sender.num_bytes})
+        tracing.record("queue", span, tracing.wall_ns(arrived), tracing.wall_ns(started))
+        tracing.record("compute", span, tracing.wall_ns(started), tracing.wall_ns(sampled_at),
+                       {"pdserve.cached_tokens": out.seq.num_cached_tokens,
+                        "pdserve.pulled_tokens": pulled})
         log.debug("request %s: %d KV bytes acknowledged", rid, ack.bytes_received)
         first_token = token_to_proto(out.token_id, 0, out.logprob)
         first_token.cached_prompt_tokens = out.seq.num_cached_tokens
@@ -173,7 +194,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                                                                        out.prompt_logprobs))
         return response
 
-    async def _pull(self, request, prompt: list[int]):
+    async def _pull(self, request, prompt: list[int], parent=None):
         """(start, per layer K and V) of the positions the decode worker holds cached
         beyond this worker's cached prefix, when that is at least a block; else None.
         Any failure is logged and answered with None: the prompt is then computed here,
@@ -190,11 +211,13 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         v = torch.empty_like(k)
         coverage = Coverage(shape.num_layers, wanted, start)
         stub = decode_pb2_grpc.DecodeServiceStub(self._channel(request.decode_address))
+        span = tracing.start("kv pull", tracing.context_in(parent), {
+            "pdserve.first_position": start, "pdserve.end_position": wanted})
         try:
             call = stub.PullKv(kv_pb2.PullKvRequest(
                 lease_id=request.lease_id, request_id=request.request_id,
                 fingerprint=self.fingerprint, first_position=start, end_position=wanted),
-                metadata=[("x-request-id", request.request_id)],
+                metadata=tracing.metadata((("x-request-id", request.request_id),), span),
                 timeout=self.transfer_timeout)
             async for chunk in call:
                 layer, first, k_part, v_part = decode_chunk(chunk, shape, wanted, start)
@@ -209,7 +232,9 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             log.warning("request %s: pulling %d cached positions from %s failed (%s); "
                         "computing them here", request.request_id, count,
                         request.decode_address, detail)
+            tracing.end(span, error=str(detail))
             return None
+        tracing.end(span, {"pdserve.kv_bytes": coverage.num_bytes})
         log.debug("request %s: pulled positions [%d, %d) from %s", request.request_id, start,
                   wanted, request.decode_address)
         return start, list(zip(k, v, strict=True))

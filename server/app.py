@@ -20,6 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
+from pdserve_config import tracing
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from server import openapi_schema
 from server.admission import Admission
@@ -108,7 +109,11 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
                 await pool.close()
         await app.state.response_store.close()
 
-    app = FastAPI(title="pdserve", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry server span is each API request's root span (a child
+    # of the caller's when it sends a traceparent); the probes and /metrics stay out.
+    app = FastAPI(title="pdserve", lifespan=lifespan, telemetry={
+        "operation_spans": False, "metrics": False, "logs": False,
+        "exclude": lambda scope: not scope.get("path", "").startswith("/v1/")})
     openapi_schema.install(app)
     app.state.config = config
     app.state.model_name = config.served_model_name or name
@@ -166,6 +171,7 @@ class RequestContext:
                     MutableHeaders(scope=message)["X-Request-Id"] = rid
                 await send(message)
 
+            tracing.annotate({"pdserve.request_id": rid})
             await self.app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)

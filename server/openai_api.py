@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pdserve_config import tracing
 from pdserve_proto.v1.common_pb2 import SamplingParams
 from server import protocol
 from server.admission import QueueFull
@@ -32,11 +33,12 @@ async def completions(request: Request):
     req = protocol.parse_completion_request(body)
     check_model(state, req.model)
     prompts, texts = [], []
-    for item in prompt_inputs(req):
-        ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
-        check_token_ids(ids, state.tokenizer.vocab_size)
-        prompts.append(ids)
-        texts.append(item if isinstance(item, str) else state.tokenizer.decode(ids))
+    with tracing.span("tokenize"):
+        for item in prompt_inputs(req):
+            ids = state.tokenizer.encode(item) if isinstance(item, str) else list(item)
+            check_token_ids(ids, state.tokenizer.vocab_size)
+            prompts.append(ids)
+            texts.append(item if isinstance(item, str) else state.tokenizer.decode(ids))
     return await serve(request, req, prompts, chat=False, echo_texts=texts if req.echo else None)
 
 
@@ -59,10 +61,15 @@ async def chat_prompt(state, req: protocol.ChatCompletionRequest) -> list[int]:
             await check_schema(tool.function.parameters, f"tools.{i}.function.parameters")
     messages = template_messages(req, template_takes_tools=tokenizer.template_takes_tools)
     tools = template_tools(req) if tokenizer.template_takes_tools else None
-    try:
-        return tokenizer.apply_chat_template(messages, tools=tools)
-    except ValueError as exc:
-        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+    with tracing.span("tokenize") as span:
+        try:
+            prompt = tokenizer.apply_chat_template(messages, tools=tools)
+        except ValueError as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}",
+                           param="messages") from None
+        if span is not None:
+            span.set_attribute("pdserve.prompt_tokens", len(prompt))
+        return prompt
 
 
 async def json_body(request: Request) -> dict:
@@ -173,12 +180,13 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
                for i, prompt in enumerate(prompts) for j in range(n)]
     recorder = state.metrics.request(sum(len(p) for p in prompts), params.priority)
     slot = state.admission.slot(params.priority)
-    try:
-        ticket = await slot.__aenter__()
-    except QueueFull as exc:
-        raise APIError(429, "too many requests: the admission queue is full",
-                       code="queue_full",
-                       headers={"Retry-After": str(exc.retry_after)}) from None
+    with tracing.span("admission", attributes={"pdserve.priority": params.priority}):
+        try:
+            ticket = await slot.__aenter__()
+        except QueueFull as exc:
+            raise APIError(429, "too many requests: the admission queue is full",
+                           code="queue_full",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
     recorder.queued(ticket.queue_seconds)
     gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
                      want_logprobs=params.HasField("logprobs"),

@@ -23,7 +23,7 @@ import grpc
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from server.placement import best_decode, best_prefill
+from server.placement import Placement, best_decode, best_prefill
 from server.prefix_index import PromptBlocks
 
 log = logging.getLogger("pdserve.gateway.pool")
@@ -220,16 +220,20 @@ class WorkerPool:
         return [w for w in self.workers.values() if w.healthy]
 
     def pick(self, exclude: set[str] = frozenset(), prompt: PromptBlocks | None = None) -> Worker:
-        """The worker for `prompt` by server.placement's rule. Both roles count what
-        this gateway sent since the last report; ties go to fewer in-flight requests, so
-        an idle pool is used round-robin-like."""
+        return self.place(exclude, prompt).worker
+
+    def place(self, exclude: set[str] = frozenset(),
+              prompt: PromptBlocks | None = None) -> Placement:
+        """The worker for `prompt` by server.placement's rule, with the score it won on.
+        Both roles count what this gateway sent since the last report; ties go to fewer
+        in-flight requests, so an idle pool is used round-robin-like."""
         candidates = [w for w in self.healthy() if w.address not in exclude]
         if not candidates:
             known = ", ".join(f"{w.address} ({w.last_error or 'starting'})"
                               for w in self.workers.values()) or "none resolved"
             raise NoWorkerError(f"no healthy {self.role} worker (known: {known})")
         best = best_decode if self.role == "decode" else best_prefill
-        return best(candidates, prompt).worker
+        return best(candidates, prompt)
 
     @contextlib.contextmanager
     def count_inflight(self, worker: Worker, prompt_tokens: int):

@@ -28,6 +28,7 @@ The life of a request:
 import logging
 from collections.abc import AsyncIterator
 
+from pdserve_config import tracing
 from server.errors import APIError
 from server.events import TokenEvent
 from server.placement import prefill_remotely
@@ -66,65 +67,98 @@ class Router:
         blocks = PromptBlocks(prompt)
         sent: list[int] = []
         failed: set[str] = set()
-        events = self._first_run(request_id, prompt, params, blocks)
-        migrations = 0
-        while True:
-            try:
-                async for event in events:
-                    if isinstance(event, TokenEvent):
-                        sent.append(event.token_id)
-                    yield event
-                return
-            except DecodeFailed as failure:
-                failed.add(failure.worker)
-                if migrations >= self.migration_limit:
-                    raise failure.error from None
-                migrations += 1
-                if self.on_migrate is not None:
-                    self.on_migrate()
-                log.warning("request %s: %s after %d tokens; continuing on another decode "
-                            "worker (migration %d of at most %d)", request_id,
-                            failure.error.message, len(sent), migrations, self.migration_limit)
-                events = self._resumed(f"{request_id}-m{migrations}", prompt, params,
-                                       list(sent), failed, blocks)
+        span = tracing.start("generate", attributes={"pdserve.request_id": request_id,
+                                                    "pdserve.prompt_tokens": len(prompt),
+                                                    "pdserve.priority": params.priority})
+        events = self._first_run(request_id, prompt, params, blocks, span)
+        migrations, error = 0, None
+        try:
+            while True:
+                try:
+                    async for event in events:
+                        if isinstance(event, TokenEvent):
+                            sent.append(event.token_id)
+                        yield event
+                    return
+                except DecodeFailed as failure:
+                    failed.add(failure.worker)
+                    if migrations >= self.migration_limit:
+                        raise failure.error from None
+                    migrations += 1
+                    if self.on_migrate is not None:
+                        self.on_migrate()
+                    log.warning("request %s: %s after %d tokens; continuing on another "
+                                "decode worker (migration %d of at most %d)", request_id,
+                                failure.error.message, len(sent), migrations,
+                                self.migration_limit)
+                    events = self._resumed(f"{request_id}-m{migrations}", prompt, params,
+                                           list(sent), failed, blocks, span, migrations)
+        except APIError as exc:
+            error = exc.message
+            raise
+        finally:
+            tracing.end(span, {"pdserve.tokens": len(sent), "pdserve.migrations": migrations},
+                        error=error)
 
     async def _first_run(self, request_id: str, prompt: list[int], params,
-                         blocks: PromptBlocks) -> AsyncIterator:
+                         blocks: PromptBlocks, parent) -> AsyncIterator:
         failed_prefill: set[str] = set()
         for attempt in (1, 2):
             # A retry may land on the same decode worker before it has dropped the
             # cancelled first attempt: a request id of its own, never "already running".
             rid = request_id if attempt == 1 else f"{request_id}-retry"
-            worker, call, first = await self.calls.open(
-                rid, prompt, params, blocks, remote_for=lambda w: self.remote(
-                    len(prompt) - blocks.matched_tokens(w), failed_prefill))
-            if not first.HasField("reserved"):
-                events = self.calls.colocated(worker, call, first, len(prompt))
-            else:
-                events = self.calls.disaggregated(rid, prompt, params, worker, call,
-                                                  first.reserved, failed_prefill, blocks)
+            span = tracing.start("attempt", tracing.context_in(parent),
+                                 {"pdserve.attempt": attempt})
             try:
+                worker, call, first = await self.calls.open(
+                    rid, prompt, params, blocks, remote_for=lambda w: self.remote(
+                        len(prompt) - blocks.matched_tokens(w), failed_prefill), span=span)
+                if not first.HasField("reserved"):
+                    events = self.calls.colocated(worker, call, first, len(prompt))
+                else:
+                    events = self.calls.disaggregated(rid, prompt, params, worker, call,
+                                                      first.reserved, failed_prefill, blocks,
+                                                      span)
                 async for event in events:
                     yield event
                 return
             except RetryPrefill as retry:
+                tracing.end(span, error=retry.error.message)
+                span = None
                 if attempt == 2:
                     raise retry.error from None
                 log.warning("request %s: %s; retrying on another prefill worker",
                             request_id, retry.error.message)
+            except (APIError, DecodeFailed) as exc:
+                tracing.end(span, error=str(exc))
+                span = None
+                raise
+            finally:
+                tracing.end(span)
 
     async def _resumed(self, request_id: str, prompt: list[int], params, sent: list[int],
-                       failed: set[str], blocks: PromptBlocks) -> AsyncIterator:
+                       failed: set[str], blocks: PromptBlocks, parent,
+                       migration: int) -> AsyncIterator:
         """The rest of a migrated request, prefilled (prompt and `sent`) on a decode
         worker that has not failed it."""
+        span = tracing.start("attempt", tracing.context_in(parent), {
+            "pdserve.migration": migration, "pdserve.resumed_tokens": len(sent)})
         try:
-            worker, call, first = await self.calls.open(
-                request_id, prompt, params, blocks, remote_for=lambda w: False,
-                exclude=failed, resume=sent)
-        except APIError as exc:
-            raise APIError(exc.status, f"the request's decode worker failed and it could "
-                                       f"not continue on another: {exc.message}",
-                           code=exc.code) from None
-        async for event in self.calls.colocated(worker, call, first, len(prompt) + len(sent)):
-            yield event
+            try:
+                worker, call, first = await self.calls.open(
+                    request_id, prompt, params, blocks, remote_for=lambda w: False,
+                    exclude=failed, resume=sent, span=span)
+            except APIError as exc:
+                raise APIError(exc.status, f"the request's decode worker failed and it could "
+                                           f"not continue on another: {exc.message}",
+                               code=exc.code) from None
+            async for event in self.calls.colocated(worker, call, first,
+                                                    len(prompt) + len(sent)):
+                yield event
+        except (APIError, DecodeFailed) as exc:
+            tracing.end(span, error=str(exc))
+            span = None
+            raise
+        finally:
+            tracing.end(span)
 

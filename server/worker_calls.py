@@ -4,9 +4,11 @@ events (server.events). What failed comes back as what the request's life cycle
 (server.router) acts on: RetryPrefill, DecodeFailed, or an APIError for the client."""
 
 import asyncio
+import time
 
 import grpc
 
+from pdserve_config import tracing
 from pdserve_proto.v1 import decode_pb2, prefill_pb2
 from server.errors import APIError
 from server.events import FinishEvent, PrefillEvent, event_of, prompt_logprobs_event, token_event
@@ -66,27 +68,38 @@ class WorkerCalls:
         self.request_timeout = request_timeout
 
     async def open(self, request_id: str, prompt: list[int], params, blocks: PromptBlocks,
-                   remote_for, exclude: set[str] = frozenset(), resume: list[int] = ()):
+                   remote_for, exclude: set[str] = frozenset(), resume: list[int] = (),
+                   span=None):
         """A Generate call on the best decode worker (server.placement), trying the next
         one when a worker is full; `remote_for(worker)` says whether a prefill worker
-        computes the prompt. Returns (worker, call, first message)."""
+        computes the prompt. Returns (worker, call, first message). `span`: the attempt's
+        span, parent of the placement's and of the decode worker's."""
         tried: set[str] = set(exclude)
         last: APIError | None = None
         while True:
+            chosen_at = tracing.wall_ns(time.monotonic()) if span is not None else 0
             try:
-                worker = self.decode.pick(exclude=tried, prompt=blocks)
+                placement = self.decode.place(exclude=tried, prompt=blocks)
             except NoWorkerError as exc:
                 if last is not None:
                     raise last from None
                 raise APIError(503, str(exc), code="no_worker",
                                headers={"Retry-After": "1"}) from None
+            worker = placement.worker
             tried.add(worker.address)
             remote = remote_for(worker)
+            if span is not None:
+                tracing.record("placement", span, chosen_at, tracing.wall_ns(time.monotonic()), {
+                    "pdserve.decode_worker": worker.address,
+                    "pdserve.score": str(placement.score),
+                    "pdserve.cached_tokens": blocks.matched_tokens(worker),
+                    "pdserve.remote_prefill": remote})
             call = worker.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                            params=params, remote_prefill=remote,
                                            resume_token_ids=resume),
-                metadata=(("x-request-id", request_id),), timeout=self.request_timeout)
+                metadata=tracing.metadata((("x-request-id", request_id),), span),
+                timeout=self.request_timeout)
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -115,13 +128,14 @@ class WorkerCalls:
                 call.cancel()
 
     async def disaggregated(self, request_id, prompt, params, decode: Worker, call,
-                            reserved, failed_prefill: set[str], blocks: PromptBlocks):
+                            reserved, failed_prefill: set[str], blocks: PromptBlocks,
+                            span=None):
         """Raises RetryPrefill (after cancelling the lease) when another prefill worker
         should be tried."""
         try:
             with self.decode.count_inflight(decode, len(prompt) - reserved.cached_tokens):
                 response, prefill_address = await self.prefill_call(
-                    request_id, prompt, params, decode, reserved, failed_prefill, blocks)
+                    request_id, prompt, params, decode, reserved, failed_prefill, blocks, span)
                 yield PrefillEvent(response.queue_seconds, response.compute_seconds,
                                    response.transfer_seconds, response.transfer_tail_seconds,
                                    response.kv_bytes, prefill_address,
@@ -135,12 +149,17 @@ class WorkerCalls:
             call.cancel()
 
     async def prefill_call(self, request_id, prompt, params, decode: Worker, reserved,
-                           failed: set[str], blocks: PromptBlocks):
+                           failed: set[str], blocks: PromptBlocks, parent=None):
         try:
-            worker = self.prefill.pick(exclude=failed, prompt=blocks)
+            placement = self.prefill.place(exclude=failed, prompt=blocks)
         except NoWorkerError as exc:
             raise APIError(503, str(exc), code="no_worker",
                            headers={"Retry-After": "1"}) from None
+        worker = placement.worker
+        span = tracing.start("prefill call", tracing.context_in(parent), {
+            "pdserve.prefill_worker": worker.address, "pdserve.score": str(placement.score),
+            "pdserve.decode_cached_tokens": reserved.cached_tokens})
+        error, response = None, None
         with self.prefill.count_inflight(worker, len(prompt) - blocks.matched_tokens(worker)):
             try:
                 response = await worker.stub.Prefill(
@@ -148,7 +167,8 @@ class WorkerCalls:
                         request_id=request_id, prompt_token_ids=prompt, params=params,
                         decode_address=decode.address, lease_id=reserved.lease_id,
                         decode_cached_tokens=reserved.cached_tokens),
-                    metadata=(("x-request-id", request_id),), timeout=self.request_timeout)
+                    metadata=tracing.metadata((("x-request-id", request_id),), span),
+                    timeout=self.request_timeout)
             except grpc.aio.AioRpcError as exc:
                 error = api_error(exc, f"prefill worker {worker.address}")
                 if exc.code() in RETRYABLE:
@@ -157,6 +177,11 @@ class WorkerCalls:
                         self.prefill.report_failure(worker, exc.details() or exc.code().name)
                     raise RetryPrefill(error) from None
                 raise error from None
+            finally:
+                tracing.end(span, None if response is None else {
+                    "pdserve.kv_bytes": response.kv_bytes,
+                    "pdserve.cached_tokens": response.cached_tokens},
+                    error=error.message if error is not None else None)
         return response, worker.address
 
     async def rest(self, worker: Worker, call):

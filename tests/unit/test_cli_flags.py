@@ -17,16 +17,19 @@ from pdserve import stack
 from pdserve.cli import build_parser, main
 from pdserve.config_flags import changed_flags, config_from_args
 from pdserve_config.security import SecurityConfig
+from pdserve_config.tracing import TracingConfig
 from prefill_worker.config import PrefillConfig
 from server.gateway import GatewayConfig
 
 # Which config classes each command's flags come from (and which fields it leaves out).
 COMMANDS = {
-    "prefill": [(PrefillConfig, ()), (EngineConfig, ()), (SecurityConfig, ())],
-    "decode": [(DecodeConfig, ()), (EngineConfig, ()), (SecurityConfig, ())],
-    "gateway": [(GatewayConfig, ()), (SecurityConfig, ())],
+    "prefill": [(PrefillConfig, ()), (EngineConfig, ()), (SecurityConfig, ()),
+                (TracingConfig, ())],
+    "decode": [(DecodeConfig, ()), (EngineConfig, ()), (SecurityConfig, ()),
+               (TracingConfig, ())],
+    "gateway": [(GatewayConfig, ()), (SecurityConfig, ()), (TracingConfig, ())],
     "up": [(stack.StackConfig, ()), (GatewayConfig, stack.GATEWAY_EXCLUDED),
-           (EngineConfig, stack.ENGINE_EXCLUDED), (SecurityConfig, ())],
+           (EngineConfig, stack.ENGINE_EXCLUDED), (SecurityConfig, ()), (TracingConfig, ())],
     "generate": [(EngineConfig, ())],
     "health": [(SecurityConfig, ())],
 }
@@ -190,3 +193,13 @@ def test_up_gives_the_priority_aging_to_the_gateway_and_the_workers_alike():
     gateway = stack._gateway_argv(args, {"decode": ["127.0.0.1:1"], "prefill": []})
     for argv in (worker, gateway):
         assert argv[argv.index("--priority-aging-seconds") + 1] == "2.5"
+
+
+def test_up_passes_the_tracing_settings_to_every_process():
+    args = build_parser().parse_args(["up", "--otlp-endpoint", "http://127.0.0.1:4317",
+                                      "--trace-sample-ratio", "0.5"])
+    worker = stack._worker_argv("decode", args, threads=1)
+    gateway = stack._gateway_argv(args, {"decode": ["127.0.0.1:1"], "prefill": []})
+    for argv in (worker, gateway):
+        assert argv[argv.index("--otlp-endpoint") + 1] == "http://127.0.0.1:4317"
+        assert argv[argv.index("--trace-sample-ratio") + 1] == "0.5"
