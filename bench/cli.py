@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from bench.client import ENDPOINTS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_arguments(parser)
@@ -55,6 +57,14 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--slo", default=None, help="ttft=MS,tpot=MS: report goodput")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--endpoint", default="completions", choices=ENDPOINTS,
+                        help="the API the requests go to (responses: /v1/responses)")
+    parser.add_argument("--priority-mix", default=None,
+                        help="SHARE:PRIORITY,... e.g. 0.2:0,0.8:10: each request gets a "
+                             "priority class; the report gives TTFT by class")
+    parser.add_argument("--ignore-priority", action="store_true",
+                        help="with --priority-mix: do not send the priority field (the "
+                             "same mix served in arrival order, to compare with)")
 
 
 def load_tokenizer(spec: str):
@@ -68,16 +78,18 @@ def load_tokenizer(spec: str):
 
 def requests_from_args(args: argparse.Namespace):
     """BenchRequests, or Conversations for the multiturn workload."""
-    from bench.workload import Lengths, build_conversations, build_requests
+    from bench.workload import Lengths, build_conversations, build_requests, parse_priority_mix
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.workload == "multiturn":
         return build_conversations(load_tokenizer(args.tokenizer), args.num_prompts,
                                    turns=args.turns, seed=args.seed)
+    mix = parse_priority_mix(args.priority_mix) if args.priority_mix else None
     return build_requests(load_tokenizer(args.tokenizer), args.num_prompts,
                           workload=args.workload, input_len=Lengths.parse(args.input_len),
-                          output_len=Lengths.parse(args.output_len), seed=args.seed)
+                          output_len=Lengths.parse(args.output_len), seed=args.seed,
+                          priority_mix=mix)
 
 
 def first_model(url: str, api_key: str | None) -> str:
@@ -104,7 +116,10 @@ def measure(url: str, model: str, requests, args, slo, *, progress: bool = True)
         results, elapsed = asyncio.run(run_load(
             url, model, requests, rate=args.request_rate, burstiness=args.burstiness,
             max_concurrency=args.max_concurrency, duration=args.duration,
-            api_key=args.api_key, seed=args.seed, progress=progress))
+            api_key=args.api_key, seed=args.seed, progress=progress,
+            endpoint=getattr(args, "endpoint", "completions"),
+            ignore_eos=getattr(args, "endpoint", "completions") == "completions",
+            send_priority=not getattr(args, "ignore_priority", False)))
     report = summarize(results, elapsed, slo)
     phases = phase_means(before, scrape_histograms(f"{url}/metrics"))
     if phases:

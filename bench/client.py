@@ -1,5 +1,5 @@
-"""One streaming completion (or chat completion, for the turns of a conversation)
-against any OpenAI-compatible server, timed on arrival."""
+"""One streaming completion, chat completion (and the turns of a conversation) or
+Responses API request against any OpenAI-compatible server, timed on arrival."""
 
 import json
 import time
@@ -9,25 +9,40 @@ import httpx
 from bench.stats import RequestResult
 from bench.workload import BenchRequest
 
+ENDPOINTS = ("completions", "chat", "responses")
+
 
 async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest,
                *, api_key: str | None = None, run_start: float = 0.0,
-               ignore_eos: bool = True, messages: list[dict] | None = None
+               ignore_eos: bool = True, messages: list[dict] | None = None,
+               endpoint: str = "completions", send_priority: bool = True
                ) -> tuple[RequestResult, str]:
-    """POST /v1/completions (or /v1/chat/completions with `messages`) with stream=true;
-    TTFT is taken at the first chunk that carries a choice, ITLs between later chunks.
-    Output tokens come from the final usage chunk when the server sends one, else from
-    the chunk count. Returns the result and the generated text."""
-    body = {"model": model, "max_tokens": request.max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    if messages is None:
-        body["prompt"], path = request.prompt, "/v1/completions"
+    """POST /v1/completions (/v1/chat/completions with `messages` or endpoint "chat",
+    /v1/responses with endpoint "responses") with stream=true; TTFT is taken at the
+    first chunk that carries a choice (the first output_text delta), ITLs between later
+    chunks. Output tokens come from the final usage when the server sends one, else from
+    the chunk count. The request's priority goes in the body unless `send_priority` is
+    false (the same mix with priority off). Returns the result and the generated text."""
+    if endpoint == "chat" and messages is None:
+        messages = [{"role": "user", "content": request.prompt}]
+    if endpoint == "responses":
+        body = {"model": model, "input": request.prompt, "stream": True,
+                "max_output_tokens": request.max_tokens, "temperature": 0.0}
+        path = "/v1/responses"
     else:
-        body["messages"], path = messages, "/v1/chat/completions"
-    if ignore_eos:
-        body["ignore_eos"] = True
+        body = {"model": model, "max_tokens": request.max_tokens, "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        if messages is None:
+            body["prompt"], path = request.prompt, "/v1/completions"
+        else:
+            body["messages"], path = messages, "/v1/chat/completions"
+        if ignore_eos:
+            body["ignore_eos"] = True
+    if request.priority is not None and send_priority:
+        body["priority"] = request.priority
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    result = RequestResult(ok=False, prompt_tokens=request.prompt_tokens)
+    result = RequestResult(ok=False, prompt_tokens=request.prompt_tokens,
+                           priority=request.priority)
     start = time.perf_counter()
     result.start = start - run_start
     last = None
@@ -48,6 +63,10 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
+                if endpoint == "responses":
+                    event = _as_chunk(event)
+                    if event is None:
+                        continue
                 if "error" in event:
                     result.error = f"stream error: {event['error'].get('message', event)}"
                     return result, ""
@@ -80,3 +99,19 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
             "cached_tokens") or 0
     result.ok = True
     return result, "".join(text)
+
+
+def _as_chunk(event: dict) -> dict | None:
+    """A Responses API event in the shape of a completions chunk (a text delta, the usage
+    at the end, an error), or None for the events that carry neither."""
+    kind = event.get("type")
+    if kind == "response.output_text.delta":
+        return {"choices": [{"text": event["delta"]}]}
+    if kind in ("response.completed", "response.incomplete"):
+        usage = event["response"]["usage"]
+        return {"choices": [], "usage": {
+            "completion_tokens": usage["output_tokens"], "prompt_tokens": usage["input_tokens"],
+            "prompt_tokens_details": usage["input_tokens_details"]}}
+    if kind in ("response.failed", "error"):
+        return {"error": (event.get("response") or {}).get("error") or event}
+    return None

@@ -42,7 +42,8 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], *,
                    rate: float = math.inf, burstiness: float = 1.0,
                    max_concurrency: int | None = None, duration: float | None = None,
                    api_key: str | None = None, seed: int = 0, ignore_eos: bool = True,
-                   progress: bool = True) -> tuple[list[RequestResult], float]:
+                   progress: bool = True, endpoint: str = "completions",
+                   send_priority: bool = True) -> tuple[list[RequestResult], float]:
     """Send `requests` (cycled when `duration` asks for more time than they last);
     returns the results and the wall time from the first send to the last answer."""
     rng = random.Random(seed)
@@ -61,15 +62,14 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], *,
 
         async def one(i: int, at: float) -> RequestResult:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            request = requests[i % len(requests)]
+            options = dict(api_key=api_key, run_start=start, ignore_eos=ignore_eos,
+                           endpoint=endpoint, send_priority=send_priority)
             if gate is None:
-                result, _ = await send(client, url, model, requests[i % len(requests)],
-                                       api_key=api_key, run_start=start,
-                                       ignore_eos=ignore_eos)
+                result, _ = await send(client, url, model, request, **options)
             else:
                 async with gate:
-                    result, _ = await send(client, url, model, requests[i % len(requests)],
-                                           api_key=api_key, run_start=start,
-                                           ignore_eos=ignore_eos)
+                    result, _ = await send(client, url, model, request, **options)
             bar.update(1)
             return result
 

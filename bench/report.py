@@ -39,6 +39,16 @@ def format_report(report: dict) -> str:
                                                  for p in ("mean", "p50", "p90", "p99")))
         lines.append(f"prompt tokens served from a prefix cache: {report['cached_tokens']} "
                      f"of {report['prompt_tokens']}")
+    by_priority = report.get("by_priority")
+    if by_priority:
+        lines.append("")
+        lines.append(f"{'TTFT, prio':<10}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"
+                     f"{'done':>8}{'failed':>8}")
+        for priority, row in by_priority.items():
+            d = row["ttft_s"]
+            lines.append(f"{priority:<10}" + "".join(f"{_ms(d[p]):>10}"
+                                                     for p in ("mean", "p50", "p90", "p99"))
+                         + f"{row['completed']:>8}{row['failed']:>8}")
     phases = report.get("phases")
     if phases:
         lines.append("")

@@ -25,6 +25,7 @@ class RequestResult:
     start: float = 0.0         # seconds since the run began
     turn: int = 0              # 1, 2, ... for the turns of a conversation; 0 otherwise
     cached_tokens: int = 0     # usage.prompt_tokens_details.cached_tokens, when sent
+    priority: int | None = None  # the request's class in a priority mix
 
     @property
     def tpot(self) -> float | None:
@@ -122,6 +123,13 @@ def summarize(results: list[RequestResult], duration: float,
         # Every turn after the first together: those with a history to take from a cache.
         report["ttft_later_turns_s"] = distribution([r.ttft for r in done if r.turn >= 2])
         report["cached_tokens"] = sum(r.cached_tokens for r in done)
+    priorities = sorted({r.priority for r in results if r.priority is not None})
+    if priorities:
+        report["by_priority"] = {str(p): {
+            "completed": sum(1 for r in done if r.priority == p),
+            "failed": sum(1 for r in results if r.priority == p and not r.ok),
+            "ttft_s": distribution([r.ttft for r in done if r.priority == p])}
+            for p in priorities}
     if slo is not None:
         good = sum(1 for r in results if slo.met(r))
         report["slo"] = slo.describe()

@@ -53,6 +53,23 @@ class BenchRequest:
     prompt: str
     prompt_tokens: int
     max_tokens: int
+    priority: int | None = None  # its class in a --priority-mix; None: no priority field
+
+
+def parse_priority_mix(text: str) -> list[tuple[float, int]]:
+    """'0.2:0,0.8:10': (share, priority) pairs, shares summing to 1."""
+    mix = []
+    for part in text.split(","):
+        share, sep, priority = part.partition(":")
+        try:
+            mix.append((float(share), int(priority)))
+        except ValueError:
+            raise ValueError(f"--priority-mix {text!r}: expected SHARE:PRIORITY,...") from None
+        if not sep or not 0 < mix[-1][0] <= 1:
+            raise ValueError(f"--priority-mix {text!r}: each share is in (0, 1]")
+    if abs(sum(share for share, _ in mix) - 1) > 1e-6:
+        raise ValueError(f"--priority-mix {text!r}: the shares must sum to 1")
+    return mix
 
 
 class PromptMaker:
@@ -83,8 +100,11 @@ class PromptMaker:
 
 def build_requests(tokenizer, num: int, *, workload: str | None = None,
                    input_len: Lengths | None = None, output_len: Lengths | None = None,
-                   seed: int = 0) -> list[BenchRequest]:
-    """`num` requests from a named mix, or from explicit length ranges."""
+                   seed: int = 0,
+                   priority_mix: list[tuple[float, int]] | None = None) -> list[BenchRequest]:
+    """`num` requests from a named mix, or from explicit length ranges; with a priority
+    mix, each in a priority class drawn by share (the prompts stay the same: the classes
+    come from a generator of their own)."""
     if workload is not None:
         if workload not in MIXES:
             raise ValueError(f"workload {workload!r}: choose from {', '.join(MIXES)}")
@@ -94,11 +114,16 @@ def build_requests(tokenizer, num: int, *, workload: str | None = None,
     rng = random.Random(seed)
     maker = PromptMaker(tokenizer)
     weights = [w for w, _, _ in mix]
+    classes = random.Random(seed + 1)
     requests = []
     for _ in range(num):
         _, prompt_len, out_len = rng.choices(mix, weights)[0]
         text, n = maker.make(prompt_len.draw(rng), rng.randrange(len(maker.ids)))
-        requests.append(BenchRequest(text, n, out_len.draw(rng)))
+        priority = None
+        if priority_mix:
+            priority = classes.choices([p for _, p in priority_mix],
+                                       [w for w, _ in priority_mix])[0]
+        requests.append(BenchRequest(text, n, out_len.draw(rng), priority))
     return requests
 
 
