@@ -18,8 +18,12 @@ import pytest
 import yaml
 
 from pdserve.cli import build_parser
+from pdserve.config_flags import config_from_args
+from pdserve.env_flags import apply_env_defaults
+from pdserve_config.tracing import TracingConfig
 from server.response_store import StoredResponse, open_store
 from tests.support.compose_local import LocalCompose, interpolate
+from tests.support.otlp_collector import OtlpCollector, check_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -91,7 +95,7 @@ def kustomize(folder: Path, tmp_path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(rendered.stdout) if d]
 
 
-@pytest.mark.parametrize("overlay", ["", "overlays/gpu", "overlays/redis"])
+@pytest.mark.parametrize("overlay", ["", "overlays/gpu", "overlays/redis", "overlays/tracing"])
 def test_kustomizations_render_and_validate(overlay, tmp_path):
     docs = kustomize(DEPLOY / "k8s" / overlay, tmp_path)
     workers = [d for d in docs if d["kind"] == "Deployment"
@@ -99,6 +103,8 @@ def test_kustomizations_render_and_validate(overlay, tmp_path):
     assert len(workers) == 2
     for d in workers:
         container = d["spec"]["template"]["spec"]["containers"][0]
+        otlp = [e for e in container["env"] if e["name"] == "PDSERVE_OTLP_ENDPOINT"]
+        assert bool(otlp) == (overlay == "overlays/tracing"), "tracing is the overlay's only"
         gpus = container["resources"]["limits"].get("nvidia.com/gpu")
         device = [e for e in container["env"] if e["name"] == "PDSERVE_DEVICE"]
         if overlay == "overlays/gpu":
@@ -250,7 +256,9 @@ def test_compose_workers_publish_no_ports():
         for role in WORKERS:
             assert "ports" not in services.get(role, {}), f"{path.name}: {role} publishes ports"
     published = {name for name, s in compose()["services"].items() if "ports" in s}
-    assert published == {"gateway", "prometheus", "grafana"}
+    assert published == {"gateway", "prometheus", "grafana", "jaeger"}
+    # Jaeger's UI only: its OTLP receivers stay on the compose network.
+    assert compose()["services"]["jaeger"]["ports"] == ["16686:16686"]
 
 
 def test_every_compose_process_gets_the_same_internal_token():
@@ -336,9 +344,11 @@ def named_volume_mounts(service: dict) -> dict[str, str]:
 def test_compose_redis_is_an_opt_in_profile():
     services = compose()["services"]
     redis = services["redis"]
-    # `docker compose up` without --profile starts every service but this one.
+    # `docker compose up` without --profile starts every service but this one (and the
+    # tracing profile's Jaeger).
     assert redis["profiles"] == ["redis"]
-    assert [name for name, s in services.items() if "profiles" in s] == ["redis"]
+    assert {name: s["profiles"] for name, s in services.items() if "profiles" in s} == \
+        {"redis": ["redis"], "jaeger": ["tracing"]}
     assert not any("redis" in s.get("depends_on", {}) for s in services.values())
     assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", redis["image"]), "pin the image"
     assert "ports" not in redis
@@ -501,3 +511,217 @@ def test_compose_gateways_serve_responses_from_the_configured_store(store):
                              timeout=30).status_code == 404
     finally:
         local.down()
+
+
+# ----- tracing: off by default, Jaeger as an option ------------------------------------
+
+OTLP_URL = re.compile(r"export PDSERVE_OTLP_ENDPOINT=(http://\S+)")
+# The OTLP receivers of Jaeger's built-in all-in-one configuration, by protocol.
+JAEGER_OTLP_PORTS = {"grpc": 4317, "http/protobuf": 4318}
+JAEGER_UI_PORT = 16686
+JAEGER_HEALTH = "http://127.0.0.1:13133/status"  # its healthcheckv2 extension
+PDSERVE_DEPLOYMENTS = ("pdserve-gateway", "pdserve-prefill", "pdserve-decode")
+
+
+def tracing_of(role: str, variables: dict[str, str]) -> TracingConfig:
+    """The tracing settings the compose service's process starts with, given the
+    operator's environment `variables` (parsed as `pdserve` parses them)."""
+    service = compose()["services"][role]
+    env = {k: interpolate(str(v), variables) for k, v in service["environment"].items()}
+    parser = build_parser()
+    apply_env_defaults(parser, env)
+    return config_from_args(TracingConfig, parser.parse_args(service["command"]))
+
+
+def documented_otlp_url() -> str:
+    urls = set(OTLP_URL.findall((ROOT / "docs" / "operations.md").read_text()))
+    urls |= set(OTLP_URL.findall((DEPLOY / "docker-compose.yml").read_text()))
+    (url,) = urls
+    return url
+
+
+def bytes_of(size: str) -> int:
+    """A compose (`1g`), Kubernetes (`1Gi`) or Go (`800MiB`) memory size."""
+    number, unit = re.fullmatch(r"(\d+)([a-zA-Z]*)", size).groups()
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "ki": 2**10, "mi": 2**20,
+             "gi": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30}[unit.lower()]
+    return int(number) * scale
+
+
+def test_compose_tracing_is_an_opt_in_profile_with_a_pinned_healthchecked_jaeger():
+    services = compose()["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["profiles"] == ["tracing"]
+    assert re.fullmatch(r"jaegertracing/jaeger:2\.\d+\.\d+", jaeger["image"]), "pin the image"
+    # Nothing waits for it: without the profile the stack starts as before.
+    assert not any("jaeger" in s.get("depends_on", {}) for s in services.values())
+    assert jaeger["healthcheck"]["test"] == ["CMD", "wget", "-qO-", JAEGER_HEALTH]
+    assert {str(p) for p in JAEGER_OTLP_PORTS.values()} <= set(jaeger["expose"])
+    limits = jaeger["deploy"]["resources"]["limits"]
+    assert limits["cpus"]
+    # The in-memory store is bounded, and the Go heap kept under the container's limit.
+    assert re.fullmatch(r"--set=extensions\.jaeger_storage\.backends\.\w+\.memory\.max_traces="
+                        r"\d+", jaeger["command"][0])
+    assert bytes_of(jaeger["environment"]["GOMEMLIMIT"]) < bytes_of(limits["memory"])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_compose_tracing_is_off_unless_the_endpoint_is_set(role):
+    service = compose()["services"][role]
+    assert "PDSERVE_OTLP_ENDPOINT" in service["environment"]
+    default = tracing_of(role, {})
+    assert default.otlp_endpoint is None and default.otlp_protocol == "grpc"
+    assert default.trace_sample_ratio == 1.0
+    # The endpoint the docs give is the tracing service's OTLP port for that protocol.
+    url = documented_otlp_url()
+    parts = urlsplit(url)
+    jaeger = compose()["services"]["jaeger"]
+    assert parts.hostname == "jaeger" and "tracing" in jaeger["profiles"]
+    on = tracing_of(role, {"PDSERVE_OTLP_ENDPOINT": url})
+    assert on.otlp_endpoint == url
+    assert parts.port == JAEGER_OTLP_PORTS[on.otlp_protocol]
+    assert str(parts.port) in jaeger["expose"]
+    http = tracing_of(role, {"PDSERVE_OTLP_ENDPOINT": "http://jaeger:4318",
+                             "PDSERVE_OTLP_PROTOCOL": "http/protobuf"})
+    assert http.otlp_protocol == "http/protobuf"
+    # Sampling is decided at the gateway, the workers follow it.
+    ratio = tracing_of(role, {"PDSERVE_TRACE_SAMPLE_RATIO": "0.25"}).trace_sample_ratio
+    assert ratio == (0.25 if role == "gateway" else 1.0)
+
+
+def test_grafana_jaeger_datasource_points_at_the_tracing_service():
+    folder = DEPLOY / "grafana/provisioning/datasources"
+    datasources = [d for p in sorted(folder.glob("*.yml"))
+                   for d in yaml.safe_load(p.read_text())["datasources"]]
+    (jaeger_source,) = [d for d in datasources if d["type"] == "jaeger"]
+    parts = urlsplit(jaeger_source["url"])
+    services = compose()["services"]
+    assert parts.hostname in services and "tracing" in services[parts.hostname]["profiles"]
+    assert parts.port == JAEGER_UI_PORT
+    assert f"{JAEGER_UI_PORT}:{JAEGER_UI_PORT}" in services[parts.hostname]["ports"]
+    # Prometheus stays the default, so the dashboard is the same with the profile off.
+    assert [d["uid"] for d in datasources if d.get("isDefault")] == ["prometheus"]
+    assert len({d["uid"] for d in datasources}) == len(datasources)
+    mounts = [v.split(":")[:2] for v in services["grafana"]["volumes"]]
+    assert ["./grafana/provisioning", "/etc/grafana/provisioning"] in mounts
+
+
+def test_kubernetes_base_sets_no_otlp_endpoint():
+    docs = k8s_docs()
+    assert not [d for d in docs if "jaeger" in d["metadata"]["name"]]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert not [k for k in config["data"] if "OTLP" in k or k.startswith("OTEL_")]
+    for d in (d for d in docs if d["kind"] == "Deployment"):
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        assert not [e for e in container["env"] if "OTLP" in e["name"]]
+
+
+@pytest.mark.parametrize("base", ["overlays/tracing", "overlays/gpu"])
+def test_kubernetes_tracing_component_points_every_process_at_its_jaeger(base, tmp_path):
+    if base == "overlays/tracing":
+        folder = DEPLOY / "k8s" / base
+    else:  # with the other component too, on another overlay, as the comments say
+        folder = tmp_path / "kustomization"
+        folder.mkdir()
+        (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [os.path.relpath(DEPLOY / "k8s" / base, folder)],
+            "components": [os.path.relpath(DEPLOY / "k8s" / "components" / c, folder)
+                           for c in ("redis", "tracing")]}))
+    docs = kustomize(folder, tmp_path)
+    named = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    deployment = named[("Deployment", "pdserve-jaeger")]
+    service = named[("Service", "pdserve-jaeger")]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    service_ports = {p["port"]: p for p in service["spec"]["ports"]}
+    assert service["spec"]["selector"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["metadata"]["namespace"] == deployment["metadata"]["namespace"] == "pdserve"
+    for name in PDSERVE_DEPLOYMENTS:
+        (process,) = named[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        env = [e for e in process["env"] if e["name"] == "PDSERVE_OTLP_ENDPOINT"]
+        assert len(env) == 1, name
+        args = build_parser().parse_args(process["args"])
+        assert "PDSERVE_OTLP_ENDPOINT" in variables_of(args.command)
+        parts = urlsplit(env[0]["value"])
+        assert parts.scheme == "http" and parts.hostname == service["metadata"]["name"]
+        # Its protocol is the default, gRPC: the Service's port for it reaches the
+        # container's OTLP/gRPC receiver.
+        assert not [e for e in process["env"] if e["name"] == "PDSERVE_OTLP_PROTOCOL"]
+        port = service_ports[parts.port]
+        assert container_ports[port["targetPort"]] == parts.port == JAEGER_OTLP_PORTS["grpc"]
+    # One pin and one configuration, the compose file's.
+    jaeger = compose()["services"]["jaeger"]
+    assert container["image"] == jaeger["image"] and container["args"] == jaeger["command"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["GOMEMLIMIT"] == jaeger["environment"]["GOMEMLIMIT"]
+    assert bytes_of(env["GOMEMLIMIT"]) < bytes_of(container["resources"]["limits"]["memory"])
+    assert JAEGER_UI_PORT in service_ports
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # one store of traces
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert set(container["resources"]) == {"requests", "limits"}
+    health = urlsplit(JAEGER_HEALTH)
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == health.path and container_ports[check["port"]] == health.port
+    # OTLP only from pdserve's three processes.
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"
+                 and d["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]]
+    otlp = [r for r in policy["spec"]["ingress"]
+            if {p["port"] for p in r["ports"]} & {"otlp-grpc", "otlp-http"}]
+    (rule,) = otlp
+    assert {p["port"] for p in rule["ports"]} == {"otlp-grpc", "otlp-http"}
+    assert sorted(_pod_names(peer) for peer in rule["from"]) == sorted(PDSERVE_DEPLOYMENTS)
+    assert not any("namespaceSelector" in peer for peer in rule["from"])
+    if base == "overlays/gpu":  # the rest is still there
+        decode = named[("Deployment", "pdserve-decode")]["spec"]["template"]["spec"]
+        assert decode["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        (gateway,) = named[("Deployment", "pdserve-gateway")]["spec"]["template"]["spec"][
+            "containers"]
+        store = [e["value"] for e in gateway["env"] if e["name"] == "PDSERVE_RESPONSE_STORE"]
+        assert store == ["redis://pdserve-redis:6379/0"]
+
+
+def test_compose_services_export_one_trace_per_request_when_the_endpoint_is_set(monkeypatch):
+    """The compose file's gateway, prefill and decode as local processes, with the
+    operator's PDSERVE_OTLP_ENDPOINT pointing at a test OTLP/gRPC collector in Jaeger's
+    place: one request, one trace across the three services."""
+    with OtlpCollector() as collector:
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s
+        # `localhost`, not 127.0.0.1, which stands for each replica's own address here.
+        endpoint = f"http://localhost:{collector.grpc_port}"
+        local = LocalCompose({"prefill": 1, "decode": 1, "gateway": 1},
+                             {"PDSERVE_OTLP_ENDPOINT": endpoint})
+        try:
+            for role in ROLES:
+                assert local.replicas[role][0].env["PDSERVE_OTLP_ENDPOINT"] == endpoint
+            local.up()
+            # Over the gateway's colocated-prefill threshold: prefilled on the prefill
+            # worker, decoded on the decode worker.
+            prompt = "Tracing through the compose stack: " + " ".join(["river stone"] * 30)
+            r = httpx.post(f"{local.gateway_url()}/v1/completions", timeout=120,
+                           headers={"X-Request-Id": "deploy-trace"}, json={
+                               "model": "default", "prompt": prompt, "max_tokens": 2})
+            assert r.status_code == 200, r.text
+
+            def mine(spans):
+                roots = [s for s in spans if s.attributes.get("pdserve.request_id")
+                         == "deploy-trace" and s.parent_span_id is None]
+                if len(roots) != 1:
+                    return []
+                trace = [s for s in spans if s.trace_id == roots[0].trace_id]
+                return trace if {s.service for s in trace} == {
+                    "pdserve-gateway", "pdserve-prefill", "pdserve-decode"} else []
+            trace = mine(collector.wait_for(mine, timeout=30))
+            root = check_tree(trace)
+            assert (root.service, root.name) == ("pdserve-gateway", "POST /v1/completions")
+            names = {(s.service, s.name) for s in trace}
+            assert {("pdserve-prefill", "prefill"), ("pdserve-prefill", "kv push"),
+                    ("pdserve-decode", "decode"), ("pdserve-decode", "kv import")} <= names
+        finally:
+            local.down()
