@@ -1,6 +1,12 @@
 """Bounded admission: at most `max_inflight` requests generate at once, at most
 `max_queue` wait; beyond that the caller answers 429.
 
+Overload degrades into refusals, not into time-outs: a request is refused at once (429
+with Retry-After) when the wait it can expect is over `max_queue_wait` seconds (its
+place in the queue, counting only better-ranked waiters, times the mean time a slot is
+held, over `max_inflight`), and a waiter still waiting after `max_queue_wait` is
+refused then (0: no bound). A waiter cancelled (its client gone) leaves the queue.
+
 Waiters are served by rank, as the workers' schedulers order sequences (engine.scheduler):
 a request's effective priority is its priority (lower first) less the seconds it has
 waited divided by `priority_aging_seconds` (0: no aging), ties in arrival order. The wait
@@ -20,12 +26,14 @@ import time
 
 
 class QueueFull(Exception):
-    """Raised at once by `slot().__aenter__` when the queue is full; the caller answers
-    429 with `Retry-After: retry_after` (whole seconds, at least 1)."""
+    """Raised by `slot().__aenter__` when the request is refused; the caller answers 429
+    with `Retry-After: retry_after` (whole seconds, at least 1). `reason`: queue_full,
+    expected_wait (refused at arrival) or queue_wait (waited max_queue_wait)."""
 
-    def __init__(self, retry_after: int):
-        super().__init__(f"admission queue full; retry after {retry_after} s")
+    def __init__(self, retry_after: int, reason: str = "queue_full", message: str = ""):
+        super().__init__(message or f"admission queue full; retry after {retry_after} s")
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class Ticket:
@@ -37,13 +45,14 @@ class Ticket:
 
 class Admission:
     def __init__(self, max_inflight: int, max_queue: int, priority_aging_seconds: float = 0.0,
-                 clock=time.monotonic):
+                 clock=time.monotonic, max_queue_wait: float = 0.0):
         if max_inflight < 1 or max_queue < 0:
             raise ValueError(f"need max_inflight >= 1 and max_queue >= 0, got "
                              f"{max_inflight} and {max_queue}")
         self.max_inflight = max_inflight
         self.max_queue = max_queue
         self.aging = priority_aging_seconds
+        self.max_queue_wait = max_queue_wait
         self.clock = clock
         self._epoch = clock()
         self._running = 0
@@ -69,6 +78,12 @@ class Admission:
         waves = (self.waiting + self.max_inflight) / self.max_inflight
         return max(1, round(self._service_seconds * waves))
 
+    def expected_wait(self, rank: float) -> float:
+        """Seconds a waiter of this rank can expect to wait: slots free at max_inflight
+        per mean hold time, and it waits for those ranked better and for one more."""
+        ahead = sum(1 for r, _, f in self._waiters if r <= rank and not f.done())
+        return (ahead + 1) * self._service_seconds / self.max_inflight
+
     async def _acquire(self, priority: int) -> Ticket:
         if self._running < self.max_inflight and not self.waiting:
             self._running += 1
@@ -77,11 +92,23 @@ class Admission:
             raise QueueFull(self.retry_after())
         start = self.clock()
         rank = priority + ((start - self._epoch) / self.aging if self.aging > 0 else 0.0)
+        if self.max_queue_wait > 0 and self.expected_wait(rank) > self.max_queue_wait:
+            expected = self.expected_wait(rank)
+            raise QueueFull(max(1, round(expected)), "expected_wait",
+                            f"the expected wait for a slot, {expected:.0f} s, is over "
+                            f"--max-queue-wait ({self.max_queue_wait:g} s)")
         future = asyncio.get_running_loop().create_future()
         entry = (rank, next(self._arrivals), future)
         heapq.heappush(self._waiters, entry)
         try:
-            await future  # resolved by _release_slot, which hands its slot over
+            # Resolved by _release_slot, which hands its slot over.
+            done, _ = await asyncio.wait({future}, timeout=self.max_queue_wait or None)
+            if not done:
+                future.cancel()  # _release_slot skips it from now on
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+                raise QueueFull(self.retry_after(), "queue_wait",
+                                f"no slot within --max-queue-wait ({self.max_queue_wait:g} s)")
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 # Granted, then cancelled before this task resumed: the slot is ours, so

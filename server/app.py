@@ -121,7 +121,8 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     app.state.tokenizer = tokenizer
     app.state.metrics = metrics
     app.state.admission = Admission(config.max_inflight, config.max_queue,
-                                    config.priority_aging_seconds)
+                                    config.priority_aging_seconds,
+                                    max_queue_wait=config.max_queue_wait)
     app.state.decode, app.state.prefill = decode, prefill
     app.state.router = Router(decode, prefill,
                               local_prefill_max_tokens=config.local_prefill_max_tokens,

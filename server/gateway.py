@@ -43,6 +43,10 @@ class GatewayConfig:
                                                "runs first; default 0)")
     max_inflight: int = flag(64, "requests generating at once; more wait in the queue")
     max_queue: int = flag(256, "requests waiting for a slot; beyond it: 429")
+    max_queue_wait: float = flag(30.0, "seconds a request may wait for a slot: one that "
+                                       "would wait longer (by the queue ahead of it) is "
+                                       "answered 429 at once, one still waiting after it "
+                                       "then (0: no bound)")
     priority_aging_seconds: float = flag(10.0, "a waiting request's priority improves by 1 "
                                                "for every this many seconds it waits in the "
                                                "admission queue (0: no aging)")
@@ -75,7 +79,7 @@ class GatewayConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("max_queue", "local_prefill_max_tokens", "migration_limit",
-                     "response_ttl", "priority_aging_seconds"):
+                     "response_ttl", "priority_aging_seconds", "max_queue_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("request_timeout", "health_interval", "resolve_interval"):

@@ -73,6 +73,13 @@ class GatewayMetrics:
         for name in ENDPOINTS:
             self.endpoints.labels(name)
         self.queue.labels("0")
+        self.refusals = Counter("pdserve_admission_refusals", "Requests not admitted, by "
+                                "reason: queue_full, expected_wait (refused at once: the "
+                                "wait would pass --max-queue-wait), queue_wait (waited "
+                                "--max-queue-wait), client_gone (left while queued).",
+                                ["reason"], registry=r)
+        for reason in ("queue_full", "expected_wait", "queue_wait", "client_gone"):
+            self.refusals.labels(reason)
         self.migrations = Counter(
             "pdserve_migrations", "Requests moved to another decode worker mid-stream, "
             "after the one serving them failed or stopped answering.", registry=r)
@@ -135,6 +142,9 @@ class GatewayMetrics:
 
     def set_waiting(self, n: int) -> None:
         self.waiting.set(n)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     def rejected(self, status: int) -> None:
         self.errors.labels(str(status)).inc()

@@ -182,10 +182,10 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
     slot = state.admission.slot(params.priority)
     with tracing.span("admission", attributes={"pdserve.priority": params.priority}):
         try:
-            ticket = await slot.__aenter__()
+            ticket = await _admitted(request, slot)
         except QueueFull as exc:
-            raise APIError(429, "too many requests: the admission queue is full",
-                           code="queue_full",
+            state.metrics.refused(exc.reason)
+            raise APIError(429, f"too many requests: {exc}", code=exc.reason,
                            headers={"Retry-After": str(exc.retry_after)}) from None
     recorder.queued(ticket.queue_seconds)
     gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
@@ -214,6 +214,34 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
         watcher.cancel()
         recorder.finish("abort")  # ignored when the request finished
         await slot.__aexit__(None, None, None)
+
+
+DISCONNECT_POLL_SECONDS = 0.25  # how soon a queued request whose client left is dropped
+
+
+async def _admitted(request: Request, slot):
+    """The slot's ticket; a client that leaves while its request waits takes the request
+    out of the queue (APIError 499), so that no slot goes to an answer nobody reads."""
+    acquiring = asyncio.ensure_future(slot.__aenter__())
+    admitted = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({acquiring}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                ticket = acquiring.result()  # QueueFull: refused
+                admitted = True
+                return ticket
+            if await request.is_disconnected():
+                request.app.state.metrics.refused("client_gone")
+                raise APIError(499, "the client closed the request while it waited for "
+                                    "admission", code="client_closed")
+    finally:
+        if admitted:
+            pass
+        elif not acquiring.done():
+            acquiring.cancel()  # leaves the queue, or passes on a slot just granted
+        elif not acquiring.cancelled() and acquiring.exception() is None:
+            await slot.__aexit__(None, None, None)  # granted as the client left
 
 
 class _StreamingResponse(StreamingResponse):

@@ -203,3 +203,44 @@ def test_a_cancelled_waiter_leaves_the_priority_queue():
         await kept_slot.__aexit__(None, None, None)
         assert (adm.running, adm.waiting) == (0, 0)
     asyncio.run(main())
+
+
+def test_a_waiter_past_max_queue_wait_is_refused_and_leaves_the_queue():
+    async def main():
+        # 64 slots held about 1 s each: a slot is expected within 1/64 s, under the bound.
+        adm = Admission(max_inflight=64, max_queue=10, max_queue_wait=0.05)
+        holders = [adm.slot() for _ in range(64)]
+        for holder in holders:
+            await holder.__aenter__()
+        with pytest.raises(QueueFull) as info:
+            await adm.slot().__aenter__()
+        assert info.value.reason == "queue_wait" and info.value.retry_after >= 1
+        assert adm.waiting == 0
+        for holder in holders:
+            await holder.__aexit__(None, None, None)
+        assert (adm.running, adm.waiting) == (0, 0)  # no slot was handed to it
+    asyncio.run(main())
+
+
+def test_a_request_that_would_wait_too_long_is_refused_at_once_by_its_rank():
+    async def main():
+        # One slot held about 1 s on average (the default before any is measured): the
+        # fourth priority-10 waiter expects 4 s; a priority-0 request expects 1 s.
+        adm = Admission(max_inflight=1, max_queue=10, max_queue_wait=2.5)
+        holder = adm.slot()
+        await holder.__aenter__()
+        queued = [asyncio.create_task(adm.slot(10).__aenter__()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert adm.waiting == 2 and adm.expected_wait(10) == pytest.approx(3.0)
+        with pytest.raises(QueueFull) as info:
+            await adm.slot(10).__aenter__()
+        assert info.value.reason == "expected_wait" and "--max-queue-wait" in str(info.value)
+        interactive = asyncio.create_task(adm.slot(0).__aenter__())
+        await asyncio.sleep(0)
+        assert adm.waiting == 3 and not interactive.done()  # queued, ahead of the batch
+        for task in (interactive, *queued):
+            task.cancel()
+        await asyncio.gather(interactive, *queued, return_exceptions=True)
+        await holder.__aexit__(None, None, None)
+        assert (adm.running, adm.waiting) == (0, 0)
+    asyncio.run(main())
