@@ -19,6 +19,7 @@ from tests.support.stack import ROOT, colocated_and_1p1d, free_port
 MODEL = "SmolLM2-135M-Instruct"
 PATHS = ("colocated", "1P1D")
 I_JSON_MAX = 2**53 - 1
+CONTEXT = 1024
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
            "parameters": {"type": "object", "properties": {
                "city": {"type": "string", "maxLength": 20}}, "required": ["city"],
@@ -38,8 +39,9 @@ def db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stacks(db):
-    common = ("--dtype", "float32", "--kv-cache-tokens", "16384",
-              "--response-store", f"sqlite:///{db}")
+    # A short context, so that a stored conversation outgrows it in two turns.
+    common = ("--dtype", "float32", "--kv-cache-tokens", "16384", "--max-model-len",
+              str(CONTEXT), "--response-store", f"sqlite:///{db}")
     with colocated_and_1p1d(*common) as started:
         yield started
 
@@ -140,6 +142,20 @@ def test_retrieve_input_items_and_delete(stacks, path):
     with pytest.raises(openai.NotFoundError) as info:
         api.responses.create(model=MODEL, input="And?", previous_response_id=made.id)
     assert info.value.body["param"] == "previous_response_id"
+
+
+def test_a_conversation_longer_than_the_context_is_a_400_naming_previous_response_id(stacks):
+    api = client(stacks["colocated"].url)
+    words = "the river and the stone " * 120  # about 600 tokens
+    first = api.responses.create(model=MODEL, input=words, max_output_tokens=1)
+    assert CONTEXT / 2 < first.usage.input_tokens < CONTEXT
+    with pytest.raises(openai.BadRequestError) as info:
+        api.responses.create(model=MODEL, input=words, previous_response_id=first.id,
+                             max_output_tokens=4)
+    error = info.value.body
+    assert (error["param"], error["code"]) == ("previous_response_id",
+                                               "context_length_exceeded")
+    assert first.id in error["message"] and str(CONTEXT) in error["message"]
 
 
 def test_store_false_keeps_nothing(stacks):
