@@ -4,17 +4,12 @@ with a pydantic model, a function tool round trip, a three-turn conversation who
 turns hit the prefix cache, retrieve/input_items/delete; the stored conversation through
 a gateway restart (SQLite) and across two gateways sharing a real redis-server."""
 
-import contextlib
-import time
-
-import httpx
 import openai
 import pydantic
 import pytest
 
-from pdserve.launch import ChildProcess, pdserve_argv
 from tests.support.redis_server import RedisServer, redis_server_missing
-from tests.support.stack import ROOT, colocated_and_1p1d, free_port
+from tests.support.stack import Gateway, colocated_and_1p1d
 
 MODEL = "SmolLM2-135M-Instruct"
 PATHS = ("colocated", "1P1D")
@@ -171,27 +166,6 @@ def test_the_other_stack_reads_the_same_sqlite_file(stacks):
         model=MODEL, input="Count to three.", max_output_tokens=8, temperature=0)
     assert client(stacks["1P1D"].url).responses.retrieve(made.id).output_text == \
         made.output_text
-
-
-class Gateway:
-    """A gateway process in front of an existing decode worker."""
-
-    def __init__(self, decode: str, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.child = ChildProcess("gateway", pdserve_argv(
-            "--log-level", "WARNING", "gateway", "--port", str(self.port), "--decode", decode,
-            *args), cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/ready").status_code == 200:
-                    return
-            assert self.child.alive and time.monotonic() < deadline, self.child.output()[-2000:]
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.child.stop(10)
 
 
 def test_a_conversation_survives_a_gateway_restart(stacks, tmp_path):

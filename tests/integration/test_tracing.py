@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.otlp_collector import OtlpCollector, Span, check_tree
-from tests.support.stack import Stack, pid_listening_on
+from tests.support.stack import Gateway, Stack, pid_listening_on
 
 MODEL = "random:tiny"
 TRACE_ID, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -147,3 +147,33 @@ def test_probes_and_metrics_are_not_traced(stack, collector):
     spans = collector.wait_for(lambda spans: [s for s in spans if s.name == "GET /v1/models"])
     assert not [s for s in spans if s.attributes.get("url.path") in ("/health", "/ready",
                                                                      "/metrics")]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_otlp_over_http_and_the_gateways_sample_ratio_for_every_process(stack, collector,
+                                                                        ratio):
+    """A second gateway, exporting OTLP/HTTP, in front of one decode worker: sampled at 1,
+    the request's spans arrive from the gateway and the worker; at 0, from neither (the
+    worker follows the gateway's choice in the traceparent)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        gateway = Gateway(stack.workers["decode-2"], "--model", MODEL, "--otlp-endpoint",
+                          collector.http_endpoint, "--otlp-protocol", "http/protobuf",
+                          "--trace-sample-ratio", str(ratio))
+    try:
+        r = httpx.post(f"{gateway.url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "Sampled or not", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        rid = r.headers["x-request-id"]
+
+        def mine(spans):
+            return [s for s in spans if s.attributes.get("pdserve.request_id") == rid]
+        if ratio:
+            spans = collector.wait_for(lambda spans: {s.service for s in mine(spans)} >= {
+                "pdserve-gateway", "pdserve-decode"})
+            assert {s.name for s in mine(spans)} >= {"generate", "decode"}
+        else:
+            time.sleep(1.5)  # ten export intervals
+            assert mine(collector.spans) == []
+    finally:
+        gateway.stop()

@@ -116,6 +116,27 @@ def colocated_and_1p1d(*args: str):
             stack.stop()
 
 
+class Gateway:
+    """A gateway process in front of an existing decode worker."""
+
+    def __init__(self, decode: str, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.child = ChildProcess("gateway", pdserve_argv(
+            "--log-level", "WARNING", "gateway", "--port", str(self.port), "--decode", decode,
+            *args), cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/ready").status_code == 200:
+                    return
+            assert self.child.alive and time.monotonic() < deadline, self.child.output()[-2000:]
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.child.stop(10)
+
+
 def pid_listening_on(address: str) -> int:
     """The process listening on `address` (host:port) on this machine, found from
     /proc/net/tcp* and the processes' socket descriptors."""
