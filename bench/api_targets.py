@@ -20,13 +20,12 @@ Prints the CPU and a table; the figures go to docs/performance.md with the comma
 import argparse
 import math
 import os
-import signal
 import subprocess
 import sys
 from contextlib import contextmanager
 
 from bench.cli import load_tokenizer, measure
-from bench.sweep import wait_ready
+from bench.sweep import stop_group, wait_ready
 from bench.workload import Lengths, build_requests, parse_priority_mix
 from pdserve.launch import pdserve_argv
 
@@ -46,12 +45,7 @@ def stack(*extra: str, env: dict | None = None):
         wait_ready(f"{URL}/ready", proc)
         yield
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def load(rate=math.inf, concurrency=None, endpoint="completions", ignore_priority=False):

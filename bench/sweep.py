@@ -164,12 +164,17 @@ def run_config(config: dict, spec: dict, args, fill: dict[str, str]) -> None:
                       f"{report['tpot_s']['p99'] * 1000:6.0f} ms  goodput "
                       f"{report['goodput']:.3f}/s", flush=True)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in a session of its own: SIGTERM, SIGKILL after 60 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_ready(ready_url: str, proc: subprocess.Popen) -> None:

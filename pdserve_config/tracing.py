@@ -141,6 +141,21 @@ def end(span_, attributes: dict | None = None, error: str | None = None,
     span_.end(end_time=end_ns)
 
 
+@contextlib.contextmanager
+def ending(span_):
+    """Ends `span_` (from `start`) when the block is left: with the message of the
+    exception that leaves it as an error, plainly on a return, a close or a cancel.
+    Fit for a block that yields in an async generator (it sets no current span)."""
+    error = None
+    try:
+        yield span_
+    except Exception as exc:
+        error = str(exc)
+        raise
+    finally:
+        end(span_, error=error)
+
+
 def record(name: str, parent, start_ns: int, end_ns: int,
            attributes: dict | None = None) -> None:
     """A finished span measured by the caller, under `parent` (a span; nothing when

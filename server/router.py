@@ -110,31 +110,25 @@ class Router:
             span = tracing.start("attempt", tracing.context_in(parent),
                                  {"pdserve.attempt": attempt})
             try:
-                worker, call, first = await self.calls.open(
-                    rid, prompt, params, blocks, remote_for=lambda w: self.remote(
-                        len(prompt) - blocks.matched_tokens(w), failed_prefill), span=span)
-                if not first.HasField("reserved"):
-                    events = self.calls.colocated(worker, call, first, len(prompt))
-                else:
-                    events = self.calls.disaggregated(rid, prompt, params, worker, call,
-                                                      first.reserved, failed_prefill, blocks,
-                                                      span)
-                async for event in events:
-                    yield event
+                with tracing.ending(span):
+                    worker, call, first = await self.calls.open(
+                        rid, prompt, params, blocks, remote_for=lambda w: self.remote(
+                            len(prompt) - blocks.matched_tokens(w), failed_prefill),
+                        span=span)
+                    if not first.HasField("reserved"):
+                        events = self.calls.colocated(worker, call, first, len(prompt))
+                    else:
+                        events = self.calls.disaggregated(rid, prompt, params, worker, call,
+                                                          first.reserved, failed_prefill,
+                                                          blocks, span)
+                    async for event in events:
+                        yield event
                 return
             except RetryPrefill as retry:
-                tracing.end(span, error=retry.error.message)
-                span = None
                 if attempt == 2:
                     raise retry.error from None
                 log.warning("request %s: %s; retrying on another prefill worker",
                             request_id, retry.error.message)
-            except (APIError, DecodeFailed) as exc:
-                tracing.end(span, error=str(exc))
-                span = None
-                raise
-            finally:
-                tracing.end(span)
 
     async def _resumed(self, request_id: str, prompt: list[int], params, sent: list[int],
                        failed: set[str], blocks: PromptBlocks, parent,
@@ -143,7 +137,7 @@ class Router:
         worker that has not failed it."""
         span = tracing.start("attempt", tracing.context_in(parent), {
             "pdserve.migration": migration, "pdserve.resumed_tokens": len(sent)})
-        try:
+        with tracing.ending(span):
             try:
                 worker, call, first = await self.calls.open(
                     request_id, prompt, params, blocks, remote_for=lambda w: False,
@@ -155,10 +149,3 @@ class Router:
             async for event in self.calls.colocated(worker, call, first,
                                                     len(prompt) + len(sent)):
                 yield event
-        except (APIError, DecodeFailed) as exc:
-            tracing.end(span, error=str(exc))
-            span = None
-            raise
-        finally:
-            tracing.end(span)
-

@@ -59,6 +59,8 @@ def test_nothing_is_made_when_off():
     assert tracing.start("attempt") is None
     tracing.end(None, {"x": 1}, error="ignored")
     tracing.record("queue", None, 0, 1)
+    with pytest.raises(KeyError), tracing.ending(None):
+        raise KeyError("the error leaves the block unchanged")
     base = (("x-request-id", "r1"),)
     assert tracing.metadata(base) is base
     assert tracing.context_of([("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")]) \
