@@ -7,6 +7,7 @@ turn's prompt and output, whose KV the decode worker that served it still holds,
 placement rule (server.placement) sends it there and the prefix cache serves it.
 """
 
+import contextlib
 import functools
 import time
 
@@ -78,19 +79,23 @@ async def _save(store, turn: ResponseTurn, items: list[dict], conversation: list
     record = StoredResponse(turn.id, response, items,
                             conversation + messages_of(response["output"], "output"),
                             time.time())
-    try:
+    async with _store("the response could not be stored"):
         await store.put(record)
+
+
+@contextlib.asynccontextmanager
+async def _store(what: str):
+    """A store that cannot be reached is a 503 the client may retry."""
+    try:
+        yield
     except StoreUnavailable as exc:
-        raise APIError(503, f"the response could not be stored: {exc}",
-                       code="store_unavailable", headers={"Retry-After": "1"}) from None
+        raise APIError(503, f"{what}: {exc}", code="store_unavailable",
+                       headers={"Retry-After": "1"}) from None
 
 
 async def _stored(state, response_id: str, param: str | None = None) -> StoredResponse:
-    try:
+    async with _store("the response store is unavailable"):
         record = await state.response_store.get(response_id)
-    except StoreUnavailable as exc:
-        raise APIError(503, f"the response store is unavailable: {exc}",
-                       code="store_unavailable", headers={"Retry-After": "1"}) from None
     if record is None:
         raise APIError(404, f"Response with id {response_id!r} not found.", param=param,
                        code="response_not_found" if param is None
@@ -108,11 +113,8 @@ async def retrieve_response(request: Request, response_id: str):
 async def delete_response(request: Request, response_id: str):
     state = request.app.state
     state.metrics.endpoint("responses.delete")
-    try:
+    async with _store("the response store is unavailable"):
         deleted = await state.response_store.delete(response_id)
-    except StoreUnavailable as exc:
-        raise APIError(503, f"the response store is unavailable: {exc}",
-                       code="store_unavailable", headers={"Retry-After": "1"}) from None
     if not deleted:
         raise APIError(404, f"Response with id {response_id!r} not found.",
                        code="response_not_found")
