@@ -49,6 +49,9 @@ class StackConfig:
     prefill: int = flag(1, "prefill workers (0: colocated, decode workers prefill)")
     decode: int = flag(1, "decode workers")
     pin: bool = flag(True, "pin each worker to its own share of the CPU cores")
+    worker_metrics: bool = flag(False, "serve each worker's Prometheus /metrics on a free "
+                                       "port, printed as 'pdserve ROLE worker metrics on "
+                                       "URL' (a restarted worker gets a new one)")
 
     def __post_init__(self):
         if self.decode < 1 or self.prefill < 0:
@@ -68,8 +71,9 @@ def core_shares(cores: list[int], workers: int) -> list[list[int]]:
 
 def _worker_argv(role: str, args: argparse.Namespace, threads: int,
                  port: int = 0) -> list[str]:
+    metrics = ("--metrics-port", "0") if args.worker_metrics else ()
     return pdserve_argv("--log-level", args.log_level, role, "--host", "127.0.0.1",
-                        "--port", str(port), "--num-threads", str(threads),
+                        "--port", str(port), "--num-threads", str(threads), *metrics,
                         *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED),
                         *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)),
                         *changed_flags(TracingConfig, args))

@@ -134,6 +134,8 @@ def test_up_passes_on_only_the_settings_that_differ_from_their_defaults():
         "gateway", "--host", "127.0.0.1", "--port", "9000", "--model", "random:tiny",
         "--decode", "127.0.0.1:1", "--max-inflight", "8"]
     assert "secret" not in " ".join(worker + gateway)  # the key goes by environment
+    with_metrics = build_parser().parse_args(["up", "--worker-metrics"])
+    assert stack._worker_argv("decode", with_metrics, threads=1)[-2:] == ["--metrics-port", "0"]
 
 
 def test_up_passes_tls_by_flag_and_the_token_by_environment(tmp_path, monkeypatch):
