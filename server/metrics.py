@@ -5,6 +5,7 @@ Names follow DESIGN.md: prefix `pdserve_`, base units, latency histograms starti
 report, finish) into observations exactly once.
 """
 
+import asyncio
 import time
 
 from prometheus_client import (
@@ -13,8 +14,10 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -30,6 +33,9 @@ class GatewayMetrics:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.registry = r = CollectorRegistry()
+        # process_resident_memory_bytes, process_open_fds, ...: what a soak bounds.
+        ProcessCollector(registry=r)
+        r.register(_AsyncioTasks())
 
         def hist(name, doc, buckets=LATENCY_BUCKETS):
             return Histogram(f"pdserve_{name}", doc, buckets=buckets, registry=r)
@@ -151,6 +157,24 @@ class GatewayMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _AsyncioTasks:
+    """pdserve_asyncio_tasks: the tasks of the event loop that renders the metrics. The
+    gateway renders /metrics in an async route, so on its loop's own thread, where
+    asyncio.all_tasks() is safe (it is not from another thread); rendered with no loop
+    running, the gauge is left out rather than read from a loop it does not own."""
+
+    def collect(self):
+        try:
+            tasks = asyncio.all_tasks()
+        except RuntimeError:  # no running loop
+            return
+        family = GaugeMetricFamily("pdserve_asyncio_tasks", "Tasks of the event loop "
+                                   "(the scrape's own included): a count that keeps "
+                                   "growing while idle is a leak.")
+        family.add_metric([], len(tasks))
+        yield family
 
 
 PRIORITY_LABELS = 20  # priorities beyond +-this share a label: the series stay bounded

@@ -5,9 +5,16 @@ scrape never waits for the engine thread and the step loop pays nothing for them
 step histogram and counters are fed by the loop's step observer (a few microseconds).
 """
 
+import asyncio
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("pdserve.worker")
@@ -15,6 +22,7 @@ log = logging.getLogger("pdserve.worker")
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                 0.75, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TASK_COUNT_SECONDS = 1.0  # how often the event loop counts its own tasks
 
 
 class _LoadCollector:
@@ -65,6 +73,32 @@ class _LoadCollector:
         yield info
 
 
+class _AsyncioTasks:
+    """pdserve_asyncio_tasks of the worker's event loop. /metrics is served from another
+    thread, and asyncio.all_tasks() is not safe off the loop's thread (it iterates a
+    set the loop changes), so the loop counts its own tasks every TASK_COUNT_SECONDS
+    with a timer (a callback, not a task: it does not count itself) and the scrape
+    reads the last count, at most that old, and never waits for a busy loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.count: int | None = None
+        loop.call_soon_threadsafe(self._refresh)
+
+    def _refresh(self) -> None:
+        self.count = len(asyncio.all_tasks(self.loop))
+        self.loop.call_later(TASK_COUNT_SECONDS, self._refresh)
+
+    def collect(self):
+        if self.count is None:
+            return
+        family = GaugeMetricFamily("pdserve_asyncio_tasks", "Tasks of the event loop, "
+                                   f"counted every {TASK_COUNT_SECONDS:g} s: a count that "
+                                   "keeps growing while idle is a leak.")
+        family.add_metric([], self.count)
+        yield family
+
+
 class WorkerMetrics:
     """Owns its registry: several workers in one test process never collide."""
 
@@ -72,6 +106,9 @@ class WorkerMetrics:
         self.role = role
         self.registry = r = CollectorRegistry()
         r.register(_LoadCollector(role, engine_loop, model))
+        r.register(_AsyncioTasks(engine_loop.loop))
+        # process_resident_memory_bytes, process_open_fds, ...: what a soak bounds.
+        ProcessCollector(registry=r)
         self.step_seconds = Histogram("pdserve_engine_step_seconds", "One model step.",
                                       ["role"], buckets=STEP_BUCKETS, registry=r)
         self.step_batch = Histogram("pdserve_engine_step_sequences",
