@@ -1,5 +1,6 @@
 """deploy/ for operating without losing a request: graceful drain within every grace
-period, and rollouts and evictions that keep capacity."""
+period, rollouts and evictions that keep capacity, and stored responses with two
+gateway replicas."""
 
 import functools
 import re
@@ -148,3 +149,25 @@ def test_each_pool_has_a_budget_of_one_evicted_pod_at_a_time():
         assert len(selected) == 1, (budget["metadata"]["name"], selected)
         covered[selected[0]] = budget["metadata"]["name"]
     assert set(covered) == set(PDSERVE_DEPLOYMENTS)
+
+
+# ----- two gateways, one client's stored responses ---------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_replicas_find_a_clients_stored_responses(overlay):
+    named = rendered(overlay)
+    gateway = named[("Deployment", "pdserve-gateway")]
+    service = named[("Service", "pdserve-gateway")]["spec"]
+    assert gateway["spec"]["replicas"] == 2
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    (store,) = [e["value"] for e in container["env"] if e["name"] == "PDSERVE_RESPONSE_STORE"]
+    if store.startswith("sqlite:"):
+        # Each replica's own file: a client must come back to the same replica, for as
+        # long as Kubernetes allows.
+        assert service["sessionAffinity"] == "ClientIP"
+        assert service["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] == 86400
+    else:
+        assert store.startswith("redis://") and overlay == "overlays/redis"
+        # Shared: nothing to stick to, and the API refuses a config beside None.
+        assert service["sessionAffinity"] == "None"
+        assert "sessionAffinityConfig" not in service
