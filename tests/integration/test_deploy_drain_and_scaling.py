@@ -1,31 +1,44 @@
 """deploy/ for operating without losing a request: graceful drain within every grace
-period, rollouts and evictions that keep capacity, and stored responses with two
-gateway replicas."""
+period, rollouts and evictions that keep capacity, stored responses with two gateway
+replicas, and the KEDA autoscaling component (schema, PromQL, SLO thresholds)."""
 
+import asyncio
+import copy
 import functools
+import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pdserve.cli import build_parser
 from pdserve.env_flags import apply_env_defaults
+from server.metrics import GatewayMetrics
 from tests.integration.test_deploy_files import (
     DEPLOY,
     PDSERVE_DEPLOYMENTS,
     ROLES,
+    ROOT,
     compose,
     interpolate,
     k8s_docs,
     run,
+    tool,
 )
+from tests.unit.conftest import tiny_engine
+from worker.engine_loop import EngineLoop
+from worker.metrics import WorkerMetrics
 
 # Seconds between the end of the drain and SIGKILL: the process aborts what is left (the
 # gateway migrates those streams) and exits. The manifests' comments and
 # docs/operations.md state the same 10 s.
 MARGIN = 10
-OVERLAYS = ["", "overlays/gpu", "overlays/redis", "overlays/tracing"]
+OVERLAYS = ["", "overlays/gpu", "overlays/redis", "overlays/tracing", "overlays/autoscaling"]
+AUTOSCALING = DEPLOY / "k8s" / "components" / "autoscaling"
+SCHEMA = AUTOSCALING / "scaledobject.schema.json"
+WORKER_DEPLOYMENTS = ("pdserve-prefill", "pdserve-decode")
 
 
 @functools.cache
@@ -171,3 +184,174 @@ def test_gateway_replicas_find_a_clients_stored_responses(overlay):
         # Shared: nothing to stick to, and the API refuses a config beside None.
         assert service["sessionAffinity"] == "None"
         assert "sessionAffinityConfig" not in service
+
+
+# ----- autoscaling --------------------------------------------------------------------------
+
+def scaled_objects(overlay: str = "overlays/autoscaling") -> dict[str, dict]:
+    return {name: d for (kind, name), d in rendered(overlay).items() if kind == "ScaledObject"}
+
+
+def triggers() -> dict[str, dict]:
+    found = {t["name"]: t for d in scaled_objects().values() for t in d["spec"]["triggers"]}
+    assert found
+    return found
+
+
+def check_against_schema(documents: list[dict], folder: Path):
+    paths = []
+    for i, document in enumerate(documents):
+        paths.append(folder / f"scaledobject-{i}.json")
+        paths[-1].write_text(json.dumps(document))
+    return run(tool("check-jsonschema"), "--schemafile", str(SCHEMA), *map(str, paths))
+
+
+def test_only_the_autoscaling_overlay_has_scaled_objects():
+    for overlay in OVERLAYS[:-1]:
+        assert not scaled_objects(overlay), overlay
+
+
+def test_scaled_objects_match_the_keda_schema(tmp_path):
+    meta = run(tool("check-jsonschema"), "--check-metaschema", str(SCHEMA))
+    assert meta.returncode == 0, meta.stdout + meta.stderr
+    source = [d for d in yaml.safe_load_all((AUTOSCALING / "scaledobjects.yaml").read_text())
+              if d]
+    documents = source + list(scaled_objects().values())
+    assert len(documents) == 4
+    result = check_against_schema(documents, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The schema is strict enough to catch the mistakes that KEDA would only report once
+    # applied, or never.
+    (good,) = [d for d in source if d["metadata"]["name"] == "pdserve-decode"]
+    mistakes = {
+        "misspelled threshold": lambda d: d["spec"]["triggers"][0]["metadata"].update(
+            treshold=d["spec"]["triggers"][0]["metadata"].pop("threshold")),
+        "threshold not a number": lambda d: d["spec"]["triggers"][0]["metadata"].update(
+            threshold="16 sequences"),
+        "unknown spec field": lambda d: d["spec"].update(minReplicas=2),
+        "no triggers": lambda d: d["spec"].update(triggers=[]),
+        "replica count as text": lambda d: d["spec"].update(maxReplicaCount="16"),
+        "unknown scale-down policy": lambda d: d["spec"]["advanced"][
+            "horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"][0].update(
+            type="Replicas"),
+    }
+    for what, mistake in mistakes.items():
+        bad = copy.deepcopy(good)
+        mistake(bad)
+        folder = tmp_path / what.replace(" ", "-")
+        folder.mkdir()
+        assert check_against_schema([bad], folder).returncode != 0, what
+
+
+def test_scaled_objects_own_the_worker_pools_and_scale_down_one_drain_at_a_time():
+    named = rendered("overlays/autoscaling")
+    base = {name: d for (kind, name), d in rendered("").items() if kind == "Deployment"}
+    objects = scaled_objects()
+    assert set(objects) == set(WORKER_DEPLOYMENTS)  # the gateway is not autoscaled
+    addresses = set()
+    for name, scaled in objects.items():
+        spec = scaled["spec"]
+        assert spec["scaleTargetRef"] == {"name": name}  # a Deployment, KEDA's default
+        target = named[("Deployment", name)]
+        assert scaled["metadata"]["namespace"] == target["metadata"]["namespace"] == "pdserve"
+        # The HPA owns the size: a re-applied manifest must not reset it.
+        assert "replicas" not in target["spec"]
+        assert spec["minReplicaCount"] == base[name]["spec"]["replicas"]
+        assert spec["maxReplicaCount"] > spec["minReplicaCount"]
+        # One pod leaves per period, and the period outlasts its drain: never two
+        # pods of a pool draining at once, as the PodDisruptionBudget allows.
+        down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        (policy,) = down["policies"]
+        grace = target["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert policy["type"] == "Pods" and policy["value"] == 1
+        assert policy["periodSeconds"] >= grace
+        assert "fallback" not in spec  # a fixed size would override the load when blind
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "prometheus"
+            assert trigger.get("metricType", "AverageValue") == "AverageValue"
+            assert trigger["metadata"]["ignoreNullValues"] == "false"
+            addresses.add(trigger["metadata"]["serverAddress"])
+    assert len(addresses) == 1, "one Prometheus for every trigger"
+    assert named[("Deployment", "pdserve-gateway")]["spec"]["replicas"] == 2
+
+
+# What each trigger means, independently of its PromQL: (role, the worker metrics summed).
+MEANING = {
+    "queued-prompt-tokens": ("prefill", ("pdserve_worker_queued_prompt_tokens",)),
+    "batch-sequences": ("decode", ("pdserve_batch_size", "pdserve_worker_waiting")),
+    "kv-cache-usage": ("decode", ("pdserve_kv_cache_usage_ratio",)),
+}
+
+
+def exported(registry) -> dict[str, set[str]]:
+    """Metric sample name -> its label names."""
+    return {s.name: set(s.labels) for family in registry.collect() for s in family.samples}
+
+
+def test_scaling_queries_read_metrics_the_workers_export():
+    async def worker_metrics():
+        loop = EngineLoop(tiny_engine(kv_cache_tokens=256, seed=1),
+                          asyncio.get_running_loop())
+        return exported(WorkerMetrics("decode", loop, "random:tiny").registry)
+
+    worker = asyncio.run(worker_metrics())
+    gateway_metrics = GatewayMetrics()
+    gateway_metrics.worker_health("10.0.0.1:50052", "decode", True, 1, 2, 0, 0, 0)
+    gateway = exported(gateway_metrics.registry)
+    assert set(triggers()) == set(MEANING)
+    for name, trigger in triggers().items():
+        query = trigger["metadata"]["query"]
+        metrics = set(re.findall(r"\b(pdserve_\w+)\{", query))
+        assert metrics == set(MEANING[name][1]), name
+        for metric in metrics:
+            assert worker[metric] == {"role"}, metric
+            # The gateway repeats it per worker, labelled worker=ADDRESS, which the
+            # query's worker="" leaves out.
+            assert "worker" in gateway[metric], metric
+
+
+def test_scaling_queries_pass_promtool_and_sum_each_workers_own_series_once(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus; .ci/run installs it)")
+    rules = {"groups": [{"name": "pdserve-autoscaling", "rules": [
+        {"record": "keda:" + name.replace("-", "_"), "expr": t["metadata"]["query"]}
+        for name, t in triggers().items()]}]}
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    check = run(promtool, "check", "rules", str(tmp_path / "rules.yml"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Two workers of each role; each gateway's copy of every worker's series; and the same
+    # series from pods of another namespace. Only the pool's own workers in pdserve count.
+    series, own = [], {}
+    for metric in {m for _, metrics in MEANING.values() for m in metrics}:
+        for role in ("prefill", "decode"):
+            for pod, value in ((f"{role}-a", 3.0), (f"{role}-b", 5.0)):
+                own[(metric, role)] = own.get((metric, role), 0) + value
+                series.append((metric, f'namespace="pdserve", role="{role}", pod="{pod}"',
+                               value))
+                for gateway in ("gateway-a", "gateway-b"):
+                    series.append((metric, f'namespace="pdserve", role="{role}", pod="'
+                                   f'{gateway}", worker="{pod}:5005"', value))
+                series.append((metric, f'namespace="staging", role="{role}", pod="{pod}"',
+                               100.0))
+    tests = {"rule_files": ["rules.yml"], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": f"{m}{{{labels}}}", "values": str(v)}
+                         for m, labels, v in series],
+        "promql_expr_test": [{
+            "expr": "keda:" + name.replace("-", "_"), "eval_time": "0s",
+            "exp_samples": [{"labels": "keda:" + name.replace("-", "_"),
+                             "value": sum(own[(m, role)] for m in metrics)}]}
+            for name, (role, metrics) in MEANING.items()]}]}
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
+    result = run(promtool, "test", "rules", str(tmp_path / "tests.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_thresholds_are_the_ones_docs_operations_derives():
+    rows = [line for line in (ROOT / "docs" / "operations.md").read_text().splitlines()
+            if line.startswith("|")]
+    for name, trigger in triggers().items():
+        (row,) = [r for r in rows if f"`{name}`" in r]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert f"`{trigger['metadata']['threshold']}`" in cells, (name, row)

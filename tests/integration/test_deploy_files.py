@@ -95,7 +95,8 @@ def kustomize(folder: Path, tmp_path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(rendered.stdout) if d]
 
 
-@pytest.mark.parametrize("overlay", ["", "overlays/gpu", "overlays/redis", "overlays/tracing"])
+@pytest.mark.parametrize("overlay", ["", "overlays/gpu", "overlays/redis", "overlays/tracing",
+                                     "overlays/autoscaling"])
 def test_kustomizations_render_and_validate(overlay, tmp_path):
     docs = kustomize(DEPLOY / "k8s" / overlay, tmp_path)
     workers = [d for d in docs if d["kind"] == "Deployment"
