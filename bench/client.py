@@ -1,6 +1,7 @@
 """One streaming completion, chat completion (and the turns of a conversation) or
 Responses API request against any OpenAI-compatible server, timed on arrival."""
 
+import asyncio
 import json
 import time
 
@@ -10,19 +11,22 @@ from bench.stats import RequestResult
 from bench.workload import BenchRequest
 
 ENDPOINTS = ("completions", "chat", "responses")
+CLIENT_TIMEOUT = "client_timeout"  # error_code of a request the client gave up on
 
 
 async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRequest,
                *, api_key: str | None = None, run_start: float = 0.0,
                ignore_eos: bool = True, messages: list[dict] | None = None,
-               endpoint: str = "completions", send_priority: bool = True
-               ) -> tuple[RequestResult, str]:
+               endpoint: str = "completions", send_priority: bool = True,
+               timeout: float | None = None) -> tuple[RequestResult, str]:
     """POST /v1/completions (/v1/chat/completions with `messages` or endpoint "chat",
     /v1/responses with endpoint "responses") with stream=true; TTFT is taken at the
     first chunk that carries a choice (the first output_text delta), ITLs between later
     chunks. Output tokens come from the final usage when the server sends one, else from
     the chunk count. The request's priority goes in the body unless `send_priority` is
-    false (the same mix with priority off). Returns the result and the generated text."""
+    false (the same mix with priority off). A refusal keeps its HTTP status, Retry-After
+    and error code; a request not answered within `timeout` seconds (None: never) is
+    given up as a client time-out. Returns the result and the generated text."""
     if endpoint == "chat" and messages is None:
         messages = [{"role": "user", "content": request.prompt}]
     if endpoint == "responses":
@@ -50,11 +54,15 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
     usage = None
     text: list[str] = []
     try:
-        async with client.stream("POST", url + path, json=body,
-                                 headers=headers) as response:
+        async with asyncio.timeout(timeout), client.stream(
+                "POST", url + path, json=body, headers=headers) as response:
+            result.status = response.status_code
             if response.status_code != 200:
                 body_text = (await response.aread()).decode(errors="replace")
+                result.latency = time.perf_counter() - start
                 result.error = f"HTTP {response.status_code}: {body_text[:300]}"
+                result.error_code = _error_code(body_text)
+                result.retry_after = response.headers.get("Retry-After")
                 return result, ""
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -68,7 +76,9 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
                     if event is None:
                         continue
                 if "error" in event:
-                    result.error = f"stream error: {event['error'].get('message', event)}"
+                    error = event["error"]
+                    result.error = f"stream error: {error.get('message', event)}"
+                    result.error_code = str(error.get("code") or error.get("type") or "")
                     return result, ""
                 if event.get("usage"):
                     usage = event["usage"]
@@ -84,6 +94,11 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
                     result.itls.append(now - last)
                 last = now
                 chunks += 1
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        result.error = (f"no answer within the client's time-out of {timeout:g} s"
+                        if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
+        result.error_code = CLIENT_TIMEOUT
+        return result, ""
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result, ""
@@ -99,6 +114,17 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: BenchRe
             "cached_tokens") or 0
     result.ok = True
     return result, "".join(text)
+
+
+def _error_code(body_text: str) -> str:
+    """The `code` (else `type`) of an error body in OpenAI's shape; "" for any other body."""
+    try:
+        error = json.loads(body_text).get("error")
+    except (json.JSONDecodeError, AttributeError):
+        return ""
+    if not isinstance(error, dict):
+        return ""
+    return str(error.get("code") or error.get("type") or "")
 
 
 def _as_chunk(event: dict) -> dict | None:

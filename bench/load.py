@@ -43,9 +43,11 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], *,
                    max_concurrency: int | None = None, duration: float | None = None,
                    api_key: str | None = None, seed: int = 0, ignore_eos: bool = True,
                    progress: bool = True, endpoint: str = "completions",
-                   send_priority: bool = True) -> tuple[list[RequestResult], float]:
-    """Send `requests` (cycled when `duration` asks for more time than they last);
-    returns the results and the wall time from the first send to the last answer."""
+                   send_priority: bool = True, timeout: float | None = None
+                   ) -> tuple[list[RequestResult], float]:
+    """Send `requests` (cycled when `duration` asks for more time than they last), each
+    given up after `timeout` seconds (None: never); returns the results and the wall
+    time from the first send to the last answer."""
     rng = random.Random(seed)
     count = len(requests)
     if duration is not None and not math.isinf(rate):
@@ -64,7 +66,8 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], *,
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
             request = requests[i % len(requests)]
             options = dict(api_key=api_key, run_start=start, ignore_eos=ignore_eos,
-                           endpoint=endpoint, send_priority=send_priority)
+                           endpoint=endpoint, send_priority=send_priority,
+                           timeout=timeout)
             if gate is None:
                 result, _ = await send(client, url, model, request, **options)
             else:

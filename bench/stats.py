@@ -19,13 +19,16 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft: float = 0.0          # seconds
-    latency: float = 0.0       # seconds, sent to last byte
+    latency: float = 0.0       # seconds, sent to last byte (of a refusal too)
     itls: list[float] = field(default_factory=list)
     error: str = ""
     start: float = 0.0         # seconds since the run began
     turn: int = 0              # 1, 2, ... for the turns of a conversation; 0 otherwise
     cached_tokens: int = 0     # usage.prompt_tokens_details.cached_tokens, when sent
     priority: int | None = None  # the request's class in a priority mix
+    status: int = 0            # HTTP status of the answer; 0 when none came
+    retry_after: str | None = None  # the Retry-After header of a refusal
+    error_code: str = ""       # the error body's code ("expected_wait", "client_timeout")
 
     @property
     def tpot(self) -> float | None:

@@ -1,6 +1,9 @@
 """Overload through a real stack (one request generating at a time): a request still
 queued after --max-queue-wait is a 429 with Retry-After, not a late answer; a request
-whose client leaves while it is queued leaves the queue and never reaches a worker."""
+whose client leaves while it is queued leaves the queue and never reaches a worker; and
+at three times the stack's capacity (measured in the same run, as `bench.overload`
+measures it) nothing times out or fails with a 5xx, and the admitted requests' TTFT
+stays within --max-queue-wait plus the stack's own time."""
 
 import asyncio
 import json
@@ -8,16 +11,20 @@ import json
 import httpx
 import pytest
 
+from bench.cli import load_tokenizer
+from bench.overload import calibrate, level_row, retry_after_valid, run_level, warm_up
+from bench.stats import SLO, percentile
 from tests.support.stack import Stack, scrape
 
 MODEL = "random:tiny"
 REFUSALS = "pdserve_admission_refusals_total"
+MAX_QUEUE_WAIT = 1.5
 
 
 @pytest.fixture(scope="module")
 def stack():
     stack = Stack("--prefill", "0", "--decode", "1", "--model", MODEL, "--max-inflight", "1",
-                  "--max-queue-wait", "1.5")
+                  "--max-queue-wait", str(MAX_QUEUE_WAIT))
     yield stack
     stack.stop()
 
@@ -81,3 +88,29 @@ def test_a_queued_request_whose_client_left_never_reaches_a_worker(stack):
     health = stack.wait_idle()
     assert all(h.running == 0 and h.free_kv_blocks == h.total_kv_blocks
                for h in health.values())
+
+
+def test_three_times_capacity_ends_in_answers_and_429s_only(stack):
+    tokenizer = load_tokenizer("default")
+    # Only to fill the report's goodput; nothing below asserts it.
+    slo = SLO(ttft=MAX_QUEUE_WAIT * 2)
+    warm_up(stack.url, MODEL, tokenizer, "chat")
+    # One request in flight (--max-inflight 1): a closed loop of one is the capacity, and
+    # its slowest request the longest the stack itself holds one.
+    [point] = calibrate(stack.url, MODEL, tokenizer, "chat", [1], 4.0, slo, seed=7,
+                        timeout=30, log=lambda line: None)
+    assert point.failed == 0 and point.throughput > 0
+    results, elapsed = run_level(stack.url, MODEL, tokenizer, "chat", 3 * point.throughput,
+                                 8.0, seed=8, timeout=30)
+    row = level_row(results, elapsed, 8.0, slo)
+    refused = [r for r in results if not r.ok]
+    # Past capacity the queue bound must refuse some: else the load never overloaded it.
+    assert refused, row
+    assert (row["timeouts"], row["server_errors"], row["other_errors"]) == (0, 0, 0), row
+    assert all(r.status == 429 and retry_after_valid(r) for r in refused), row["errors"]
+    assert row["every_429_has_retry_after"]
+    admitted = [r.ttft for r in results if r.ok]
+    # A slot within --max-queue-wait, then at most the stack's own time; twice the
+    # slowest closed-loop request is the margin for a gateway busy refusing the rest.
+    # Without the bound the queue grows for the whole run and waits reach seconds more.
+    assert percentile(admitted, 99) <= MAX_QUEUE_WAIT + 2 * point.latency_max, row
