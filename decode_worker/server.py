@@ -12,8 +12,8 @@ def run(config: DecodeConfig, engine_config: EngineConfig, security: SecurityCon
     from worker.process import Role, run_worker
 
     role = Role("decode", "pdserve.v1.DecodeService",
-                make_service=lambda loop, fingerprint: DecodeService(
-                    loop, fingerprint, config.lease_timeout),
+                make_service=lambda loop, fingerprint, drain: DecodeService(
+                    loop, fingerprint, config.lease_timeout, drain),
                 add_service=add_decode_service, build_engine=build_engine)
     return run_worker(role, config, engine_config, security)
 

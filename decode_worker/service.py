@@ -6,6 +6,7 @@ request's blocks free.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -26,6 +27,7 @@ from worker.convert import (
     token_from_proto,
     token_to_proto,
 )
+from worker.drain import Drain
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import health_response
 from worker.requests import validated
@@ -35,8 +37,10 @@ log = logging.getLogger("pdserve.decode")
 
 
 class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, engine_loop: EngineLoop, fingerprint, lease_timeout: float):
+    def __init__(self, engine_loop: EngineLoop, fingerprint, lease_timeout: float,
+                 drain: Drain | None = None):
         self.loop = engine_loop
+        self.drain = drain or Drain("decode")
         self.engine = engine_loop.engine
         self.fingerprint = fingerprint
         self.leases = LeaseTable(engine_loop, lease_timeout)
@@ -57,33 +61,43 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
             "pdserve.resumed_tokens": len(resume)})
         error = None
         try:
-            params = await validated(self.engine, rid, request.prompt_token_ids,
-                                     request.params)
-            if resume and request.remote_prefill:
-                raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
-                                  "(resume_token_ids) is prefilled here, not remotely")
-            started = time.monotonic()
-            # Leaving early (cancelled, failed) frees the blocks now.
-            with self.loop.subscription(
-                    rid, lambda e: self.leases.release(e, rid, None)) as subscription:
-                if request.remote_prefill:
-                    lease = await self._reserve(request, params)
-                    yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
-                        lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
-                        model_digest=self.fingerprint.model_digest,
-                        cached_tokens=lease.seq.num_cached_tokens))
-                else:
-                    await self._call(lambda e: e.add_request(
-                        rid, list(request.prompt_token_ids), params, resume_token_ids=resume))
-                async for message in self._stream(subscription.outputs, request, started,
-                                                  span):
-                    subscription.completed = message.HasField("finished")
-                    yield message
+            with self.drain.admit():
+                # Closed here, not when collected: its subscription frees the blocks.
+                async with contextlib.aclosing(self._generate(request, rid, resume,
+                                                              span)) as messages:
+                    async for message in messages:
+                        yield message
         except StatusError as exc:  # any failure of the request ends the RPC here
             error = exc.message
             await exc.abort(context)
         finally:
             tracing.end(span, error=error)
+
+    async def _generate(self, request, rid: str, resume: list[int], span):
+        """The request's messages: a lease's `reserved` or the colocated prefill's first
+        token, then the rest of the stream."""
+        params = await validated(self.engine, rid, request.prompt_token_ids,
+                                 request.params)
+        if resume and request.remote_prefill:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
+                              "(resume_token_ids) is prefilled here, not remotely")
+        started = time.monotonic()
+        # Leaving early (cancelled, failed) frees the blocks now.
+        with self.loop.subscription(
+                rid, lambda e: self.leases.release(e, rid, None)) as subscription:
+            if request.remote_prefill:
+                lease = await self._reserve(request, params)
+                yield decode_pb2.GenerateResponse(reserved=decode_pb2.Reserved(
+                    lease_id=lease.lease_id, expires_in_seconds=lease.timeout,
+                    model_digest=self.fingerprint.model_digest,
+                    cached_tokens=lease.seq.num_cached_tokens))
+            else:
+                await self._call(lambda e: e.add_request(
+                    rid, list(request.prompt_token_ids), params, resume_token_ids=resume))
+            async for message in self._stream(subscription.outputs, request, started,
+                                              span):
+                subscription.completed = message.HasField("finished")
+                yield message
 
     async def _reserve(self, request, params) -> Lease:
         prompt = list(request.prompt_token_ids)
@@ -232,4 +246,4 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
 
     async def Health(self, request, context):
         return health_response("decode", self.loop, self.fingerprint.model_digest, request,
-                               leases=len(self.leases))
+                               leases=len(self.leases), draining=self.drain.draining)

@@ -47,7 +47,7 @@ class ChildProcess:
 
     def __init__(self, name: str, argv: list[str], *, cores: list[int] | None = None,
                  env: dict[str, str] | None = None, cwd=None, echo: bool = False,
-                 die_with_parent: bool = False):
+                 die_with_parent: bool = False, pass_fds: tuple[int, ...] = ()):
         self.name = name
         self.echo = echo
         self.lines: list[str] = []
@@ -58,7 +58,7 @@ class ChildProcess:
             env[DIE_WITH_PARENT_ENV] = str(os.getpid())
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            cwd=cwd, process_group=0)
+            cwd=cwd, process_group=0, pass_fds=pass_fds)
         if cores:  # it has just exec'd: one thread, whose affinity later threads inherit
             os.sched_setaffinity(self.proc.pid, cores)
         threading.Thread(target=self._pump, name=f"{name}-output", daemon=True).start()

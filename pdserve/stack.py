@@ -4,8 +4,11 @@ Workers start on free ports (they print where they listen), each pinned to its o
 of the CPU cores; the gateway starts once every worker listens, and the stack counts as
 up when the gateway's /ready says so. A worker that exits is started again on its port
 with backoff (pdserve.supervisor); the gateway takes it back into the rotation once it
-answers Health. Ctrl-C or SIGTERM stops every child; the children also get SIGTERM from
-the kernel if this process dies, so none is ever orphaned.
+answers Health. The gateway is restarted the same way, on a listening socket this
+process opened and keeps: connections made while it restarts wait in the socket's
+backlog instead of being refused, and the workers keep their requests' caches. Ctrl-C
+or SIGTERM drains and stops every child, the gateway first; the children also get
+SIGTERM from the kernel if this process dies, so none is ever orphaned.
 
 `pdserve up` takes the gateway's flags, the engine's (every worker gets the same
 engine settings) and the gRPC security flags (every process gets them); each is passed
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,7 +36,8 @@ from pdserve.supervisor import Supervisor
 from pdserve_config.fields import flag
 from pdserve_config.security import SecurityConfig
 from pdserve_config.tracing import TracingConfig
-from server.gateway import GatewayConfig
+from server.gateway import LISTEN_FD_ENV, GatewayConfig
+from worker.config import WorkerConfig
 
 START_TIMEOUT = 300.0
 # Gateway settings `pdserve up` decides itself (addresses) or shares with the workers.
@@ -74,14 +79,17 @@ def _worker_argv(role: str, args: argparse.Namespace, threads: int,
     metrics = ("--metrics-port", "0") if args.worker_metrics else ()
     return pdserve_argv("--log-level", args.log_level, role, "--host", "127.0.0.1",
                         "--port", str(port), "--num-threads", str(threads), *metrics,
+                        *changed_flags(WorkerConfig, args, exclude=("host", "metrics_port")),
                         *changed_flags(EngineConfig, args, exclude=ENGINE_EXCLUDED),
                         *changed_flags(SecurityConfig, args, exclude=tuple(SECRETS)),
                         *changed_flags(TracingConfig, args))
 
 
-def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]]) -> list[str]:
+def _gateway_argv(args: argparse.Namespace, addresses: dict[str, list[str]],
+                  port: int | None = None) -> list[str]:
     argv = pdserve_argv("--log-level", args.log_level, "gateway", "--host", args.host,
-                        "--port", str(args.port), "--model", args.model,
+                        "--port", str(args.port if port is None else port),
+                        "--model", args.model,
                         "--decode", ",".join(addresses["decode"]),
                         *changed_flags(GatewayConfig, args, exclude=(
                             *(f for f in GATEWAY_EXCLUDED if f not in SHARED_WITH_WORKERS),
@@ -105,6 +113,20 @@ def _wait_ready(url: str, children: list[ChildProcess], timeout: float) -> None:
                     return
         time.sleep(0.25)
     raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, kept here across its restarts (port 0: any)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listener.listen(2048)
+    return listener
 
 
 def _child_env(args: argparse.Namespace, role: str) -> dict[str, str]:
@@ -133,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
     shares = core_shares(cores, len(roles)) if stack.pin else [None] * len(roles)
     children: list[ChildProcess] = []
     restart: dict[str, Callable[[int], ChildProcess]] = {}  # name -> start on a port
+    listener = None
     try:
+        listener = _listen(args.host, args.port)
         counts: dict[str, int] = {}
         for role, share in zip(roles, shares, strict=True):
             counts[role] = counts.get(role, 0) + 1
@@ -147,10 +171,13 @@ def run(args: argparse.Namespace) -> int:
         addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
         for child in children:
             addresses[child.name.split("-")[0]].append(child.wait_listening(START_TIMEOUT))
-        children.append(ChildProcess("gateway", _gateway_argv(args, addresses),
-                                     env=_child_env(args, "gateway"), echo=True,
-                                     die_with_parent=True))
-        url = f"http://{args.host}:{args.port}"
+        port = listener.getsockname()[1]
+        gateway_env = {**_child_env(args, "gateway"), LISTEN_FD_ENV: str(listener.fileno())}
+        restart["gateway"] = lambda _port: ChildProcess(
+            "gateway", _gateway_argv(args, addresses, port), env=gateway_env, echo=True,
+            die_with_parent=True, pass_fds=(listener.fileno(),))
+        children.append(restart["gateway"](port))
+        url = f"http://{args.host}:{port}"
         _wait_ready(url, children, START_TIMEOUT)
         _announce(url, args, stack, len(cores))
         return Supervisor(children, restart).run(stop)
@@ -158,8 +185,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve up: {exc}", file=sys.stderr)
         return 1
     finally:
-        for child in reversed(children):  # gateway first, so no request hits a dead worker
-            child.stop()
+        # The gateway first, so no request hits a stopped worker; each drains first.
+        for child in reversed(children):
+            child.stop(timeout=args.drain_timeout + 10)
+        if listener is not None:
+            listener.close()
 
 
 def _announce(url: str, args, stack: StackConfig, num_cores: int) -> None:

@@ -1,10 +1,11 @@
-"""`pdserve up`'s watch over its children: a worker that exits is started again on the
-same port, after a backoff that doubles while it keeps failing; the gateway exiting
-stops the stack.
+"""`pdserve up`'s watch over its children: a child that exits (a worker or the gateway,
+killed, crashed, or drained after a SIGTERM) is started again on the same port, after a
+backoff that doubles while it keeps failing.
 
 The same port, because the gateway was given the worker addresses once: it keeps polling
 the old address, and takes the new process back into the rotation as soon as it answers
-Health (and counts the restart, seeing a new instance id there). The backoff (1 s, then
+Health (and counts the restart, seeing a new instance id there). The gateway's port is a
+socket `pdserve up` holds, handed to each gateway process in turn. The backoff (1 s, then
 2, 4, ... up to 30 s) resets once a worker has stayed up for a minute, so a worker that
 crashes on start does not spin, and one killed once comes back at once.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pdserve.launch import ChildProcess
 
 FIRST_DELAY, MAX_DELAY = 1.0, 30.0
-STABLE_AFTER = 60.0  # seconds up after which a worker's backoff starts over
+STABLE_AFTER = 60.0  # seconds up after which a child's backoff starts over
 
 
 @dataclass
@@ -41,15 +42,9 @@ class Supervisor:
                       if c.name in restart and c.address}
 
     def run(self, stop: threading.Event, interval: float = 0.5) -> int:
-        """Until `stop` is set (0) or the gateway exits (1)."""
+        """Until `stop` is set."""
         while not stop.wait(interval):
             for i, child in enumerate(self.children):
-                if child.name == "gateway":
-                    if not child.alive:
-                        _say(f"the gateway exited with code {child.proc.returncode}; "
-                             "stopping the stack")
-                        return 1
-                    continue
                 replacement = self._check(child)
                 if replacement is not None:
                     self.children[i] = replacement

@@ -12,10 +12,10 @@ def run(config: PrefillConfig, engine_config: EngineConfig, security: SecurityCo
     from worker.process import Role, run_worker
 
     role = Role("prefill", "pdserve.v1.PrefillService",
-                make_service=lambda loop, fingerprint: PrefillService(
+                make_service=lambda loop, fingerprint, drain: PrefillService(
                     loop, fingerprint, layerwise=config.layerwise,
                     max_chunk_bytes=config.kv_chunk_bytes,
                     transfer_timeout=config.transfer_timeout, pull_kv=config.pull_kv,
-                    security=security),
+                    security=security, drain=drain),
                 add_service=prefill_pb2_grpc.add_PrefillServiceServicer_to_server)
     return run_worker(role, config, engine_config, security)

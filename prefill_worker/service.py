@@ -35,6 +35,7 @@ from worker.convert import (
     prompt_logprobs_to_proto,
     token_to_proto,
 )
+from worker.drain import Drain
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import health_response
 from worker.requests import validated
@@ -78,8 +79,9 @@ class _Transfer:
 class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, engine_loop: EngineLoop, fingerprint, *, layerwise: bool,
                  max_chunk_bytes: int, transfer_timeout: float, pull_kv: bool = True,
-                 security: SecurityConfig = NO_SECURITY):
+                 security: SecurityConfig = NO_SECURITY, drain: Drain | None = None):
         self.loop = engine_loop
+        self.drain = drain or Drain("prefill")
         self.engine = engine_loop.engine
         self.fingerprint = fingerprint
         self.layerwise = layerwise
@@ -111,7 +113,8 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             "pdserve.decode_worker": request.decode_address})
         error = None
         try:
-            return await self._prefill(request, context, span)
+            with self.drain.admit():
+                return await self._prefill(request, context, span)
         except StatusError as exc:
             error = exc.message
             log.warning("request %s: prefill failed: %s", request.request_id, exc)
@@ -296,4 +299,5 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                 await channel.close()
 
     async def Health(self, request, context):
-        return health_response("prefill", self.loop, self.fingerprint.model_digest, request)
+        return health_response("prefill", self.loop, self.fingerprint.model_digest, request,
+                               draining=self.drain.draining)

@@ -4,12 +4,18 @@ GatewayConfig's fields are the command's flags (`--max-inflight` from `max_infli
 each default and help text is written here once.
 """
 
+import os
+import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve_config.fields import flag
 
 DEFAULT_PORT = 8000
+# A listening socket the gateway is handed instead of binding its own (`pdserve up`
+# holds it across the gateway's restarts, so connections wait in its backlog meanwhile).
+LISTEN_FD_ENV = "PDSERVE_LISTEN_FD"
 
 
 def parse_addresses(value: str) -> tuple[str, ...]:
@@ -54,6 +60,8 @@ class GatewayConfig:
                                               "decode worker")
     max_body_bytes: int = flag(4 << 20, "largest request body; larger: 413")
     request_timeout: float = flag(600.0, "seconds a request may take end to end")
+    drain_timeout: float = flag(30.0, "on SIGTERM: seconds to finish the open requests "
+                                      "and streams after it stops accepting connections")
     migration_limit: int = flag(3, "times one request may move to another decode worker "
                                     "when the one serving it fails mid-stream (0: never)")
     health_interval: float = flag(1.0, "seconds between Health polls of every worker")
@@ -79,7 +87,8 @@ class GatewayConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("max_queue", "local_prefill_max_tokens", "migration_limit",
-                     "response_ttl", "priority_aging_seconds", "max_queue_wait"):
+                     "response_ttl", "priority_aging_seconds", "max_queue_wait",
+                     "drain_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("request_timeout", "health_interval", "resolve_interval"):
@@ -95,8 +104,18 @@ def run(config: GatewayConfig, log_level: str, security) -> int:
     from server.app import create_app
 
     app = create_app(config, security)
+    inherited = os.environ.pop(LISTEN_FD_ENV, None)
+    sockets = [socket.socket(fileno=int(inherited))] if inherited else None
     # `pdserve up` and tests wait for /ready; this line says where to look.
     print(f"pdserve gateway listening on http://{config.host}:{config.port}", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=5)
+    # On SIGTERM uvicorn stops accepting, lets the open requests and streams end for up
+    # to the drain timeout, then cancels what is left.
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=log_level.lower(),
+        timeout_graceful_shutdown=config.drain_timeout))
+    # uvicorn raises the signal it stopped on again once it has drained; a handler of
+    # our own takes it, so a drained gateway exits 0 like the workers.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=sockets)
     return 0

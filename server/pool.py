@@ -4,7 +4,10 @@ Addresses are `host:port`. A host name is resolved to every address behind it an
 re-resolved periodically, so replicas behind a DNS name (compose `--scale`, a Kubernetes
 headless Service) join and leave the rotation without a restart. Each resolved worker
 is polled with `Health`; one that fails `fail_after` polls in a row (or a call) leaves
-the rotation until a poll succeeds again.
+the rotation until a poll succeeds again. A worker that says it is draining (shutting
+down: its Health, or its refusal of a call) takes no new requests but keeps the ones it
+serves, and so does one that left its name (a Kubernetes pod that stopped being ready)
+until they end.
 
 Picking weighs load against the prefix cache by the rule of server.placement, over the
 healthy workers' latest reports and what this gateway sent them since.
@@ -58,6 +61,13 @@ class Worker:
     prefix_blocks: frozenset = frozenset()
     prefix_version: int = 0
     restarts: int = 0  # times its Health said a new process answers at this address
+    draining: bool = False  # shutting down: it finishes what it holds, takes nothing new
+    listed: bool = True  # still behind one of the pool's names
+
+    @property
+    def in_rotation(self) -> bool:
+        """Whether new requests may go to it."""
+        return self.healthy and not self.draining and self.listed
 
     def free_blocks(self) -> int:
         free = self.health.free_kv_blocks if self.health else 0
@@ -79,6 +89,7 @@ class Worker:
         if restarted:
             self.restarts += 1
         self.health = health
+        self.draining = health.draining
         if health.prefix_blocks_sent or not health.prefix_namespace:
             self.prefix_blocks = frozenset(health.prefix_blocks)
         self.prefix_version = health.prefix_version
@@ -179,12 +190,25 @@ class WorkerPool:
             self.workers[address] = Worker(address, self.role, channel,
                                            _STUBS[self.role](channel))
             log.info("%s pool: %s joined", self.role, address)
+        for address in addresses & self.workers.keys():
+            self.workers[address].listed = True
         for address in self.workers.keys() - addresses:
-            worker = self.workers.pop(address)
-            await worker.channel.close()
-            if self.on_health:
-                self.on_health(worker, removed=True)
-            log.info("%s pool: %s left (no longer behind its name)", self.role, address)
+            await self._unlist(self.workers[address])
+
+    async def _unlist(self, worker: Worker) -> None:
+        """A worker no longer behind its name takes no new requests; it is dropped once
+        the requests it serves end (a pod that stopped being ready may be draining them)."""
+        if worker.listed:
+            worker.listed = False
+            log.info("%s pool: %s left its name%s", self.role, worker.address,
+                     f"; {worker.inflight} request(s) finish there first"
+                     if worker.inflight else "")
+        if worker.inflight:
+            return
+        del self.workers[worker.address]
+        await worker.channel.close()
+        if self.on_health:
+            self.on_health(worker, removed=True)
 
     async def _poll(self, worker: Worker) -> None:
         restarted = False
@@ -217,7 +241,15 @@ class WorkerPool:
     # ----- picking ----------------------------------------------------------------------
 
     def healthy(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.healthy]
+        """The workers in the rotation: answering Health, not draining, still listed."""
+        return [w for w in self.workers.values() if w.in_rotation]
+
+    def mark_draining(self, worker: Worker) -> None:
+        """The worker refused a call because it is draining: no new requests until its
+        Health says otherwise (a new process at its address)."""
+        if not worker.draining:
+            worker.draining = True
+            log.info("%s worker %s is draining: no new requests", self.role, worker.address)
 
     def pick(self, exclude: set[str] = frozenset(), prompt: PromptBlocks | None = None) -> Worker:
         return self.place(exclude, prompt).worker

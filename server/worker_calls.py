@@ -9,6 +9,7 @@ import time
 import grpc
 
 from pdserve_config import tracing
+from pdserve_proto.draining import is_draining
 from pdserve_proto.v1 import decode_pb2, prefill_pb2
 from server.errors import APIError
 from server.events import FinishEvent, PrefillEvent, event_of, prompt_logprobs_event, token_event
@@ -103,8 +104,7 @@ class WorkerCalls:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in WORKER_DOWN:
-                    self.decode.report_failure(worker, exc.details() or exc.code().name)
+                self._failed(self.decode, worker, exc)
                 last = api_error(exc, f"decode worker {worker.address}")
                 if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   grpc.StatusCode.UNAVAILABLE):
@@ -173,8 +173,7 @@ class WorkerCalls:
                 error = api_error(exc, f"prefill worker {worker.address}")
                 if exc.code() in RETRYABLE:
                     failed.add(worker.address)
-                    if exc.code() in WORKER_DOWN:
-                        self.prefill.report_failure(worker, exc.details() or exc.code().name)
+                    self._failed(self.prefill, worker, exc)
                     raise RetryPrefill(error) from None
                 raise error from None
             finally:
@@ -183,6 +182,15 @@ class WorkerCalls:
                     "pdserve.cached_tokens": response.cached_tokens},
                     error=error.message if error is not None else None)
         return response, worker.address
+
+    @staticmethod
+    def _failed(pool: WorkerPool, worker: Worker, exc: grpc.aio.AioRpcError) -> None:
+        """What a worker's refusal of a new call says about it: draining (no new
+        requests; those it serves go on there) or gone (out of the rotation at once)."""
+        if is_draining(exc.trailing_metadata()):
+            pool.mark_draining(worker)
+        elif exc.code() in WORKER_DOWN:
+            pool.report_failure(worker, exc.details() or exc.code().name)
 
     async def rest(self, worker: Worker, call):
         """Tokens 2..N and the finish from the decode worker's stream; DecodeFailed

@@ -19,7 +19,12 @@ class WorkerConfig:
     host: str = flag("127.0.0.1", "address to listen on")
     metrics_port: int | None = flag(None, "serve Prometheus /metrics over HTTP on this port "
                                           "(0: any free port; default: off)")
+    drain_timeout: float = flag(30.0, "on SIGTERM: seconds to finish the requests in "
+                                      "flight while taking no new ones; what still runs "
+                                      "then moves to other workers")
 
     def __post_init__(self):
         check_port("metrics_port", self.metrics_port)
         check_port("port", getattr(self, "port", None))
+        if self.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")

@@ -1,7 +1,7 @@
 """One worker process, either role: load the engine on its thread, make the role's
-gRPC service, serve it with health, metrics and security (worker.grpc_server), and
-close the service on the way out. A role is only what differs: how its engine is built
-and which service answers."""
+gRPC service, serve it with health, metrics and security (worker.grpc_server) until
+SIGTERM, drain it (worker.drain), and close the service on the way out. A role is only
+what differs: how its engine is built and which service answers."""
 
 import asyncio
 from collections.abc import Callable
@@ -16,6 +16,7 @@ from pdserve_config.security import SecurityConfig
 from pdserve_proto.v1.kv_pb2 import KvFingerprint
 from worker.config import WorkerConfig
 from worker.convert import engine_fingerprint
+from worker.drain import Drain
 from worker.engine_loop import EngineLoop
 from worker.grpc_server import serve
 
@@ -29,7 +30,7 @@ class WorkerService(Protocol):
 class Role:
     name: str  # "prefill" or "decode": logs, metrics, the listening line
     service_name: str  # the gRPC service grpc.health.v1 reports on
-    make_service: Callable[[EngineLoop, KvFingerprint], WorkerService]
+    make_service: Callable[[EngineLoop, KvFingerprint, Drain], WorkerService]
     add_service: Callable[[WorkerService, grpc.aio.Server], None]
     build_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine
 
@@ -43,9 +44,11 @@ def run_worker(role: Role, config: WorkerConfig, engine_config: EngineConfig,
 async def _serve(role: Role, config: WorkerConfig, engine_config: EngineConfig,
                  security: SecurityConfig) -> None:
     engine_loop = await EngineLoop.create(lambda: role.build_engine(engine_config))
-    service = role.make_service(engine_loop, engine_fingerprint(engine_loop.engine))
+    drain = Drain(role.name)
+    service = role.make_service(engine_loop, engine_fingerprint(engine_loop.engine), drain)
     try:
         await serve(role.name, config, security, engine_loop,
-                    lambda server: role.add_service(service, server), role.service_name)
+                    lambda server: role.add_service(service, server), role.service_name,
+                    drain)
     finally:
         await service.close()

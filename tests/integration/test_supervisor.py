@@ -1,6 +1,6 @@
 """`pdserve up`'s supervisor with real child processes: a worker that exits is started
-again on its port after a backoff that doubles while it keeps failing, and the gateway
-exiting ends the watch."""
+again on its port after a backoff that doubles while it keeps failing, and so is the
+gateway."""
 
 import re
 import sys
@@ -59,6 +59,27 @@ def test_a_failing_worker_is_restarted_on_its_port_with_growing_delays(capsys):
     assert "decode-1 restarted (restart 3)" in err
 
 
-def test_the_gateway_exiting_ends_the_watch():
-    children = [child("gateway", "raise SystemExit(2)")]
-    assert Supervisor(children, {}).run(threading.Event(), interval=0.05) == 1
+def test_the_gateway_is_restarted_on_its_port_like_a_worker(capsys):
+    ports: list[int] = []
+    gateway_line = "print('gateway listening on http://127.0.0.1:4568', flush=True)"
+
+    def restart(port: int) -> ChildProcess:
+        ports.append(port)
+        return child("gateway", gateway_line + "; import time; time.sleep(60)")
+
+    children = [child("gateway", gateway_line + "; raise SystemExit(2)")]
+    supervisor = Supervisor(children, {"gateway": restart}, first_delay=0.1)
+    stop = threading.Event()
+    runner = threading.Thread(target=lambda: supervisor.run(stop, interval=0.05))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not ports and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ports == [4568] and children[0].alive
+    finally:
+        stop.set()
+        runner.join(10)
+        for c in children:
+            c.stop(1)
+    assert "gateway exited with code 2; restarting it on port 4568" in capsys.readouterr().err
