@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench import sweep as sweep_module
     sweep_module.add_arguments(sweep)
     sweep.set_defaults(func=sweep_module.run)
+    soak = subs.add_parser("soak", help="mixed traffic, client drops and worker kills for "
+                           "--duration seconds; fails when memory, fds, asyncio tasks "
+                           "or KV blocks grow past their bounds")
+    from bench import soak as soak_module
+    soak_module.add_arguments(soak)
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
