@@ -1,10 +1,13 @@
 """Bounded admission: the in-flight limit, FIFO order, 429s, and no slot ever leaked."""
 
 import asyncio
+import heapq
+import itertools
+import math
 
 import pytest
 
-from server.admission import Admission, QueueFull
+from server.admission import WAIT_Z, Admission, QueueFull
 
 
 def test_never_more_than_max_inflight_and_fifo():
@@ -224,23 +227,109 @@ def test_a_waiter_past_max_queue_wait_is_refused_and_leaves_the_queue():
 
 def test_a_request_that_would_wait_too_long_is_refused_at_once_by_its_rank():
     async def main():
-        # One slot held about 1 s on average (the default before any is measured): the
-        # fourth priority-10 waiter expects 4 s; a priority-0 request expects 1 s.
+        # One slot held about 1 s on average (the default before any is measured), the
+        # gaps between releases taken to spread as widely as they are long: with one
+        # priority-10 waiter ahead, a second expects 2 s and is likely to wait up to
+        # 2 + 1.28 * sqrt(2) s, over the bound; a priority-0 request, with nobody ahead,
+        # up to 1 + 1.28 s, under it.
         adm = Admission(max_inflight=1, max_queue=10, max_queue_wait=2.5)
         holder = adm.slot()
         await holder.__aenter__()
-        queued = [asyncio.create_task(adm.slot(10).__aenter__()) for _ in range(2)]
+        queued = [asyncio.create_task(adm.slot(10).__aenter__())]
         await asyncio.sleep(0)
-        assert adm.waiting == 2 and adm.expected_wait(10) == pytest.approx(3.0)
+        assert adm.waiting == 1 and adm.expected_wait(10) == pytest.approx(2.0)
+        assert adm.likely_wait(10) == pytest.approx(2 + WAIT_Z * math.sqrt(2))
         with pytest.raises(QueueFull) as info:
             await adm.slot(10).__aenter__()
         assert info.value.reason == "expected_wait" and "--max-queue-wait" in str(info.value)
+        assert info.value.retry_after == 2  # the expected wait, in whole seconds
         interactive = asyncio.create_task(adm.slot(0).__aenter__())
         await asyncio.sleep(0)
-        assert adm.waiting == 3 and not interactive.done()  # queued, ahead of the batch
+        assert adm.waiting == 2 and not interactive.done()  # queued, ahead of the batch
         for task in (interactive, *queued):
             task.cancel()
         await asyncio.gather(interactive, *queued, return_exceptions=True)
         await holder.__aexit__(None, None, None)
         assert (adm.running, adm.waiting) == (0, 0)
     asyncio.run(main())
+
+
+def test_gaps_between_releases_are_timed_only_while_every_slot_is_busy():
+    async def main():
+        # One slot held 1 s at a time with 10 s idle between: the gap is 1 s of busy
+        # time, not the 11 s between releases, and a steady gap narrows the spread.
+        clock = Clock()
+        adm = Admission(max_inflight=1, max_queue=10, max_queue_wait=5, clock=clock)
+        for _ in range(30):
+            async with adm.slot():
+                clock.now += 1
+            clock.now += 10
+        assert adm.expected_wait(0) == pytest.approx(1.0)
+        assert 1.0 < adm.likely_wait(0) < 1.3
+    asyncio.run(main())
+
+
+async def settle():
+    for _ in range(6):  # the hand-over of a slot to a waiter takes a few loop turns
+        await asyncio.sleep(0)
+
+
+def overload(holds: list[float], *, slots: int, max_queue_wait: float, multiple: float,
+             seconds: float) -> dict:
+    """Requests arriving evenly at `multiple` times the capacity of `slots` held for the
+    `holds` in turn, all on a fake clock (asyncio's own time, which bounds a real wait,
+    hardly moves): the waits of those let in and the reasons of those refused."""
+    clock = Clock()
+    adm = Admission(max_inflight=slots, max_queue=1000, max_queue_wait=max_queue_wait,
+                    clock=clock)
+    hold, order = itertools.cycle(holds), itertools.count()
+    releases, waits, reasons = [], [], []
+
+    async def request():
+        slot = adm.slot()
+        try:
+            ticket = await slot.__aenter__()
+        except QueueFull as refusal:
+            reasons.append(refusal.reason)
+            return
+        waits.append(ticket.queue_seconds)
+        heapq.heappush(releases, (clock.now + next(hold), next(order), slot))
+
+    async def release_until(t: float):
+        while releases and releases[0][0] <= t:
+            clock.now, _, slot = heapq.heappop(releases)
+            await slot.__aexit__(None, None, None)
+            await settle()
+
+    async def main():
+        gap = sum(holds) / len(holds) / slots / multiple
+        tasks = []
+        for i in range(int(seconds / gap)):
+            await release_until(i * gap)
+            clock.now = i * gap
+            tasks.append(asyncio.create_task(request()))
+            await settle()
+        await release_until(math.inf)
+        await asyncio.gather(*tasks)
+        assert (adm.running, adm.waiting) == (0, 0)
+
+    asyncio.run(main())
+    return {"admitted": len(waits), "queued": sum(1 for w in waits if w > 0),
+            "late": sum(1 for w in waits if w > max_queue_wait),
+            "at_arrival": reasons.count("expected_wait")}
+
+
+@pytest.mark.parametrize("holds", [[1.2], [0.3, 1.7, 0.5, 2.5, 1.0]],
+                         ids=["equal-holds-freed-in-bunches", "uneven-holds"])
+def test_at_three_times_capacity_refusals_come_at_arrival_and_slots_stay_full(holds):
+    # Two slots and a 2 s bound. Judged by its mean wait alone, the third waiter in line
+    # (3 gaps of 0.6 s) was let in, and with equal holds both slots free at once, every
+    # 1.2 s, so it waited 2.4 s and was refused after all: about half of those let in
+    # to wait. The likely wait refuses them at arrival instead.
+    seconds = 120
+    got = overload(holds, slots=2, max_queue_wait=2.0, multiple=3, seconds=seconds)
+    capacity = 2 / (sum(holds) / len(holds))
+    assert got["late"] <= 0.05 * got["queued"], got
+    assert got["at_arrival"] > 0
+    # Refusing at arrival did not cost throughput: the slots were kept full.
+    assert got["admitted"] >= 0.95 * capacity * seconds, got
