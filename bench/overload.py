@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.cli import first_model, load_tokenizer
 from bench.client import CLIENT_TIMEOUT, send
 from bench.stats import SLO, RequestResult, distribution, percentile, result_dicts
 
@@ -206,6 +207,10 @@ def _share(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
+def _setting(value) -> str:
+    return "as configured" if value is None else f"{value:g}"
+
+
 def format_curve(curve: dict) -> str:
     """The curve as a markdown table, its header naming the CPU, date and stack."""
     knee_point = curve.get("knee")
@@ -213,17 +218,20 @@ def format_curve(curve: dict) -> str:
         f"Overload curve, {curve['date']}, commit {curve['commit']}, CPU: {curve['cpu']}",
         f"stack: {curve['stack']}",
         f"workload {curve['workload']}, SLO {curve['slo']} (ms), {curve['duration_s']:g} s "
-        f"of Poisson arrivals a level, client time-out {curve['timeout_s']:g} s",
+        f"of Poisson arrivals a level, client time-out {curve['timeout_s']:g} s; load "
+        f"average: the machine's 1-minute one before / after the level "
+        f"({curve.get('cpus', '?')} CPUs)",
         f"capacity {curve['capacity']:.2f} req/s"
         + (f" (closed loop at {knee_point['concurrency']} in flight: TTFT p99 "
            f"{knee_point['ttft_p99'] * 1000:.0f} ms)" if knee_point else " (given)")
-        + f"; --max-inflight {curve['max_inflight']}, --max-queue-wait "
-          f"{curve['max_queue_wait']:g} s",
+        + f"; --max-inflight {_setting(curve['max_inflight'])}, --max-queue-wait "
+          f"{_setting(curve['max_queue_wait'])} s",
         "",
         "| load | offered req/s | completed req/s | goodput req/s | admitted in SLO | 429 "
         "| 429 at arrival / after wait | time-outs | 5xx | other errors | TTFT p50 ms "
-        "| TTFT p99 ms | TPOT p50 ms | Retry-After on every 429 |",
-        "| " + " | ".join(["---"] * 14) + " |",
+        "| TTFT p99 ms | TPOT p50 ms | queue mean ms | Retry-After on every 429 "
+        "| load average |",
+        "| " + " | ".join(["---"] * 16) + " |",
     ]
     for level in curve["levels"]:
         row = level["row"]
@@ -234,7 +242,10 @@ def format_curve(curve: dict) -> str:
             f"{row['refused_after_wait']} | {row['timeouts']} | {row['server_errors']} | "
             f"{row['other_errors']} | {_ms(row['ttft_s']['p50'])} | "
             f"{_ms(row['ttft_s']['p99'])} | {_ms(row['tpot_s']['p50'])} | "
-            f"{'yes' if row['every_429_has_retry_after'] else 'NO'} |")
+            f"{_ms((row.get('phases') or {}).get('queue', math.nan))} | "
+            f"{'yes' if row['every_429_has_retry_after'] else 'NO'} | "
+            + ("-" if "load_average" not in row else
+               "{:.1f} / {:.1f}".format(*row["load_average"])) + " |")
     return "\n".join(lines)
 
 
@@ -319,6 +330,20 @@ def run_level(url: str, model: str, tokenizer, workload: str, rate: float, durat
                                 seed=seed, progress=False, timeout=timeout))
 
 
+def measured_level(url: str, *args, **kwargs) -> tuple[list[RequestResult], float, dict]:
+    """run_level, with what the machine and the gateway say of it: the 1-minute load
+    average before and after (other work on a shared machine slows the stack, and a
+    level measured then is not the stack's), and the gateway's per-request phase means
+    (queue: the wait for a slot; against pdserve only)."""
+    from bench.load import phase_means, scrape_histograms
+
+    before, load_before = scrape_histograms(f"{url}/metrics"), os.getloadavg()[0]
+    results, elapsed = run_level(url, *args, **kwargs)
+    context = {"load_average": [load_before, os.getloadavg()[0]],
+               "phases": phase_means(before, scrape_histograms(f"{url}/metrics"))}
+    return results, elapsed, context
+
+
 # ---------------------------------------------------------------------------- stacks
 
 class StartedStack:
@@ -338,18 +363,20 @@ class StartedStack:
         try:
             wait_ready(self.url + "/ready", self.proc)
         except RuntimeError as exc:
-            self.stop()
+            self.stop(keep_log=True)
             raise RuntimeError(f"{exc}; its output: {self.log.name}") from None
 
     def describe(self) -> str:
         return "pdserve up " + shlex.join(self.command[self.command.index("up") + 3:])
 
-    def stop(self) -> None:
+    def stop(self, keep_log: bool = False) -> None:
         from bench.sweep import stop_group
 
         if self.proc.poll() is None:
             stop_group(self.proc)
         self.log.close()
+        if not keep_log:
+            os.unlink(self.log.name)
 
 
 def stack_flags(args, *, max_inflight: int, max_queue_wait: float) -> list[str]:
@@ -370,64 +397,49 @@ def warm_up(url: str, model: str, tokenizer, workload: str) -> None:
 
 # ---------------------------------------------------------------------------- command
 
-def run(args: argparse.Namespace) -> int:
-    from bench.cli import first_model, load_tokenizer
-
-    try:
-        slo = SLO.parse(args.slo)
-        multiples = [float(m) for m in args.multiples.split(",")]
-        concurrencies = [int(c) for c in args.concurrencies.split(",")]
-        if args.max_inflight is not None:
-            concurrencies = [args.max_inflight]
-        if min(multiples) <= 0 or min(concurrencies) < 1 or args.duration <= 0:
-            raise ValueError("multiples and --duration must be > 0, concurrencies >= 1")
-    except ValueError as exc:
-        print(f"bench.overload: {exc}", file=sys.stderr)
-        return 2
-    tokenizer = load_tokenizer(args.tokenizer)
-    curve = {"date": datetime.date.today().isoformat(), "commit": commit(),
-             "cpu": describe_cpu(), "workload": args.workload, "slo": slo.describe(),
-             "duration_s": args.duration, "timeout_s": args.timeout, "knee": None,
-             "calibration": []}
-    calibrated = (args.capacity is not None and args.max_inflight is not None
-                  and args.max_queue_wait is not None)
+def find_knee(args, tokenizer, slo: SLO, concurrencies: list[int], curve: dict) -> None:
+    """Calibrate (on a stack of its own unless --url) and fill in what the flags left
+    open: the capacity, and for a stack this command starts --max-inflight and
+    --max-queue-wait. ValueError when no concurrency meets the SLO."""
     stack = None
     try:
-        if not calibrated:
-            if args.url:
-                url = args.url
-            else:
-                # No admission limit in the way of the loops: every request runs at once.
-                stack = StartedStack(stack_flags(args, max_inflight=max(concurrencies),
-                                                 max_queue_wait=0), args.port)
-                url = stack.url
-                print(f"calibration stack: {stack.describe()}", flush=True)
-            model = first_model(url, None)
-            warm_up(url, model, tokenizer, args.workload)
-            points = calibrate(url, model, tokenizer, args.workload, concurrencies,
-                               args.calibration_duration, slo, seed=args.seed,
-                               timeout=args.timeout)
-            curve["calibration"] = [asdict(p) for p in points]
-            try:
-                chosen = knee(points, slo)
-                budget = queue_wait_budget(slo, chosen.ttft_p99)
-            except ValueError as exc:
-                print(f"bench.overload: {exc}", file=sys.stderr)
-                return 1
-            curve["knee"] = asdict(chosen)
-            args.capacity = args.capacity or chosen.throughput
-            args.max_inflight = args.max_inflight or chosen.concurrency
-            if args.max_queue_wait is None:
-                args.max_queue_wait = budget
-            print(f"knee: {chosen.concurrency} in flight, {chosen.throughput:.2f} req/s; "
-                  f"recommended --max-inflight {chosen.concurrency} --max-queue-wait "
-                  f"{budget:g} (TTFT SLO {slo.ttft:g} s less TTFT p99 "
-                  f"{chosen.ttft_p99:.2f} s)", flush=True)
-            if stack is not None:
-                stack.stop()
-                stack = None
-            if args.calibrate_only:
-                return 0
+        if args.url:
+            url = args.url
+        else:
+            # No admission limit in the way of the loops: every request runs at once.
+            stack = StartedStack(stack_flags(args, max_inflight=max(concurrencies),
+                                             max_queue_wait=0), args.port)
+            url = stack.url
+            print(f"calibration stack: {stack.describe()}", flush=True)
+        model = first_model(url, None)
+        warm_up(url, model, tokenizer, args.workload)
+        points = calibrate(url, model, tokenizer, args.workload, concurrencies,
+                           args.calibration_duration, slo, seed=args.seed,
+                           timeout=args.timeout)
+    finally:
+        if stack is not None:
+            stack.stop()
+    curve["calibration"] = [asdict(p) for p in points]
+    chosen = knee(points, slo)
+    budget = queue_wait_budget(slo, chosen.ttft_p99)
+    curve["knee"] = asdict(chosen)
+    curve["recommended"] = {"max_inflight": chosen.concurrency, "max_queue_wait": budget}
+    print(f"knee: {chosen.concurrency} in flight, {chosen.throughput:.2f} req/s; "
+          f"recommended --max-inflight {chosen.concurrency} --max-queue-wait {budget:g} "
+          f"(TTFT SLO {slo.ttft:g} s less TTFT p99 {chosen.ttft_p99:.2f} s at the knee)",
+          flush=True)
+    if args.capacity is None:
+        args.capacity = chosen.throughput
+    if not args.url:  # a running stack keeps the settings it has
+        if args.max_inflight is None:
+            args.max_inflight = chosen.concurrency
+        if args.max_queue_wait is None:
+            args.max_queue_wait = budget
+
+
+def run_curve(args, tokenizer, slo: SLO, multiples: list[float], curve: dict) -> None:
+    stack = None
+    try:
         if args.url:
             url, curve["stack"] = args.url, f"{args.url} as it is configured"
         else:
@@ -441,21 +453,52 @@ def run(args: argparse.Namespace) -> int:
                   "max_queue_wait": args.max_queue_wait, "levels": []}
         for index, multiple in enumerate(multiples):
             rate = multiple * args.capacity
-            results, elapsed = run_level(url, model, tokenizer, args.workload, rate,
-                                         args.duration, seed=args.seed * 1000 + index + 1,
-                                         timeout=args.timeout)
-            row = level_row(results, elapsed, args.duration, slo)
+            results, elapsed, context = measured_level(
+                url, model, tokenizer, args.workload, rate, args.duration,
+                seed=args.seed * 1000 + index + 1, timeout=args.timeout)
+            row = level_row(results, elapsed, args.duration, slo) | context
             curve["levels"].append({"multiple": multiple, "rate": rate, "row": row,
                                     "requests": result_dicts(results)})
             print(f"  {multiple:g}x ({rate:.2f} req/s): goodput {row['goodput']:.2f} req/s, "
                   f"429 {_share(row['refused_share'])}, time-outs {row['timeouts']}, 5xx "
-                  f"{row['server_errors']}, TTFT p99 {_ms(row['ttft_s']['p99'])} ms",
-                  flush=True)
+                  f"{row['server_errors']}, TTFT p99 {_ms(row['ttft_s']['p99'])} ms, load "
+                  f"average {row['load_average'][1]:.1f}", flush=True)
     finally:
         if stack is not None:
             stack.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        slo = SLO.parse(args.slo)
+        multiples = [float(m) for m in args.multiples.split(",")]
+        concurrencies = [int(c) for c in args.concurrencies.split(",")]
+        if args.max_inflight is not None:
+            concurrencies = [args.max_inflight]
+        if min(multiples) <= 0 or min(concurrencies) < 1 or args.duration <= 0:
+            raise ValueError("multiples and --duration must be > 0, concurrencies >= 1")
+    except ValueError as exc:
+        print(f"bench.overload: {exc}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(args.tokenizer)
+    curve = {"date": datetime.date.today().isoformat(), "commit": commit(),
+             "cpu": describe_cpu(), "cpus": os.cpu_count(), "workload": args.workload,
+             "slo": slo.describe(), "duration_s": args.duration, "timeout_s": args.timeout,
+             "knee": None, "calibration": []}
+    if None in (args.capacity, args.max_inflight, args.max_queue_wait):
+        try:
+            find_knee(args, tokenizer, slo, concurrencies, curve)
+        except ValueError as exc:
+            print(f"bench.overload: {exc}", file=sys.stderr)
+            return 1
+        if args.calibrate_only:
+            return 0
+    run_curve(args, tokenizer, slo, multiples, curve)
+    curve["wall_s"] = time.monotonic() - started
     print()
     print(format_curve(curve))
+    print(f"\n{curve['wall_s'] / 60:.1f} minutes in all")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(curve, indent=1))

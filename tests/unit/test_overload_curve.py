@@ -107,7 +107,8 @@ def test_a_429_without_a_usable_retry_after_is_flagged(header):
              "levels": [{"multiple": 3.0, "row": row}]}
     table = format_curve(curve)
     assert "AMD EPYC (avx2)" in table and "2026-12-07" in table
-    assert table.splitlines()[-1].startswith("| 3x |") and table.endswith("| NO |")
+    last = table.splitlines()[-1]
+    assert last.startswith("| 3x |") and "| NO |" in last
 
 
 def run_send(handler, *, timeout=None):
