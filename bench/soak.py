@@ -1,4 +1,4 @@
-"""`pdserve bench soak`: hours of mixed traffic, client drops and worker kills, and a
+"""`pdserve bench soak`: a long run of mixed traffic, client drops and worker kills, and a
 verdict on whether anything grew that should not have.
 
 It starts `pdserve up --worker-metrics` (bench.soak_stack), or soaks a running stack with
@@ -286,7 +286,8 @@ def report_and_verdict(soak: Soak, bounds: Bounds) -> tuple[dict, bool]:
               "elapsed_s": round(soak.now(), 1), "traffic": soak.traffic.tally.as_json(),
               "kills": soak.kills, "checks": [{**asdict(c), "growth": c.growth}
                                              for c in checks],
-              "problems": problems, "passed": ok, "samples": soak.samples}
+              "problems": problems, "passed": ok, "samples": soak.samples,
+              "tracebacks": soak.stack.tracebacks() if soak.stack else {}}
     report["checks_table"] = format_checks(checks)
     return report, ok
 
@@ -303,6 +304,9 @@ def format_report(report: dict) -> str:
     for k in report["kills"]:
         lines.append(f"  {k['t']:.1f} s: {k['process']} (pid {k['pid']}), back after "
                      f"{k['back_after']} s")
+    if report["tracebacks"]:  # not judged: a logged exception may be harmless, or not
+        lines.append("tracebacks in the stack's output (see .stack.log): " + ", ".join(
+            f"{name} {n}" for name, n in report["tracebacks"].items()))
     lines += ["", report["checks_table"], ""]
     lines += [f"FAILED: {p}" for p in report["problems"]] or ["PASSED"]
     return "\n".join(lines)

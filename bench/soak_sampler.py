@@ -36,6 +36,7 @@ class Probe:
     name: str
     pid: Callable[[], int | None]
     metrics_url: Callable[[], str | None]
+    local: bool = True  # on this machine: no pid now means not running (or not known yet)
 
 
 def proc_rss(pid: int) -> int | None:
@@ -78,7 +79,7 @@ def sample(probe: Probe, t: float, phase: str, headers: dict | None = None) -> d
         rss, fds, lifetime = proc_rss(pid), proc_fds(pid), f"pid {pid}"
         if rss is None:  # it exited between the look-up and the read
             return None
-    elif "process_start_time_seconds" in metrics:
+    elif not probe.local and "process_start_time_seconds" in metrics:
         rss = metrics.get("process_resident_memory_bytes")
         fds = metrics.get("process_open_fds")
         lifetime = f"started {metrics['process_start_time_seconds']:.0f}"
@@ -98,7 +99,8 @@ def sample(probe: Probe, t: float, phase: str, headers: dict | None = None) -> d
 def metrics_probes(url: str, worker_metrics_urls: list[str]) -> list[Probe]:
     """Probes of a stack on another machine (or not ours to look into): the gateway and
     each worker only through its /metrics."""
-    probes = [Probe("gateway", lambda: None, lambda: f"{url}/metrics")]
+    probes = [Probe("gateway", lambda: None, lambda: f"{url}/metrics", local=False)]
     for i, worker in enumerate(worker_metrics_urls, 1):
-        probes.append(Probe(f"worker-{i}", lambda: None, lambda worker=worker: worker))
+        probes.append(Probe(f"worker-{i}", lambda: None, lambda worker=worker: worker,
+                            local=False))
     return probes

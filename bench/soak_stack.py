@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import time
+import urllib.parse
 from pathlib import Path
 
 from bench.soak_sampler import Probe
@@ -27,6 +28,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port(url: str | None) -> int | None:
+    return None if url is None else urllib.parse.urlsplit(url).port
 
 
 def children(pid: int) -> list[int]:
@@ -126,8 +131,9 @@ class SoakStack:
         if len(same) == 1:
             return same[0]
         for name in same:
-            port = self.grpc_port(name)
-            if port is not None and listens_on(pid, port):
+            # A restarted worker serves its new /metrics port before its gRPC one.
+            ports = (self.grpc_port(name), _port(self.metrics_url(name)))
+            if any(port is not None and listens_on(pid, port) for port in ports):
                 return name
         return None
 
@@ -142,6 +148,14 @@ class SoakStack:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return pid
+
+    def tracebacks(self) -> dict[str, int]:
+        """How many tracebacks each process printed."""
+        found: dict[str, int] = {}
+        for name, text in self._named_lines():
+            if text.startswith("Traceback (most recent call last)"):
+                found[name] = found.get(name, 0) + 1
+        return found
 
     def tail(self, lines: int = 40) -> str:
         return "".join(self.up.lines[-lines:])

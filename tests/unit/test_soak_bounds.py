@@ -161,10 +161,19 @@ def test_blocks_in_use_are_total_minus_free_with_cached_ones_free(monkeypatch):
                "pdserve_asyncio_tasks": 9.0, "process_resident_memory_bytes": 5e8,
                "process_open_fds": 17.0, "process_start_time_seconds": 1.7e9}
     monkeypatch.setattr(soak_sampler, "scrape", lambda url, headers=None: metrics)
-    probe = Probe("decode-1", lambda: None, lambda: "http://worker/metrics")
+    probe = Probe("decode-1", lambda: None, lambda: "http://worker/metrics", local=False)
     s = soak_sampler.sample(probe, 1.0, LOAD)
     assert (s["kv_blocks_in_use"], s["asyncio_tasks"], s["fds"]) == (40, 9, 17)
     assert s["lifetime"] == "started 1700000000" and s["rss_bytes"] == 5e8
+
+
+def test_a_local_process_not_found_is_not_sampled_from_its_metrics(monkeypatch):
+    # A restarted worker whose pid is not known yet: read from its metrics, it would be
+    # a third lifetime between the old pid and the new one.
+    monkeypatch.setattr(soak_sampler, "scrape", lambda url, headers=None: {
+        "process_start_time_seconds": 1.7e9, "process_resident_memory_bytes": 5e8})
+    probe = Probe("decode-1", lambda: None, lambda: "http://worker/metrics")
+    assert soak_sampler.sample(probe, 1.0, LOAD) is None
 
 
 def test_kills_take_decode_and_prefill_in_turn_and_spare_a_lone_decode_worker():
