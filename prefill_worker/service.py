@@ -285,7 +285,9 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
             if code in _REJECTIONS:
                 raise StatusError(code, f"decode worker {address} rejected the KV: "
                                   f"{exc.details()}") from None
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"decode worker {address} "
+            # ABORTED, not UNAVAILABLE: the gateway must not take this worker for the
+            # one that is gone.
+            raise StatusError(grpc.StatusCode.ABORTED, f"decode worker {address} "
                               f"unreachable ({code.name}): {exc.details()}") from None
 
     def _channel(self, address: str) -> grpc.aio.Channel:

@@ -210,6 +210,12 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
     watcher = asyncio.create_task(_watch_disconnect(request, work))
     try:
         return JSONResponse(await work)
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise  # this handler is cancelled (shutdown), not only the work
+        # The watcher cancelled the work: its client left. An answer, not a traceback.
+        raise APIError(499, "the client closed the connection before the answer",
+                       code="client_closed") from None
     finally:
         watcher.cancel()
         recorder.finish("abort")  # ignored when the request finished

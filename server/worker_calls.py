@@ -20,7 +20,10 @@ from server.prefix_index import PromptBlocks
 # path to the decode worker) failed, not the request.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND,
-             grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED}
+             grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+# The prefill worker's answer when the decode worker it sends the KV to is gone: try
+# again (the decode side is picked anew) without holding it against the prefill worker.
+DECODE_GONE = grpc.StatusCode.ABORTED
 # Statuses that say the worker itself is gone: take it out of the rotation now.
 WORKER_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 # A decode stream failing with these after its first token moves the request elsewhere.
@@ -152,9 +155,10 @@ class WorkerCalls:
                            failed: set[str], blocks: PromptBlocks, parent=None):
         try:
             placement = self.prefill.place(exclude=failed, prompt=blocks)
-        except NoWorkerError as exc:
-            raise APIError(503, str(exc), code="no_worker",
-                           headers={"Retry-After": "1"}) from None
+        except NoWorkerError as exc:  # left since the decode worker was picked: the
+            # retry prefills on the decode worker when no prefill worker is back by then
+            raise RetryPrefill(APIError(503, str(exc), code="no_worker",
+                                        headers={"Retry-After": "1"})) from None
         worker = placement.worker
         span = tracing.start("prefill call", tracing.context_in(parent), {
             "pdserve.prefill_worker": worker.address, "pdserve.score": str(placement.score),
@@ -172,8 +176,9 @@ class WorkerCalls:
             except grpc.aio.AioRpcError as exc:
                 error = api_error(exc, f"prefill worker {worker.address}")
                 if exc.code() in RETRYABLE:
-                    failed.add(worker.address)
-                    self._failed(self.prefill, worker, exc)
+                    if exc.code() != DECODE_GONE:
+                        failed.add(worker.address)
+                        self._failed(self.prefill, worker, exc)
                     raise RetryPrefill(error) from None
                 raise error from None
             finally:

@@ -63,10 +63,9 @@ class Drain:
     async def wait(self, timeout: float) -> bool:
         """True when every admitted unit finished within `timeout` seconds."""
         started = time.monotonic()
-        if self._idle.is_set():  # wait_for(timeout=0) would time out even then
-            return True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            if not self._idle.is_set():  # wait_for(timeout=0) times out even when set
+                await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.warning("%s worker: %d request(s) still running after the %g s drain "
                         "timeout; they move to other workers", self.role, self.active,

@@ -54,9 +54,10 @@ class PrefillServiceServicer:
     def Prefill(self, request, context):
         """Run the prompt, stream its KV layer by layer to the decode worker under the lease,
         and return the first token once the decode worker has acknowledged the KV.
-        Errors: INVALID_ARGUMENT (bad request), UNAVAILABLE (decode worker unreachable),
-        NOT_FOUND (lease unknown or expired), FAILED_PRECONDITION (model mismatch),
-        DATA_LOSS (KV rejected in transit), CANCELLED.
+        Errors: INVALID_ARGUMENT (bad request), ABORTED (the decode worker became
+        unreachable: this worker is fine), NOT_FOUND (lease unknown or expired),
+        FAILED_PRECONDITION (model mismatch), DATA_LOSS (KV rejected in transit),
+        UNAVAILABLE (this worker is draining or gone), CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,7 +70,7 @@ def test_a_prefill_worker_of_another_ca_cannot_push_kv(stack, pki):
                 request_id="rogue-1", prompt_token_ids=list(range(5, 40)),
                 params=params_to_proto(GREEDY), decode_address=stack.workers["decode-1"],
                 lease_id=reserved.lease_id), timeout=60)
-        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert failed.value.code() == grpc.StatusCode.ABORTED
         assert "unreachable" in failed.value.details()
         stream.cancel()  # what the gateway does when the prefill fails
         health = stack.wait_idle(timeout=10)["decode-1"]

@@ -111,3 +111,48 @@ def test_a_worker_gone_from_its_name_is_kept_until_its_requests_end():
         assert pool.workers == {} and a.channel.closed
 
     asyncio.run(scenario())
+
+
+class FailingPrefill:
+    def __init__(self, code):
+        self.code = code
+
+    async def Prefill(self, request, **kwargs):
+        raise rpc_error(self.code)
+
+
+def prefill_call(pool: WorkerPool, failed: set[str]):
+    from pdserve_proto.v1 import decode_pb2
+    from server.prefix_index import PromptBlocks
+
+    calls = WorkerCalls(decode=None, prefill=pool, request_timeout=10)
+    decode = Worker("127.0.0.1:9", "decode", channel=None, stub=None, healthy=True)
+    return asyncio.run(calls.prefill_call("r", [1, 2, 3], None, decode,
+                                          decode_pb2.Reserved(lease_id="l"), failed,
+                                          PromptBlocks([1, 2, 3])))
+
+
+def prefill_pool(code) -> tuple[WorkerPool, Worker]:
+    pool = WorkerPool("prefill", ["127.0.0.1:3"], poll_interval=1, resolve_interval=1)
+    worker = Worker("127.0.0.1:3", "prefill", channel=None, stub=FailingPrefill(code),
+                    healthy=True)
+    pool.workers = {worker.address: worker}
+    return pool, worker
+
+
+def test_a_decode_worker_gone_under_a_prefill_is_retried_without_blaming_the_prefill():
+    from server.worker_calls import RetryPrefill
+
+    pool, worker = prefill_pool(grpc.StatusCode.ABORTED)
+    failed: set[str] = set()
+    with pytest.raises(RetryPrefill):
+        prefill_call(pool, failed)
+    assert failed == set() and pool.healthy() == [worker]
+    pool, worker = prefill_pool(grpc.StatusCode.UNAVAILABLE)  # the prefill worker itself
+    with pytest.raises(RetryPrefill):
+        prefill_call(pool, failed)
+    assert failed == {worker.address} and pool.healthy() == []
+    # No prefill worker left by then: a retry too (it prefills on the decode worker).
+    with pytest.raises(RetryPrefill) as retry:
+        prefill_call(pool, set())
+    assert retry.value.error.status == 503
