@@ -32,7 +32,9 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return _TYPES.get(self.status, HTTPStatus(self.status).phrase.lower().replace(" ", "_"))
+        if self.status in _TYPES:  # 499 is no HTTPStatus: never look it up there
+            return _TYPES[self.status]
+        return HTTPStatus(self.status).phrase.lower().replace(" ", "_")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -65,3 +65,5 @@ def test_a_bounded_soak_with_a_worker_kill_passes(tmp_path):
     for name in PROCESSES - {"gateway"}:
         assert idle[name, "kv_blocks_in_use"]["end"] == 0, name
     assert idle["gateway", "in_flight"]["end"] == 0
+    # Clients leaving and workers killed are answered, never a traceback at the gateway.
+    assert report["tracebacks"].get("gateway", 0) == 0

@@ -568,3 +568,11 @@ def test_conflicting_or_incomplete_constraints(fields, param):
     with pytest.raises(APIError) as info:
         protocol.output_grammar(protocol.parse_chat_request(chat(**fields)))
     assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("status, kind", [(499, "cancelled"), (429, "rate_limit_error"),
+                                          (409, "conflict")])
+def test_every_error_status_renders_in_openais_shape(status, kind):
+    # 499 (the client left) is no HTTPStatus: rendering it once raised ValueError.
+    body = APIError(status, "why", code="c").body()
+    assert body == {"error": {"message": "why", "type": kind, "param": None, "code": "c"}}
