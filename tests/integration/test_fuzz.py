@@ -424,8 +424,6 @@ def mutated_bodies(draw, path: str, schema: dict, valid) -> dict:
     body = draw(valid)
     kind = draw(st.sampled_from(["field", "null", "unknown", "drop", "huge", "deep",
                                  "nested", "nested", "refused"]))
-    if path == RESPONSES:
-        return mutated_response(draw, kind, fields, body)
     if kind == "field":  # any field, any JSON value
         body[draw(st.sampled_from(fields))] = draw(json_values)
     elif kind == "null":
@@ -433,21 +431,43 @@ def mutated_bodies(draw, path: str, schema: dict, valid) -> dict:
     elif kind == "unknown":
         body[draw(st.text(max_size=10).filter(lambda k: k not in fields))] = \
             draw(json_values)
-    elif kind == "drop":
+    elif kind == "deep":
+        replace_a_node(draw, body)
+    elif path == RESPONSES:
+        mutate_response(draw, kind, body)
+    else:
+        mutate_completion(draw, kind, path, body)
+    if path == RESPONSES:
+        tokens = body.get("max_output_tokens")
+        if tokens is None or (type(tokens) is int and MAX_TOKENS < tokens < 2**31):
+            body["max_output_tokens"] = MAX_TOKENS  # else the whole context, seconds
+    elif path == CHAT and body.get("max_tokens") is None \
+            and body.get("max_completion_tokens") is None:
+        body["max_completion_tokens"] = MAX_TOKENS  # else the whole context, seconds
+    return body
+
+
+def huge_text(draw) -> str:
+    """Text of 3,000 characters, 200,000, or just over the body limit."""
+    size = draw(st.sampled_from([3_000, 200_000, MAX_BODY_BYTES + 1]))
+    piece = draw(st.text(min_size=1, max_size=8))
+    return piece * (size // len(piece) + 1)
+
+
+def mutate_completion(draw, kind: str, path: str, body: dict) -> None:
+    """mutated_bodies' `kind` of mutation of a completions or chat body, where it
+    depends on the endpoint."""
+    if kind == "drop":
         body.pop(draw(st.sampled_from(["model", "messages" if path == CHAT
                                        else "prompt"])), None)
     elif kind == "huge":
-        size = draw(st.sampled_from([3_000, 200_000, MAX_BODY_BYTES + 1]))
-        piece = draw(st.text(min_size=1, max_size=8))
-        text = piece * (size // len(piece) + 1)
+        text = huge_text(draw)
         where = draw(st.sampled_from(["prompt", "stop", "user", "model", "guided_regex",
                                       "content"]))
         if where == "content" and path == CHAT:
             body["messages"][-1]["content"] = text
         else:
             body["prompt" if where == "content" else where] = text
-    elif kind == "deep":
-        replace_a_node(draw, body)
     elif kind == "nested":
         name = draw(st.sampled_from(sorted(nested)))
         body[name] = draw(nested[name])
@@ -455,27 +475,15 @@ def mutated_bodies(draw, path: str, schema: dict, valid) -> dict:
         name = draw(st.sampled_from(sorted(REFUSED | REFUSED_ON_COMPLETIONS
                                            | {"echo", "suffix", "best_of"})))
         body[name] = draw(json_values)
-    if path == CHAT and body.get("max_tokens") is None \
-            and body.get("max_completion_tokens") is None:
-        body["max_completion_tokens"] = MAX_TOKENS  # else the whole context, seconds
-    return body
 
 
-def mutated_response(draw, kind: str, fields: list[str], body: dict) -> dict:
-    """mutated_bodies' `kind` of mutation of a valid Responses body."""
-    if kind == "field":
-        body[draw(st.sampled_from(fields))] = draw(json_values)
-    elif kind == "null":
-        body[draw(st.sampled_from(fields))] = None
-    elif kind == "unknown":
-        body[draw(st.text(max_size=10).filter(lambda k: k not in fields))] = \
-            draw(json_values)
-    elif kind == "drop":
+def mutate_response(draw, kind: str, body: dict) -> None:
+    """mutated_bodies' `kind` of mutation of a Responses body, where it depends on the
+    endpoint."""
+    if kind == "drop":
         body.pop(draw(st.sampled_from(["model", "input"])))
     elif kind == "huge":
-        size = draw(st.sampled_from([3_000, 200_000, MAX_BODY_BYTES + 1]))
-        piece = draw(st.text(min_size=1, max_size=8))
-        text = piece * (size // len(piece) + 1)
+        text = huge_text(draw)
         where = draw(st.sampled_from(["input", "instructions", "user", "model", "metadata",
                                       "content", "arguments"]))
         if where == "metadata":
@@ -488,8 +496,6 @@ def mutated_response(draw, kind: str, fields: list[str], body: dict) -> dict:
                               "arguments": text}]
         else:
             body[where] = text
-    elif kind == "deep":
-        replace_a_node(draw, body)
     elif kind == "nested":
         name = draw(st.sampled_from(sorted(responses_nested)))
         body[name] = draw(responses_nested[name])
@@ -498,10 +504,6 @@ def mutated_response(draw, kind: str, fields: list[str], body: dict) -> dict:
             "messages", "max_tokens", "n", "response_format", "logprobs"]))
         body[name] = draw(st.sampled_from(RESPONSES_REFUSED.get(name, []) + REFUSED_ODD)
                           | json_values)
-    tokens = body.get("max_output_tokens")
-    if tokens is None or (type(tokens) is int and MAX_TOKENS < tokens < 2**31):
-        body["max_output_tokens"] = MAX_TOKENS  # else the whole context, seconds
-    return body
 
 
 def replace_a_node(draw, body: dict) -> None:
