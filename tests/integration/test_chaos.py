@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.support.stack import Stack, pid_listening_on, scrape
+from tests.support.stack import Stack, metric, pid_listening_on, wait_for
 
 MODEL = "SmolLM2-135M-Instruct"
 BOUND = 90.0  # seconds any one request may take, faults included
@@ -83,20 +83,6 @@ def assert_idle(stack, timeout=30.0):
         assert (health.running, health.waiting, health.leases) == (0, 0, 0), name
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
-
-def metric(stack, name: str, **labels) -> float:
-    values = scrape(stack.url)
-    return sum(v for k, v in values.items() if k.startswith(name + "{")
-               and all(f'"{key}": "{value}"' in k for key, value in labels.items()))
-
-
 @pytest.fixture(scope="module")
 def reference(stack):
     return run_streams(stack)
@@ -111,16 +97,16 @@ def test_kill_9_of_a_decode_worker_migrates_its_streams_and_it_comes_back(stack,
         killed["running"] = stack.health(name).running
         os.kill(pid_listening_on(stack.workers[name]), signal.SIGKILL)
 
-    migrations = metric(stack, "pdserve_migrations_total")
+    migrations = metric(stack.url, "pdserve_migrations_total")
     assert run_streams(stack, kill) == reference
     assert killed["running"] >= 1
-    assert metric(stack, "pdserve_migrations_total") - migrations >= killed["running"]
+    assert metric(stack.url, "pdserve_migrations_total") - migrations >= killed["running"]
     # Out of the pool: shown down with no load (never the batch it died with)...
     address = killed["address"]
     # ...then restarted by `pdserve up` on its port and back in the rotation.
-    wait_for(lambda: metric(stack, "pdserve_worker_restarts_total", worker=address) >= 1,
+    wait_for(lambda: metric(stack.url, "pdserve_worker_restarts_total", worker=address) >= 1,
              120, "the restart")
-    wait_for(lambda: metric(stack, "pdserve_worker_up", worker=address) == 1, 60, "rejoin")
+    wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=address) == 1, 60, "rejoin")
     assert any("restarted" in line for line in stack.child.lines)
     # Requests after the restart all succeed, and land on both workers again.
     assert run_streams(stack) == reference
@@ -133,13 +119,13 @@ def test_dead_worker_shows_down_with_no_load(stack):
     pid = pid_listening_on(address)
     os.kill(pid, signal.SIGSTOP)  # stopped, not dead: `pdserve up` does not restart it
     try:
-        wait_for(lambda: metric(stack, "pdserve_worker_up", worker=address) == 0, 30, "down")
+        wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=address) == 0, 30, "down")
         for gauge in ("pdserve_batch_size", "pdserve_kv_cache_usage_ratio",
                       "pdserve_worker_waiting", "pdserve_worker_queued_prompt_tokens"):
-            assert metric(stack, gauge, worker=address) == 0, gauge
+            assert metric(stack.url, gauge, worker=address) == 0, gauge
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: metric(stack, "pdserve_worker_up", worker=address) == 1, 30, "up")
+    wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=address) == 1, 30, "up")
 
 
 def test_a_decode_worker_that_stops_answering_loses_no_stream(stack, reference):
@@ -158,7 +144,7 @@ def test_a_decode_worker_that_stops_answering_loses_no_stream(stack, reference):
 
 
 def test_kill_9_of_the_prefill_worker_with_prompts_in_flight(stack):
-    before = dict(ok=metric(stack, "pdserve_requests_total"))
+    before = dict(ok=metric(stack.url, "pdserve_requests_total"))
 
     def one(i: int) -> int:
         payload = body(f"{i}. {LONG}", max_tokens=8)
@@ -172,8 +158,8 @@ def test_kill_9_of_the_prefill_worker_with_prompts_in_flight(stack):
         codes = [f.result(timeout=BOUND) for f in futures]
     # Retried on the decode workers (no other prefill worker): every one served.
     assert codes == [200] * 6
-    assert metric(stack, "pdserve_requests_total") - before["ok"] == 6
-    wait_for(lambda: metric(stack, "pdserve_worker_up", worker=prefill) == 1, 120,
+    assert metric(stack.url, "pdserve_requests_total") - before["ok"] == 6
+    wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=prefill) == 1, 120,
              "the prefill worker's restart")
     assert_idle(stack)
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.stack import Gateway, Stack, pid_listening_on, scrape
+from tests.support.stack import Gateway, Stack, metric, pid_listening_on, wait_for
 
 MODEL = "SmolLM2-135M-Instruct"
 TOKENS = 48
@@ -32,20 +32,6 @@ def stack():
                   "--drain-timeout", "60")
     yield stack
     stack.stop(timeout=90)
-
-
-def metric(url: str, name: str, **labels) -> float:
-    return sum(v for k, v in scrape(url).items() if k.startswith(name + "{")
-               and all(f'"{key}": "{value}"' in k for key, value in labels.items()))
-
-
-def wait_for(condition, timeout: float, what: str, load=None):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert load is None or not load.failures, load.failures
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 class Load:
@@ -81,6 +67,11 @@ class Load:
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
             usage = chunk.usage or usage
         assert usage is not None and usage.completion_tokens == TOKENS, usage
+
+    def served(self, count: int) -> bool:
+        """Whether `count` requests were answered; AssertionError on any failure."""
+        assert not self.failures, self.failures
+        return self.done >= count
 
     def finish(self) -> None:
         self.stop.set()
@@ -131,7 +122,7 @@ def moved_by_the_drain(output: str, address: str) -> list[str]:
 def test_rolling_restart_under_load_loses_nothing(stack):
     load = Load(stack.url)
     try:
-        wait_for(lambda: load.done >= CLIENTS, 120, "the load to start", load)
+        wait_for(lambda: load.served(CLIENTS), 120, "the load to start")
         for name in ("prefill-1", "prefill-2", "decode-1", "decode-2"):
             if name.startswith("decode"):
                 wait_for(lambda name=name: stack.health(name).running >= 1, 60,

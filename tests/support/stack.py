@@ -159,6 +159,21 @@ def pid_listening_on(address: str) -> int:
     raise LookupError(f"nothing listens on {address}")
 
 
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """condition()'s first true value, polled; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return value
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """The sum of a gateway's samples of `name` that carry `labels`."""
+    return sum(v for k, v in scrape(url).items() if k.startswith(name + "{")
+               and all(f'"{key}": "{value}"' in k for key, value in labels.items()))
+
+
 def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
     """The gateway's /metrics as {name + JSON labels: value}."""
     text = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=10).text
