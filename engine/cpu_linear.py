@@ -104,12 +104,15 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype, native: bool = True
-                      ) -> tuple[QuantizedMatmul, int] | None:
+def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype, native: bool = True,
+                      verdicts: dict | None = None) -> tuple[QuantizedMatmul, int] | None:
     """The weight-only kernel for `weight` with activations of `dtype`, and the most rows
     it should take: pdserve's where `native` and it runs here, else PyTorch's. None where
     neither runs or computes x @ weight.dequantize().T on a probe (then the dequantized
-    weight serves alone)."""
+    weight serves alone). `verdicts`, shared by the layers of one model, keeps each
+    kernel's answer on the probe per shape: layers of one shape share one kernel and one
+    layout, so the first answers for the rest (checking all 121 layers of the default
+    model cost a worker seconds of CPU at every start)."""
     candidates: list[tuple[Callable[[], QuantizedMatmul | None], int]] = []
     if native:
         candidates.append((lambda: _native_matmul(weight), native_kernels.MAX_ROWS))
@@ -118,18 +121,23 @@ def prepare_quantized(weight: QuantizedWeight, dtype: torch.dtype, native: bool 
     else:
         candidates.append((lambda: _int8_matmul(weight, dtype), INT8_MAX_ROWS))
     for make, max_rows in candidates:
-        matmul = _checked(make, weight, dtype)
+        matmul = _checked(make, weight, dtype, {} if verdicts is None else verdicts)
         if matmul is not None:
             return matmul, max_rows
     return None
 
 
 def _checked(make: Callable[[], QuantizedMatmul | None], weight: QuantizedWeight,
-             dtype: torch.dtype) -> QuantizedMatmul | None:
+             dtype: torch.dtype, verdicts: dict) -> QuantizedMatmul | None:
     try:
         matmul = make()
         if matmul is None:
             return None
+        native = isinstance(matmul, native_kernels.PackedLinear)
+        key = (type(weight), native, native and native_kernels.target(),
+               tuple(weight.q.shape), dtype)
+        if key in verdicts:
+            return matmul if verdicts[key] else None
         # Random, not a ramp: inputs swapped within a group barely move a smooth probe.
         probe = torch.randn(3, weight.q.shape[1], generator=torch.Generator().manual_seed(0))
         got = matmul(probe.to(dtype)).float()
@@ -143,7 +151,8 @@ def _checked(make: Callable[[], QuantizedMatmul | None], weight: QuantizedWeight
     # off by the whole value.
     tolerance = (dict(rtol=2e-3, atol=2e-3 * float(want.abs().max())) if dtype == torch.float32
                  else dict(rtol=3e-2, atol=3e-2 * float(want.abs().max())))
-    if not torch.allclose(got, want, **tolerance):
+    verdicts[key] = torch.allclose(got, want, **tolerance)
+    if not verdicts[key]:
         log.warning("the %s kernel disagrees with its dequantized weight; not using it",
                     type(weight).__name__)
         return None

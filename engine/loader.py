@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.errors import UnsupportedModelError
-from engine.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
+from engine.hf_config import read_hf_config
+from engine.model_config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig
 
 RANDOM_PREFIX = "random:"
 SINGLE_FILE = "model.safetensors"
@@ -38,13 +37,13 @@ def resolve_model(spec: str) -> ModelFiles:
         from model_store.default_model import DEFAULT_MODEL_NAME, ensure_default_model, gguf_path
 
         path = ensure_default_model()
-        return ModelFiles(DEFAULT_MODEL_NAME, ModelConfig.from_hf(_load_hf_config(path)), path,
+        return ModelFiles(DEFAULT_MODEL_NAME, ModelConfig.from_hf(read_hf_config(path)), path,
                           None, gguf_path())
     if spec.startswith(RANDOM_PREFIX):
-        from engine.presets import random_hf_config
+        from engine.presets import preset_config
 
         preset = spec.removeprefix(RANDOM_PREFIX)
-        return ModelFiles(spec, ModelConfig.from_hf(random_hf_config(preset)), None, preset)
+        return ModelFiles(spec, ModelConfig.from_hf(preset_config(preset)), None, preset)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -54,30 +53,7 @@ def resolve_model(spec: str) -> ModelFiles:
         raise ValueError(f"model {spec!r} is a file; give the folder that holds config.json")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {path} has no config.json")
-    return ModelFiles(str(path), ModelConfig.from_hf(_load_hf_config(path)), path, None)
-
-
-def _load_hf_config(path: Path) -> PretrainedConfig:
-    from transformers import AutoConfig
-
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path / 'config.json'}: {exc}") from exc
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError) as exc:
-        # transformers does not know this model_type at all (newer than this install,
-        # or custom code): say that we do not serve it rather than echo its error.
-        model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        if model_type in SUPPORTED_MODEL_TYPES:
-            raise
-        archs = ", ".join((raw.get("architectures") if isinstance(raw, dict) else None)
-                          or [str(model_type)])
-        raise UnsupportedModelError(
-            f"unsupported architecture {archs} (model_type={model_type!r}) in {path}; "
-            f"pdserve serves the Llama family: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        ) from exc
+    return ModelFiles(str(path), ModelConfig.from_hf(read_hf_config(path)), path, None)
 
 
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
