@@ -41,8 +41,10 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hugging Face folder whose tokenizer counts prompt tokens "
                              "(default: the default model's)")
     parser.add_argument("--workload", default=None,
-                        choices=("chat", "rag", "mixed", "multiturn"),
-                        help="named mix of prompt and output lengths; multiturn: "
+                        choices=("chat", "rag", "rag-quote", "mixed", "multiturn"),
+                        help="named mix of prompt and output lengths; rag-quote: a "
+                             "passage to repeat word for word (copy-heavy, for "
+                             "speculative decoding; chat endpoint by default); multiturn: "
                              "conversations (--num-prompts of them, --turns turns each) "
                              "sharing a system prompt, each turn sent with the whole "
                              "history when the previous answer is complete")
@@ -62,8 +64,9 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=None)
     parser.add_argument("--slo", default=None, help="ttft=MS,tpot=MS: report goodput")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--endpoint", default="completions", choices=ENDPOINTS,
-                        help="the API the requests go to (responses: /v1/responses)")
+    parser.add_argument("--endpoint", default=None, choices=ENDPOINTS,
+                        help="the API the requests go to (responses: /v1/responses; "
+                             "default: completions, chat for rag-quote)")
     parser.add_argument("--priority-mix", default=None,
                         help="SHARE:PRIORITY,... e.g. 0.2:0,0.8:10: each request gets a "
                              "priority class; the report gives TTFT by class")
@@ -97,6 +100,14 @@ def requests_from_args(args: argparse.Namespace):
                           priority_mix=mix)
 
 
+def endpoint_of(args: argparse.Namespace) -> str:
+    """--endpoint, else the workload's own (bench.workload.DEFAULT_ENDPOINTS)."""
+    from bench.workload import DEFAULT_ENDPOINTS
+
+    return (getattr(args, "endpoint", None)
+            or DEFAULT_ENDPOINTS.get(getattr(args, "workload", None), "completions"))
+
+
 def first_model(url: str, api_key: str | None) -> str:
     import httpx
 
@@ -122,8 +133,8 @@ def measure(url: str, model: str, requests, args, slo, *, progress: bool = True)
             url, model, requests, rate=args.request_rate, burstiness=args.burstiness,
             max_concurrency=args.max_concurrency, duration=args.duration,
             api_key=args.api_key, seed=args.seed, progress=progress,
-            endpoint=getattr(args, "endpoint", "completions"),
-            ignore_eos=getattr(args, "endpoint", "completions") == "completions",
+            endpoint=endpoint_of(args),
+            ignore_eos=endpoint_of(args) == "completions",
             send_priority=not getattr(args, "ignore_priority", False)))
     report = summarize(results, elapsed, slo)
     phases = phase_means(before, scrape_histograms(f"{url}/metrics"))

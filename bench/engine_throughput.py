@@ -20,6 +20,13 @@ eagerly (`--no-decode-graphs`), to measure what the recorded graphs save;
 (`--no-native-kernels`). The first line names the CPU, the flags that choose pdserve's
 path and the kernels' target. Best of
 `--rounds`, alternating, so that a noisy neighbour slows every engine rather than one.
+
+`--speculative none ngram` compares speculative decoding settings instead, side by side
+with the dtype and quantization `auto` picks: decode tok/s of `--streams` greedy streams
+on rag-quote prompts (a corpus passage of `--prompt-tokens` tokens to repeat word for
+word, in the model's chat template: the answer copies its prompt) and on chat prompts
+(the corpus windows above), each setting's ratio to the first, and the share of drafted
+tokens accepted.
 """
 
 import argparse
@@ -77,6 +84,71 @@ def pdserve_rates(engine: LLMEngine, prompts: list[list[int]], new: int,
     done = time.perf_counter()
     prompt_tokens = sum(len(p) for p in prompts)
     return prompt_tokens / (prefilled - start), len(prompts) * (new - 1) / (done - prefilled)
+
+
+def quote_prompts(tokenizer, streams: int, length: int) -> list[list[int]]:
+    """`streams` chat prompts asking to repeat a corpus passage of `length` tokens word
+    for word (bench.workload's rag-quote instruction)."""
+    from bench.workload import QUOTE_INSTRUCTION
+
+    prompts = []
+    for passage in corpus_prompts(tokenizer, streams, length):
+        text = QUOTE_INSTRUCTION.format(passage=tokenizer.decode(passage).strip())
+        prompts.append(list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True,
+            tokenize=True, return_dict=False)))
+    return prompts
+
+
+def compare_speculative(args, tokenizer_of) -> None:
+    """Decode tok/s of each --speculative setting on rag-quote and chat prompts."""
+    engines = {method: LLMEngine(EngineConfig(
+        model="default", device="cpu", speculative=method,
+        kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens + 64),
+        max_num_seqs=max(args.streams), max_num_batched_tokens=2048, prefix_caching=False))
+        for method in args.speculative}
+    for engine in engines.values():
+        engine.record_decode_graphs()
+    first = next(iter(engines.values()))
+    tokenizer = tokenizer_of(first.files)
+    print(cpu_description())
+    print(f"default model ({str(first.runner.dtype).removeprefix('torch.')}, "
+          f"{first.runner.quantization}), {args.threads} threads, {args.new_tokens} new "
+          f"tokens per stream, best of {args.rounds} alternating rounds")
+    print(f"{'workload':>9} {'streams':>7} {'prompt':>6} {'speculative':>11} {'decode':>8} "
+          f"{'ratio':>6} {'accepted':>8}")
+    # Greedy chat continues the corpus and soon repeats itself (a small model's loops);
+    # sampled chat is text that does not repeat, where drafts fail and must cost nothing.
+    workloads = {"rag-quote": (quote_prompts, None), "chat": (corpus_prompts, None),
+                 "chat-t0.8": (corpus_prompts, SamplingParams(
+                     max_tokens=args.new_tokens, temperature=0.8, seed=1, ignore_eos=True))}
+    for streams in args.streams:
+        for length in args.prompt_tokens:
+            for workload, (make, params) in workloads.items():
+                prompts = make(tokenizer, streams, length)
+                best = dict.fromkeys(engines, 0.0)
+                drafted = dict.fromkeys(engines, (0, 0))
+                for _ in range(args.rounds):
+                    for method, engine in engines.items():
+                        before = _spec_counts(engine)
+                        rates = pdserve_rates(engine, prompts, args.new_tokens, params)
+                        best[method] = max(best[method], rates[1])
+                        after = _spec_counts(engine)
+                        drafted[method] = tuple(a - b + c for a, b, c in
+                                                zip(after, before, drafted[method], strict=True))
+                base = best[args.speculative[0]]
+                for method in engines:
+                    tried, kept = drafted[method]
+                    share = f"{kept / tried:8.2f}" if tried else f"{'-':>8}"
+                    print(f"{workload:>9} {streams:>7} {len(prompts[0]):>6} {method:>11} "
+                          f"{best[method]:>8.1f} {best[method] / base:>6.2f} {share}",
+                          flush=True)
+
+
+def _spec_counts(engine: LLMEngine) -> tuple[int, int]:
+    drafter = engine.drafter
+    return (0, 0) if drafter is None else (drafter.num_drafted_tokens,
+                                           drafter.num_accepted_tokens)
 
 
 def llama_cpp_rates(binary_dir: Path, prompts: list[list[int]], new: int, threads: int,
@@ -137,6 +209,9 @@ def parse_args() -> argparse.Namespace:
                         help="also int8/int4 with --no-native-kernels (PyTorch's kernels)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--transformers", action="store_true")
+    parser.add_argument("--speculative", nargs="+", default=None, choices=["none", "ngram"],
+                        help="compare these speculative decoding settings instead "
+                             "(rag-quote and chat prompts; dtype and quantization auto)")
     return parser.parse_args()
 
 
@@ -165,6 +240,11 @@ def peers(args) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.speculative:
+        from engine.loader import load_tokenizer
+
+        compare_speculative(args, load_tokenizer)
+        return
     # (quantization, decode graphs, pdserve's kernels)
     variants = [(q, True, True) for q in args.quantization]
     if args.eager:

@@ -45,7 +45,17 @@ MIXES: dict[str, list[tuple[float, Lengths, Lengths]]] = {
     # Both at once: long prefills land in the middle of other requests' decoding.
     "mixed": [(0.5, Lengths(32, 128), Lengths(32, 64)),
               (0.5, Lengths(256, 512), Lengths(8, 24))],
+    # A passage and the request to repeat it word for word (QUOTE_INSTRUCTION): the
+    # answer copies its prompt, as RAG answers, code edits and summaries partly do;
+    # what n-gram speculative decoding is for. Sent as chat (`pdserve bench` picks the
+    # chat endpoint for it), where the default model does copy.
+    "rag-quote": [(1.0, Lengths(192, 384), Lengths(64, 128))],
 }
+# Workloads whose prompt is an instruction around a corpus passage: name -> its format.
+QUOTE_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n{passage}"
+INSTRUCTIONS = {"rag-quote": QUOTE_INSTRUCTION}
+# The endpoint a workload goes to unless --endpoint says otherwise.
+DEFAULT_ENDPOINTS = {"rag-quote": "chat"}
 
 
 @dataclass(frozen=True)
@@ -116,9 +126,13 @@ def build_requests(tokenizer, num: int, *, workload: str | None = None,
     weights = [w for w, _, _ in mix]
     classes = random.Random(seed + 1)
     requests = []
+    instruction = INSTRUCTIONS.get(workload, "{passage}")
     for _ in range(num):
         _, prompt_len, out_len = rng.choices(mix, weights)[0]
         text, n = maker.make(prompt_len.draw(rng), rng.randrange(len(maker.ids)))
+        if instruction != "{passage}":
+            text = instruction.format(passage=text.strip())
+            n = len(tokenizer.encode(text))
         priority = None
         if priority_mix:
             priority = classes.choices([p for _, p in priority_mix],

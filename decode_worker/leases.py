@@ -49,9 +49,10 @@ class LeaseTable:
     # ----- engine thread ----------------------------------------------------------------
 
     def reserve(self, engine: LLMEngine, request_id: str, prompt: list[int],
-                params: SamplingParams, timeout: float | None) -> Lease:
-        """Raises NoCapacityError or InvalidRequestError."""
-        seq = engine.reserve(request_id, prompt, params)
+                params: SamplingParams, timeout: float | None,
+                lora: str | None = None) -> Lease:
+        """Raises NoCapacityError or InvalidRequestError (UnknownLoraError too)."""
+        seq = engine.reserve(request_id, prompt, params, lora=lora)
         timeout = timeout or self.default_timeout
         lease = Lease(uuid.uuid4().hex, request_id, seq, timeout, time.monotonic() + timeout)
         self._by_id[lease.lease_id] = lease
@@ -98,13 +99,18 @@ class LeaseTable:
             self.release(self.loop.engine, lease.request_id, error)
 
     def read_cached(self, engine: LLMEngine, lease_id: str, request_id: str, start: int,
-                    end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    end: int, lora: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of K and V of positions [start, end) of every layer that the lease
-        took from the prefix cache: full, shared blocks nobody writes again."""
+        took from the prefix cache: full, shared blocks nobody writes again. `lora`: the
+        adapter the caller computes under, which must be the lease's."""
         lease = self._by_id.get(lease_id)
         if lease is None or lease.request_id != request_id:
             raise StatusError(grpc.StatusCode.NOT_FOUND, f"lease {lease_id!r} for request "
                               f"{request_id!r} is unknown or expired")
+        if lease.seq.lora != lora:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, f"KV of another model: "
+                              f"the lease runs under LoRA adapter {lease.seq.lora!r}, the "
+                              f"caller under {lora!r}")
         held = lease.seq.num_cached_tokens
         if not 0 <= start < end <= held:
             raise StatusError(grpc.StatusCode.OUT_OF_RANGE,

@@ -21,6 +21,7 @@ from kvtransfer.receiver import KvReceiver
 from kvtransfer.wire import KV_ACCEPTED
 from pdserve_config import tracing
 from pdserve_proto.v1 import decode_pb2, decode_pb2_grpc, kv_pb2
+from worker.adapters import WorkerAdapters
 from worker.convert import (
     finish_reason_to_proto,
     prompt_logprobs_to_proto,
@@ -44,6 +45,7 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         self.engine = engine_loop.engine
         self.fingerprint = fingerprint
         self.leases = LeaseTable(engine_loop, lease_timeout)
+        self.adapters = WorkerAdapters(engine_loop)
         engine_loop.periodic.append(self.leases.expire)
 
     async def close(self) -> None:
@@ -78,6 +80,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         token, then the rest of the stream."""
         params = await validated(self.engine, rid, request.prompt_token_ids,
                                  request.params)
+        self.adapters.digest(request.lora)  # NOT_FOUND before any block is reserved
+        lora = request.lora or None
         if resume and request.remote_prefill:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "a resumed request "
                               "(resume_token_ids) is prefilled here, not remotely")
@@ -93,7 +97,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                     cached_tokens=lease.seq.num_cached_tokens))
             else:
                 await self._call(lambda e: e.add_request(
-                    rid, list(request.prompt_token_ids), params, resume_token_ids=resume))
+                    rid, list(request.prompt_token_ids), params, resume_token_ids=resume,
+                    lora=lora))
             async for message in self._stream(subscription.outputs, request, started,
                                               span):
                 subscription.completed = message.HasField("finished")
@@ -103,7 +108,8 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         prompt = list(request.prompt_token_ids)
         try:
             return await self.loop.call(lambda e: self.leases.reserve(
-                e, request.request_id, prompt, params, request.lease_timeout_seconds or None))
+                e, request.request_id, prompt, params, request.lease_timeout_seconds or None,
+                request.lora or None))
         except NoCapacityError as exc:
             raise status_of(exc, f"no room for {len(prompt)} prompt tokens: ") from None
         except InvalidRequestError as exc:
@@ -172,6 +178,9 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
                 claimed = opening.header
                 lease = await self.loop.call(
                     lambda e: self.leases.claim(claimed.lease_id, claimed.request_id))
+            if lease is not None:  # the KV must be of the lease's adapter (or the base)
+                receiver.fingerprint = self.adapters.fingerprint(self.fingerprint,
+                                                                 lease.seq.lora or "")
             receiver.on_header(opening)
             header = receiver.header
             if header.num_tokens != lease.seq.num_prompt_tokens:
@@ -228,14 +237,17 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
         """The KV a lease holds from this worker's prefix cache, for its prefill worker
         (which then computes only what neither holds: a chat turn's previous answer was
         generated here and is cached only here)."""
-        mismatch = fingerprint_mismatch(self.fingerprint, request.fingerprint)
-        if mismatch is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"KV of another model or layout: {mismatch}")
         try:
+            # The caller's adapter, checked here against ours of that name, and by
+            # read_cached against the lease's.
+            ours = self.adapters.fingerprint(self.fingerprint, request.fingerprint.lora_name)
+            mismatch = fingerprint_mismatch(ours, request.fingerprint)
+            if mismatch is not None:
+                raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"KV of another model or layout: {mismatch}")
             layers = await self.loop.call(lambda e: self.leases.read_cached(
                 e, request.lease_id, request.request_id, request.first_position,
-                request.end_position))
+                request.end_position, request.fingerprint.lora_name or None))
         except StatusError as exc:
             await exc.abort(context)
         for layer, (k, v) in enumerate(layers):
@@ -246,4 +258,13 @@ class DecodeService(decode_pb2_grpc.DecodeServiceServicer):
 
     async def Health(self, request, context):
         return health_response("decode", self.loop, self.fingerprint.model_digest, request,
-                               leases=len(self.leases), draining=self.drain.draining)
+                               leases=len(self.leases), draining=self.drain.draining,
+                               loras=self.adapters.health_entries())
+
+    # ----- LoRA adapters ----------------------------------------------------------------
+
+    async def LoadLora(self, request, context):
+        return await self.adapters.load(request, context)
+
+    async def UnloadLora(self, request, context):
+        return await self.adapters.unload(request, context)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.lora_batch import LoraBatch
+
 
 @dataclass
 class PrefillSpan:
@@ -35,6 +37,8 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None    # [num_decode, max_context] slots (padding: slot 0)
     decode_mask: torch.Tensor | None     # [num_decode, 1, 1, max_context] 0 or -inf, added
     prefills: list[PrefillSpan]
+    # Which rows run under which LoRA adapter; None: every row is the base model's.
+    lora: LoraBatch | None = None
 
 
 def build_decode_tables(block_tables: list[list[int]], context_lens: list[int],

@@ -125,6 +125,17 @@ class BlockManager:
         seq.block_table = []
         seq.num_named_blocks = 0
 
+    def release_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks of `seq` past those holding its first `num_tokens`
+        tokens: blocks only a rejected speculative draft wrote (never named or shared)."""
+        keep = self.blocks_for(num_tokens)
+        for block_id in seq.block_table[keep:]:
+            if self._owners.get(block_id) != {seq.seq_id} or block_id in self._name_of:
+                raise RuntimeError(f"block {block_id} of {seq!r} is shared or named")
+            del self._owners[block_id]
+            self._free.append(block_id)
+        del seq.block_table[keep:]
+
     # ----- the prefix cache ---------------------------------------------------------------
 
     def cached_prefix(self, seq: Sequence, max_tokens: int) -> list[int]:

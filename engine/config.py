@@ -8,11 +8,13 @@ here imports torch: `pdserve --help` stays fast.
 
 from dataclasses import dataclass
 
+from engine.lora_specs import parse_lora_specs, split_spec
 from pdserve_config.fields import flag
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+SPECULATIVE_METHODS = ("ngram", "none")
 # CPU flags (/proc/cpuinfo) of bf16 matrix instructions: with one of them `dtype=auto`
 # picks bfloat16 on the CPU, without them float32 (oneDNN would emulate bf16, slower).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -74,6 +76,20 @@ class EngineConfig:
                                        "the system C++ compiler over Highway for the CPU's "
                                        "best instruction set (PDSERVE_CPU_TARGET narrows "
                                        "it); off, or where they cannot run: PyTorch's")
+    lora: tuple[str, ...] = flag(
+        (), "a LoRA adapter to serve, NAME=PATH (a folder PEFT's save_pretrained wrote); "
+            "repeat the flag for more, or NAME=PATH,NAME=PATH. A request picks one by "
+            "name; a bad folder fails the start", type=parse_lora_specs, repeatable=True)
+    max_loras: int = flag(4, "LoRA adapters kept in memory; others are read from their "
+                             "folder when a request names them, evicting the least "
+                             "recently used one no running request uses")
+    speculative: str = flag(
+        "none", "speculative decoding on decoding sequences: ngram (prompt lookup: "
+                 "propose the tokens that followed the last earlier occurrence of the "
+                 "sequence's last tokens, verify them in one step; same output as none) or "
+                 "none; draft:MODEL is not supported yet")
+    num_speculative_tokens: int = flag(4, "most tokens drafted per sequence and step "
+                                          "(--speculative ngram)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -101,3 +117,16 @@ class EngineConfig:
                              f"got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        for spec in self.lora:
+            split_spec(spec)
+        if self.speculative.startswith("draft:"):
+            raise ValueError(f"speculative {self.speculative!r}: a draft model is not "
+                             f"supported yet; use ngram or none")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS} (or "
+                             f"draft:MODEL, not supported yet), got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, "
+                             f"got {self.num_speculative_tokens}")

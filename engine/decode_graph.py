@@ -14,9 +14,10 @@ One graph per batch size, because the linear layers pick their kernel by row cou
 where a request could wait for it: a decode worker records every size up to `max_rows`
 before it serves (`record_all`), a prefill worker none. The graph takes the KV cache, the
 slot tables and the padding mask as inputs, so the context length varies freely. Steps
-with a prompt chunk, more than `max_rows` rows or a KV export run eagerly, and so do
-batch sizes whose step cannot be recorded: oneDNN's prepacked GEMM (bf16 layers that are
-not quantized, float32 from 4 rows) takes an argument the tracer cannot hold.
+with a prompt chunk, a LoRA adapter row, more than `max_rows` rows or a KV export run
+eagerly, and so do batch sizes whose step cannot be recorded: oneDNN's prepacked GEMM
+(bf16 layers that are not quantized, float32 from 4 rows) takes an argument the tracer
+cannot hold.
 torch.compile was tried first and was slower here (dynamo's guard checks cost about 60
 us a layer; compiling the whole model copies the KV cache).
 """
@@ -66,8 +67,9 @@ class DecodeGraphs:
         return sorted(self._graphs)
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        """Whether this step replays a graph."""
-        return not meta.prefills and meta.num_decode in self._graphs
+        """Whether this step replays a graph (never one with LoRA rows: a recorded step
+        has no per-row deltas)."""
+        return not meta.prefills and meta.lora is None and meta.num_decode in self._graphs
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:

@@ -73,6 +73,11 @@ class Matcher:
     def advance(self, token_id: int) -> None:
         self.matcher.consume_token(token_id)
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many leading `token_ids` the grammar accepts from here, without moving
+        (speculative drafts are cut there)."""
+        return self.matcher.validate_tokens(list(token_ids))
+
     @property
     def done(self) -> bool:
         """The grammar is complete and admits nothing more but EOS."""

@@ -16,6 +16,7 @@ from engine import native_kernels
 from engine.attention import AttentionMetadata, paged_attention
 from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.kv_cache import KVCache
+from engine.lora_batch import LoraBatch
 from engine.model_config import ModelConfig
 from engine.quantized_weights import QuantizedWeight
 from engine.rotary import RotaryEmbedding, apply_rotary
@@ -43,12 +44,13 @@ class Linear(nn.Linear):
         self.packed = prepack(self.weight)
         return self.packed is not None
 
-    def quantize(self, weight: QuantizedWeight, native: bool = True) -> bool:
+    def quantize(self, weight: QuantizedWeight, native: bool = True,
+                 verdicts: dict | None = None) -> bool:
         """Make this layer the quantized one: its float weight becomes the dequantized
         codes (what many rows multiply by), few rows go through the kernel (pdserve's
         own where `native` and it runs, see engine.cpu_linear)."""
         self.weight.data = weight.dequantize().to(self.weight.dtype)
-        self.quantized = prepare_quantized(weight, self.weight.dtype, native)
+        self.quantized = prepare_quantized(weight, self.weight.dtype, native, verdicts)
         return self.quantized is not None
 
 
@@ -67,8 +69,9 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
+        self.index = index  # which LoRA weights of a step's LoraBatch are this layer's
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -88,31 +91,41 @@ class DecoderLayer(nn.Module):
         if self.native:
             return self._native_forward(hidden, cos, sin, k_cache, v_cache, meta)
         n, heads = hidden.shape[0], self.num_heads
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        lora = meta.lora
+        qkv = self._linear("qkv_proj", self.input_layernorm(hidden), lora)
         # q and k side by side rotate as one tensor of heads: half the small ops.
         qk = qkv[:, :self.qk_size].view(n, heads + self.num_kv_heads, self.head_dim)
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, self.qk_size:].view(n, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        hidden = hidden + self.o_proj(attn.reshape(n, -1))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        hidden = hidden + self.down_proj(F.silu(gate) * up)
+        hidden = hidden + self._linear("o_proj", attn.reshape(n, -1), lora)
+        gate, up = self._linear("gate_up_proj", self.post_attention_layernorm(hidden),
+                                lora).chunk(2, dim=-1)
+        hidden = hidden + self._linear("down_proj", F.silu(gate) * up, lora)
         return hidden, k, v
+
+    def _linear(self, name: str, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """The linear layer `name` on `x`, plus the step's LoRA deltas (engine.lora_batch)."""
+        out = getattr(self, name)(x)
+        return out if lora is None else lora.add(self.index, name, x, out)
 
     def _native_forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
         """forward() in pdserve's kernels: the same steps, rounded as the eager ops round,
         in 7 calls where the eager layer makes about 30; the K/V of every token written
         into the cache by the rotary step."""
         ops, first, second = torch.ops.pdserve, self.input_layernorm, self.post_attention_layernorm
-        qkv = self.qkv_proj(ops.rms_norm(hidden, first.weight, first.eps))
+        lora = meta.lora
+        qkv = self._linear("qkv_proj", ops.rms_norm(hidden, first.weight, first.eps), lora)
         q, k, v = ops.rotary_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                 self.num_heads)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, native=True,
                                cache_written=True)
-        hidden, normed = ops.add_rms_norm(self.o_proj(attn.reshape(hidden.shape[0], -1)),
-                                          hidden, second.weight, second.eps)
-        hidden = hidden + self.down_proj(ops.silu_mul(self.gate_up_proj(normed)))
+        hidden, normed = ops.add_rms_norm(
+            self._linear("o_proj", attn.reshape(hidden.shape[0], -1), lora), hidden,
+            second.weight, second.eps)
+        hidden = hidden + self._linear(
+            "down_proj", ops.silu_mul(self._linear("gate_up_proj", normed, lora)), lora)
         return hidden, k, v
 
 
@@ -121,7 +134,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -139,8 +152,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, on_layer_kv: LayerKVCallback | None = None):
         """Hidden states after the final norm for every token of the flat batch."""
+        # The C++ stack has no LoRA deltas: a step with adapter rows runs layer by layer.
         if (self._decode_stack is not None and on_layer_kv is None and not meta.prefills
-                and meta.num_decode <= native_kernels.MAX_ROWS):
+                and meta.lora is None and meta.num_decode <= native_kernels.MAX_ROWS):
             hidden = self.embed_tokens(input_ids)
             cos, sin = self.rotary.tables(positions, hidden.dtype)
             hidden = self._decode_stack.forward(hidden, cos, sin, kv_cache.tensor,
@@ -180,16 +194,17 @@ class LlamaModel(nn.Module):
         """Quantize the layers named in `weights` ('layers.0.qkv_proj.weight', and
         'lm_head.weight' for the head, tied or not); before prepack(). Returns how many
         got a quantized kernel."""
-        count = 0
+        count, verdicts = 0, {}  # see prepare_quantized
         modules = dict(self.named_modules())
         for name, weight in weights.items():
             if name == "lm_head.weight":
                 dtype = self.head_weight.dtype
                 self._head_weight = weight.dequantize().to(dtype)
-                self._quantized_head = prepare_quantized(weight, dtype, native)
+                self._quantized_head = prepare_quantized(weight, dtype, native, verdicts)
                 count += self._quantized_head is not None
             else:
-                count += modules[name.removesuffix(".weight")].quantize(weight, native)
+                count += modules[name.removesuffix(".weight")].quantize(weight, native,
+                                                                        verdicts)
         return count
 
     def use_native_kernels(self) -> bool:

@@ -30,11 +30,13 @@ from engine.errors import InvalidRequestError
 from engine.grammar import GrammarTokenizer, compiled
 from engine.kv_cache import contiguous_slots, slots_for_positions
 from engine.loader import ModelFiles, resolve_model, tokenizer_folder
+from engine.lora import LoraRegistry, split_spec
 from engine.model_runner import ModelRunner, sampling_order
-from engine.sampler import SampledToken, Sampler
+from engine.sampler import SampledToken, Sampler, plain_argmax
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.speculative import Drafter
 from pdserve_proto import prefix
 
 log = logging.getLogger("pdserve.engine")
@@ -77,17 +79,24 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or 1 << 62,
                                  self.model_config.max_position_embeddings)
         self.runner = ModelRunner(config, self.files, self.max_model_len)
+        self.lora_registry = LoraRegistry(self.model_config, self.runner.dtype,
+                                          self.runner.device, config.max_loras)
+        self.runner.adapters = self.lora_registry.resident
+        for spec in config.lora:  # a bad folder fails the start, naming the file
+            self.lora_registry.register(*split_spec(spec), in_use=frozenset())
         self.cache_namespace = prefix.namespace(
             self.runner.weights_digest, str(self.runner.dtype).removeprefix("torch."),
             self.runner.quantization, config.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
                                    self.cache_namespace if config.prefix_caching else None)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
-                                   config.max_num_batched_tokens,
-                                   config.priority_aging_seconds)
-        self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
         # A sequence never outgrows what fits alone in the cache, so it can always run.
         self.max_seq_len = min(self.max_model_len, self.blocks.capacity_tokens)
+        self.drafter = (Drafter(config.num_speculative_tokens, self.max_seq_len)
+                        if config.speculative == "ngram" else None)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   config.priority_aging_seconds, drafter=self.drafter)
+        self.sampler = Sampler(self.model_config.eos_token_ids, seed=config.seed)
         self.requests: dict[str, list[Sequence]] = {}
         self.kv_export: KVExport | None = None
         self._grammar_tokenizer: GrammarTokenizer | None = None
@@ -99,8 +108,10 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, *, export_kv: bool = False,
                     prefill_only: bool = False,
-                    resume_token_ids: list[int] = ()) -> list[Sequence]:
-        """Queue a request; one sequence per sample (`params.n`). `resume_token_ids`:
+                    resume_token_ids: list[int] = (),
+                    lora: str | None = None) -> list[Sequence]:
+        """Queue a request; one sequence per sample (`params.n`), under the LoRA adapter
+        named `lora` (None: the base model). `resume_token_ids`:
         the output a failed worker had generated; the sequence starts as if it had been
         preempted after them (their KV is recomputed, then it samples the next token).
         When those tokens already end it (the worker failed between its last token and
@@ -108,7 +119,7 @@ class LLMEngine:
         finish rule is this engine's alone, the gateway never guesses it."""
         if resume_token_ids:
             self._check_resume(prompt_token_ids, params, resume_token_ids)
-        seqs = self._new_sequences(request_id, prompt_token_ids, params)
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, lora)
         for seq in seqs:
             seq.export_kv, seq.prefill_only = export_kv, prefill_only
             if resume_token_ids:
@@ -147,11 +158,14 @@ class LLMEngine:
         return graphs.record_all() if graphs is not None else []
 
     def generate(self, prompts: list[list[int]],
-                 params: SamplingParams | list[SamplingParams]) -> list[list[Sequence]]:
-        """Run prompts to completion together; returns each request's samples."""
+                 params: SamplingParams | list[SamplingParams],
+                 lora: str | None | list[str | None] = None) -> list[list[Sequence]]:
+        """Run prompts to completion together (under one LoRA adapter, or one each);
+        returns each request's samples."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        results = [self.add_request(f"generate-{next(self._ids)}", prompt, p)
-                   for prompt, p in zip(prompts, params_list, strict=True)]
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+        results = [self.add_request(f"generate-{next(self._ids)}", prompt, p, lora=name)
+                   for prompt, p, name in zip(prompts, params_list, loras, strict=True)]
         while self.has_unfinished_requests():
             self.step()
         return results
@@ -171,25 +185,73 @@ class LLMEngine:
         except Exception:
             log.exception("model step failed; failing %d sequences", len(batch))
             return [self._fail(item.seq) for item in batch]
-        sampling = [item.seq for item in sampling_order(batch) if item.samples]
+        sampling = [item for item in sampling_order(batch) if item.samples]
         for item in batch:
-            item.seq.num_computed_tokens += item.num_tokens
+            # A draft's positions count once verified (_verify).
+            item.seq.num_computed_tokens += item.num_tokens - len(item.draft)
             item.seq.prompt_logprobs.update(out.prompt_logprobs.get(item.seq.seq_id, {}))
             self.blocks.name_full_blocks(item.seq)
-        outputs = [self._fail(seq) for seq in sampling if not self._has_matcher(seq)]
-        logits = out.logits
-        if outputs:  # rows of failed sequences leave the batch (a copy only then)
-            keep = [i for i, seq in enumerate(sampling) if not seq.is_finished]
-            sampling, logits = [sampling[i] for i in keep], logits[keep]
+        # Each sampling sequence's first row of out.logits: 1 + len(draft) rows each.
+        rows = list(itertools.accumulate((1 + len(item.draft) for item in sampling),
+                                         initial=0))[:-1]
+        outputs = [self._fail(item.seq) for item in sampling if not self._has_matcher(item.seq)]
+        logits = first = out.logits
+        if outputs or len(rows) != len(logits):  # only live sequences' first rows (a copy)
+            keep = [i for i, item in enumerate(sampling) if not item.seq.is_finished]
+            sampling, rows = [sampling[i] for i in keep], [rows[i] for i in keep]
+            first = logits[rows]
             if not sampling:
                 return outputs
+        seqs = [item.seq for item in sampling]
         try:
-            sampled = self.sampler(logits, sampling)
+            sampled = self.sampler(first, seqs)
         except Exception:  # never leave the sequences (and their blocks) behind
-            log.exception("sampling failed; failing %d sequences", len(sampling))
-            return outputs + [self._fail(seq) for seq in sampling]
-        return outputs + [self._append(seq, token)
-                          for seq, token in zip(sampling, sampled, strict=True)]
+            log.exception("sampling failed; failing %d sequences", len(seqs))
+            return outputs + [self._fail(seq) for seq in seqs]
+        # Greedy rows of every draft in one argmax: the common case costs no tensor op
+        # per row (only rows the sampler needs, _verify samples one by one).
+        drafts = any(item.draft for item in sampling)
+        argmax = logits.argmax(dim=-1).tolist() if drafts else None
+        for item, row, token in zip(sampling, rows, sampled, strict=True):
+            if item.draft:
+                self._verify(item, logits, row, token, argmax, outputs)
+            else:
+                outputs.append(self._append(item.seq, token))
+        return outputs
+
+    def _verify(self, item: ScheduledSeq, logits: torch.Tensor, row: int,
+                token: SampledToken, argmax: list[int], outputs: list[StepOutput]) -> None:
+        """Keep the longest prefix of `item.draft` that decoding reproduces, and the
+        token after it. Row `row + j` of `logits` follows the sequence's last token and
+        draft[:j]; each row is sampled exactly as plain decoding would sample it, after
+        appending the tokens before it (same noise key, penalties, min_tokens, grammar
+        state, logprobs), and the draft token is kept when the sample equals it. For a
+        draft that puts all its mass on one token this is rejection sampling (accept d
+        with probability min(1, p(d) / 1) = p(d), else draw from p with d removed,
+        renormalised: together, exactly a draw from p), so greedy and seeded requests
+        get the tokens of plain decoding and unseeded ones its distribution. Drafted
+        tokens after a finish are dropped; the KV of rejected positions is left to be
+        overwritten, and blocks only they used go back."""
+        seq, draft, accepted = item.seq, item.draft, 0
+        try:
+            while True:
+                outputs.append(self._append(seq, token))
+                if seq.is_finished or accepted == len(draft) \
+                        or token.token_id != draft[accepted]:
+                    break
+                accepted += 1
+                index = row + accepted
+                token = (SampledToken(argmax[index], None) if plain_argmax(seq)
+                         else self.sampler(logits[index:index + 1], [seq])[0])
+        except Exception:  # never leave the sequence (and its blocks) behind
+            log.exception("verifying the draft of %s failed", seq)
+            if not seq.is_finished:
+                outputs.append(self._fail(seq))
+        self.drafter.record(seq, len(draft), accepted)
+        if not seq.is_finished:
+            seq.num_computed_tokens += accepted
+            self.blocks.name_full_blocks(seq)
+            self.blocks.release_tail(seq, seq.num_computed_tokens)
 
     def _has_matcher(self, seq: Sequence) -> bool:
         """Whether a constrained sequence has its grammar state (made at its first
@@ -248,7 +310,7 @@ class LLMEngine:
     # ----- validation -----------------------------------------------------------------
 
     def _new_sequences(self, request_id: str, prompt: list[int],
-                       params: SamplingParams) -> list[Sequence]:
+                       params: SamplingParams, lora: str | None = None) -> list[Sequence]:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", "must be a SamplingParams")
         if request_id in self.requests:
@@ -257,7 +319,12 @@ class LLMEngine:
         if params.grammar is not None:
             compiled(params.grammar)  # cached after the first time: refuses bad grammars
             _ = self.grammar_tokenizer
+        digest = None
+        if lora is not None:  # resident from now until its sequences end (engine.lora)
+            digest = self.lora_registry.acquire(lora, self._loras_in_use()).digest
         seqs = [Sequence(request_id, prompt, params, i) for i in range(params.n)]
+        for seq in seqs:
+            seq.lora, seq.lora_digest = lora, digest
         self.requests[request_id] = seqs
         return seqs
 
@@ -301,20 +368,21 @@ class LLMEngine:
 
     # ----- importing KV computed elsewhere --------------------------------------------
 
-    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams,
+                lora: str | None = None) -> Sequence:
         """Hold blocks for a prompt whose KV will be imported: the cached prefix of it
         (`seq.num_cached_tokens` positions, at most all but the last token) and fresh
-        blocks for the rest, which is all the sender needs to send. Raises
-        NoCapacityError."""
+        blocks for the rest, which is all the sender needs to send. `lora`: the adapter
+        the KV is computed under. Raises NoCapacityError."""
         if params.n != 1:
             raise InvalidRequestError("n", "imported prompts carry one sample; send n=1")
-        probe = Sequence(request_id, prompt, params)
+        probe = self._probe(prompt, lora, request_id, params)
         self.validate_prompt(prompt)
         cached = self.blocks.cached_prefix(probe, len(prompt) - 1)
         if not self.blocks.can_allocate(probe, len(prompt), cached):
             raise NoCapacityError(f"{self.blocks.blocks_for(len(prompt)) - len(cached)} KV "
                                   f"blocks needed, {self.blocks.num_free_blocks} free")
-        (seq,) = self._new_sequences(request_id, prompt, params)
+        (seq,) = self._new_sequences(request_id, prompt, params, lora)
         seq.num_cached_tokens = self.blocks.take_prefix(seq, cached)
         self.blocks.record_lookup(len(prompt), seq.num_cached_tokens)
         self.blocks.allocate(seq, len(prompt))
@@ -363,25 +431,28 @@ class LLMEngine:
 
     # ----- KV pulled from another worker's prefix cache -------------------------------
 
-    def cached_prefix_tokens(self, prompt: list[int]) -> int:
+    def cached_prefix_tokens(self, prompt: list[int], lora: str | None = None) -> int:
         """Leading tokens of `prompt` this engine's prefix cache holds, in full blocks
-        (at most all but the last token, which is always computed)."""
-        probe = Sequence("probe", prompt, SamplingParams(max_tokens=1))
+        (at most all but the last token, which is always computed), computed under the
+        adapter `lora` (None: the base model)."""
+        probe = self._probe(prompt, lora)
         return len(self.blocks.cached_prefix(probe, len(prompt) - 1)) * self.blocks.block_size
 
     def import_prefix(self, prompt: list[int], start: int,
-                      layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+                      layers: list[tuple[torch.Tensor, torch.Tensor]],
+                      lora: str | None = None) -> int:
         """Cache K/V computed elsewhere for positions [start, start + n) of `prompt`
         (`layers`: per layer, K and V [n, kv_heads, head_dim]) as named idle blocks, as
         if this engine had computed them, so that the prompt's next admission takes
         them with its cached prefix. Only whole blocks that extend the prefix cached
         here are kept, and only while that prefix is still cached from `start` on (an
         eviction since `start` was read drops the import: it costs speed, never
-        correctness). Returns the leading tokens of `prompt` cached now."""
+        correctness). `lora`: the adapter they were computed under. Returns the leading
+        tokens of `prompt` cached now."""
+        probe = self._probe(prompt, lora)
         if self.blocks.namespace is None:
             return 0
         size = self.blocks.block_size
-        probe = Sequence("probe", prompt, SamplingParams(max_tokens=1))
         held = self.blocks.cached_prefix(probe, len(prompt) - 1)
         count = len(layers[0][0]) if layers else 0
         if len(held) * size < start or start % size:
@@ -400,3 +471,36 @@ class LLMEngine:
                                                  k[lo:lo + size].to(self.runner.device),
                                                  v[lo:lo + size].to(self.runner.device))
         return len(self.blocks.cached_prefix(probe, len(prompt) - 1)) * size
+
+    def _probe(self, prompt: list[int], lora: str | None, request_id: str = "probe",
+               params: SamplingParams | None = None) -> Sequence:
+        """A sequence that is never run, to name `prompt`'s blocks under `lora`."""
+        probe = Sequence(request_id, prompt, params or SamplingParams(max_tokens=1))
+        if lora is not None:
+            probe.lora, probe.lora_digest = lora, self.lora_registry.digest(lora)
+        return probe
+
+    # ----- LoRA adapters (engine.lora) ------------------------------------------------
+
+    def load_lora(self, name: str, path: str) -> str:
+        """Register (or replace, when no unfinished request uses it) the adapter `name`
+        from the folder `path`, read and checked now; returns its digest. Raises
+        LoraError naming the file at fault."""
+        return self.lora_registry.register(name, path, self._loras_in_use())
+
+    def unload_lora(self, name: str) -> None:
+        """Forget the adapter `name`; refused (InvalidRequestError) while unfinished
+        requests use it, UnknownLoraError when it is not registered."""
+        self.lora_registry.unregister(name, self._loras_in_use())
+
+    def loras(self) -> dict[str, str]:
+        """Every registered adapter: name -> digest."""
+        return self.lora_registry.digests()
+
+    def resident_loras(self) -> list[str]:
+        """The adapters whose weights are in memory now."""
+        return list(self.lora_registry.resident)
+
+    def _loras_in_use(self) -> frozenset[str]:
+        return frozenset(seq.lora for seqs in self.requests.values() for seq in seqs
+                         if seq.lora is not None and not seq.is_finished)

@@ -21,6 +21,8 @@ from engine.decode_graph import DecodeGraphs
 from engine.kv_cache import KVCache, bytes_per_block, slots_for_positions
 from engine.llama import LlamaModel
 from engine.loader import ModelFiles, iter_weights
+from engine.lora_batch import LoraBatch, StackCache
+from engine.lora_weights import LoraWeights
 from engine.model_config import ModelConfig
 from engine.sampler import token_logprobs
 from engine.scheduler import ScheduledSeq
@@ -38,7 +40,8 @@ PROMPT_LOGPROB_ROWS = 256
 
 @dataclasses.dataclass
 class RunOutput:
-    """One step's logits [num sampling seqs, vocab] in `sampling_order`, and, for
+    """One step's logits [sampling rows, vocab] in `sampling_order` (one row per sampling
+    sequence, 1 + len(draft) for one with a speculative draft), and, for
     sequences that asked for prompt logprobs, seq_id -> {position: its token's logprob}."""
 
     logits: torch.Tensor
@@ -105,6 +108,9 @@ class ModelRunner:
                                 self.dtype, self.device)
         # Without pdserve's kernels only: with them a replayed step saves little.
         native = any(layer.native for layer in self.model.layers)
+        # Resident LoRA adapters by name: the engine's registry (engine.lora) keeps it.
+        self.adapters: dict[str, LoraWeights] = {}
+        self._lora_stacks = StackCache()
         self.decode_graphs = (DecodeGraphs(self.model, self.kv_cache)
                               if config.decode_graphs and self.device.type == "cpu"
                               and not native else None)
@@ -156,8 +162,9 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_cache, meta, callback)
         prompt_logprobs = self._prompt_logprobs(ordered, spans, hidden)
-        last = [end - 1 for item, (_, end, _) in zip(ordered, spans, strict=True)
-                if item.samples]
+        # A sampling sequence's last row, and with a draft each drafted token's row too.
+        last = [row for item, (_, end, _) in zip(ordered, spans, strict=True)
+                if item.samples for row in range(end - 1 - len(item.draft), end)]
         if not last:
             return RunOutput(hidden.new_empty(0, self.model_config.vocab_size),
                              prompt_logprobs)
@@ -194,13 +201,16 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens
             flat_start = len(ids)
-            ids.extend(seq.token_ids(start, end))
+            ids.extend(item.token_ids())
             pos.extend(range(start, end))
             slots.extend(slots_for_positions(seq.block_table, start, end, self.block_size))
             spans.append((flat_start, len(ids), start))
-            if item.num_tokens == 1:
-                decode_tables.append(seq.block_table)
-                decode_lens.append(end)
+            if item.num_tokens == 1 or item.draft:
+                # A speculative draft's rows are decode rows, row j attending to
+                # positions [0, start + j]: all of a layer's K/V is written before any
+                # row attends, and 1 + k decode rows cost about one decode step.
+                decode_tables += [seq.block_table] * item.num_tokens
+                decode_lens.extend(range(start + 1, end + 1))
             else:
                 prefills.append(self._prefill_span(seq, flat_start, len(ids), start, end))
         to = dict(device=self.device, dtype=torch.long)
@@ -209,8 +219,19 @@ class ModelRunner:
             decode_slots, decode_mask = build_decode_tables(
                 decode_tables, decode_lens, self.block_size, self.device, self.dtype)
         meta = AttentionMetadata(torch.tensor(slots, **to), len(decode_tables),
-                                 decode_slots, decode_mask, prefills)
+                                 decode_slots, decode_mask, prefills,
+                                 self._lora_batch(ordered, spans, len(ids)))
         return torch.tensor(ids, **to), torch.tensor(pos, **to), meta, spans
+
+    def _lora_batch(self, ordered: list[ScheduledSeq], spans, num_rows: int):
+        """Which rows run under which adapter; None when none does (every adapter a
+        sequence names was made resident when it was added: engine.lora)."""
+        if not any(item.seq.lora for item in ordered):
+            return None
+        return LoraBatch.build([(first, end, self.adapters[item.seq.lora] if item.seq.lora
+                                 else None)
+                                for item, (first, end, _) in zip(ordered, spans, strict=True)],
+                               num_rows, self.device, self._lora_stacks)
 
     def _prefill_span(self, seq: Sequence, flat_start: int, flat_end: int,
                       start: int, end: int) -> PrefillSpan:
@@ -236,6 +257,7 @@ def _export_callback(ordered: list[ScheduledSeq], spans, export):
 
 
 def sampling_order(batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
-    """Single-token steps first (they share one batched attention call), then chunks."""
-    return ([s for s in batch if s.num_tokens == 1]
-            + [s for s in batch if s.num_tokens != 1])
+    """Single-token steps and speculative drafts first (they share one batched decode
+    attention call), then chunks."""
+    decode = [s for s in batch if s.num_tokens == 1 or s.draft]
+    return decode + [s for s in batch if s.num_tokens != 1 and not s.draft]

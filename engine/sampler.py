@@ -164,6 +164,11 @@ class Sampler:
         return noise.log_().neg_().clamp_min_(_MIN_NOISE)
 
 
+def plain_argmax(seq: Sequence) -> bool:
+    """Whether the sampler's token for `seq` now is the plain argmax of its logits."""
+    return _plan([seq]).plain_argmax
+
+
 def _plan(seqs: list[Sequence]) -> _Plan:
     plan = _Plan([], [], [], [], [], [])
     for i, seq in enumerate(seqs):

@@ -26,24 +26,37 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+from engine.speculative import Drafter
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # tokens of seq computed this step, from seq.num_computed_tokens
+    # Tokens computed this step from seq.num_computed_tokens: its own, then the draft.
+    num_tokens: int
+    # Tokens proposed after the sequence's last one (engine.speculative), not yet its
+    # own: the step computes them too, and the engine keeps those the model agrees with.
+    draft: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence and so samples a token."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        own = self.num_tokens - len(self.draft)
+        return self.seq.num_computed_tokens + own == self.seq.num_tokens
+
+    def token_ids(self) -> list[int]:
+        """The tokens this step computes, draft included."""
+        start = self.seq.num_computed_tokens
+        own = self.seq.token_ids(start, start + self.num_tokens - len(self.draft))
+        return own + list(self.draft) if self.draft else own
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
                  max_num_batched_tokens: int, priority_aging_seconds: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, drafter: Drafter | None = None):
         self.blocks = block_manager
+        self.drafter = drafter  # None: no speculative decoding
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.aging = priority_aging_seconds
@@ -90,19 +103,36 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         self._make_room_for_waiting()
         preemptions_before = self.num_preemptions
+        allowance = self.drafter.step_allowance(len(self.running)) if self.drafter else 0
         for seq in sorted(self.running, key=_rank):
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, seq.num_computed_tokens + num_tokens):
+            draft = ()
+            if allowance and seq.num_uncomputed_tokens == 1:
+                draft = self._draft(seq, min(allowance, budget - 1))
+                allowance -= len(draft)
+            if not self._make_room(seq, seq.num_computed_tokens + num_tokens + len(draft)):
                 break
-            batch.append(ScheduledSeq(seq, num_tokens))
-            budget -= num_tokens
+            batch.append(ScheduledSeq(seq, num_tokens + len(draft), draft))
+            budget -= num_tokens + len(draft)
         if self.num_preemptions == preemptions_before:
             self._admit_waiting(batch, budget)  # never admit while evicting
         return batch
+
+    def _draft(self, seq: Sequence, limit: int) -> tuple[int, ...]:
+        """A draft for a decoding sequence, when its blocks fit without taking the last
+        free ones: a draft never preempts anyone (one free block is left per running
+        sequence)."""
+        draft = self.drafter.propose(seq, limit)
+        if not draft:
+            return ()
+        missing = self.blocks.num_missing_blocks(seq, seq.num_tokens + len(draft))
+        if missing and self.blocks.num_free_blocks - missing < len(self.running):
+            return ()
+        return tuple(draft)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Allocate blocks for `seq`, preempting the newest sequences if needed.

@@ -5,7 +5,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
-from pdserve_proto.prefix import block_hash
+from pdserve_proto.prefix import adapter_namespace, block_hash
 
 
 class SequenceStatus(enum.Enum):
@@ -61,6 +61,10 @@ class Sequence:
         # (effective priority, arrival) set by the scheduler; lower goes first.
         self.rank: tuple[float, int] = (params.priority, self.seq_id)
         self.export_kv = False     # hand each layer's KV to the engine's export hook
+        # The LoRA adapter it runs under (None: the base model) and that adapter's digest,
+        # which keeps its KV blocks' names apart (pdserve_proto.prefix.adapter_namespace).
+        self.lora: str | None = None
+        self.lora_digest: str | None = None
         self.prefill_only = False  # finish once the first token is sampled
         # Prompt tokens whose KV came from the prefix cache when the sequence was first
         # admitted (usage reports them), and how many of its blocks the block manager
@@ -72,6 +76,9 @@ class Sequence:
         # Where the output stands in params.grammar (engine.grammar.Matcher), made when
         # the sequence first samples.
         self.matcher = None
+        # Its n-gram drafting state (engine.speculative.SpeculationState), made when it
+        # first decodes with speculation on.
+        self.speculation = None
         self._block_names: list[bytes] = []
 
     @property
@@ -103,8 +110,12 @@ class Sequence:
 
     def block_names(self, block_size: int, namespace: bytes, count: int) -> list[bytes]:
         """Names of the first `count` full blocks of this sequence's tokens (at most as
-        many as it has full blocks), computed once each: tokens never change."""
+        many as it has full blocks), computed once each: tokens never change. `namespace`
+        is the engine's; a sequence under a LoRA adapter names its blocks in that
+        adapter's own namespace inside it."""
         count = min(count, self.num_tokens // block_size)
+        if self.lora_digest:
+            namespace = adapter_namespace(namespace, self.lora_digest)
         names = self._block_names
         while len(names) < count:
             start = len(names) * block_size

@@ -72,7 +72,24 @@ def fingerprint_mismatch(ours, theirs) -> str | None:
               "layout_version", "model_digest", "quantization")
     diffs = [f"{name}: sender {getattr(theirs, name)!r}, receiver {getattr(ours, name)!r}"
              for name in fields if getattr(ours, name) != getattr(theirs, name)]
+    if (ours.lora_name, ours.lora_digest) != (theirs.lora_name, theirs.lora_digest):
+        diffs.append(f"LoRA adapter: sender {_adapter(theirs)}, receiver {_adapter(ours)}")
     return "; ".join(diffs) if diffs else None
+
+
+def _adapter(fingerprint) -> str:
+    if not fingerprint.lora_name and not fingerprint.lora_digest:
+        return "none (the base model)"
+    return f"{fingerprint.lora_name!r} (digest {fingerprint.lora_digest[:12]})"
+
+
+def with_adapter(fingerprint, name: str | None, digest: str | None):
+    """A copy of a model's fingerprint for KV computed under a LoRA adapter (None: the
+    base model, the fields left empty)."""
+    out = kv_pb2.KvFingerprint()
+    out.CopyFrom(fingerprint)
+    out.lora_name, out.lora_digest = name or "", digest or ""
+    return out
 
 
 def shape_of(fingerprint) -> KvShape:

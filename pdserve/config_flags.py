@@ -1,8 +1,9 @@
 """Command-line flags built from config dataclasses, so that each flag's default and help
 are written once, on the field (`max_inflight` becomes `--max-inflight`).
 
-A field's metadata may hold `help`, `choices` and `type` (a parser from the flag's text,
-for values such as comma lists); otherwise the type comes from the annotation. A field
+A field's metadata may hold `help`, `choices`, `type` (a parser from the flag's text,
+for values such as comma lists) and `repeatable` (the flag may be given several times,
+its values collected); otherwise the type comes from the annotation. A field
 without a default is a required flag. A boolean that defaults to False is switched on by
 `--name`; one that defaults to True is switched off by `--no-name`.
 """
@@ -46,9 +47,22 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class, *, exclude=(
             continue
         required = field.default is dataclasses.MISSING
         default = None if required else field.default
+        repeated = {"action": _Repeated} if field.metadata.get("repeatable") else {}
         target.add_argument(option_name(field), dest=field.name, type=_value_type(field),
                             default=default, required=required,
-                            choices=field.metadata.get("choices"), help=help_text)
+                            choices=field.metadata.get("choices"), help=help_text,
+                            **repeated)
+
+
+class _Repeated(argparse.Action):
+    """A flag given several times collects its values (`--lora a=x --lora b=y`); the
+    command line replaces the default (or the environment's value) rather than adding
+    to it. Its `type` parses one use into a tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        earlier = () if current is self.default or current is None else tuple(current)
+        setattr(namespace, self.dest, earlier + tuple(values))
 
 
 def config_from_args(config_class, args: argparse.Namespace):

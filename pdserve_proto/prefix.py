@@ -5,7 +5,8 @@ them for a prompt to find the worker that holds the longest prefix of it.
 A block's name is a hash chained over the blocks before it: (the previous block's name,
 this block's token ids, the cache namespace). Equal names mean the same tokens at the
 same positions after the same prefix; the namespace (model digest, dtype, quantization,
-block size) keeps apart KV that another model, precision or block layout would write.
+block size, and the LoRA adapter's digest where a request names one) keeps apart KV that
+another model, adapter, precision or block layout would write.
 Hand-written beside the generated stubs; it imports nothing but the standard library.
 """
 
@@ -17,6 +18,15 @@ DIGEST_BYTES = 16
 
 def namespace(model_digest: str, dtype: str, quantization: str, block_size: int) -> bytes:
     return f"{model_digest}/{dtype}/{quantization}/{block_size}".encode()
+
+
+def adapter_namespace(base: bytes, lora_digest: str) -> bytes:
+    """The namespace of KV computed under a LoRA adapter (`lora_digest`: the content hash
+    of its weights and config, engine.lora): an adapter changes every layer's K/V, so its
+    blocks must never be shared with the base model's or another adapter's."""
+    if not lora_digest:
+        raise ValueError("a LoRA adapter's namespace needs its digest")
+    return base + b"/lora:" + lora_digest.encode()
 
 
 def block_hash(parent: bytes, token_ids, space: bytes) -> bytes:

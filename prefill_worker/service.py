@@ -31,6 +31,7 @@ from pdserve_config import tracing
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.limits import MESSAGE_SIZE_OPTIONS
 from pdserve_proto.v1 import decode_pb2_grpc, kv_pb2, prefill_pb2, prefill_pb2_grpc
+from worker.adapters import WorkerAdapters
 from worker.convert import (
     prompt_logprobs_to_proto,
     token_to_proto,
@@ -94,6 +95,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         self.security = security
         self._transfers: dict[str, _Transfer] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.adapters = WorkerAdapters(engine_loop)
         self._shape = shape = shape_of(fingerprint)
         self._layer_token_bytes = shape.num_layers * shape.token_bytes
         self.engine.kv_export = self._export
@@ -129,9 +131,12 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
     async def _prefill(self, request, context, span=None):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         params = await self._validate(request)
+        lora = request.lora or None
+        # The adapter's KV fingerprint (NOT_FOUND for a name not registered here).
+        fingerprint = self.adapters.fingerprint(self.fingerprint, request.lora)
         first = request.decode_cached_tokens
         header = kv_pb2.KvHeader(request_id=rid, lease_id=request.lease_id,
-                                 fingerprint=self.fingerprint, num_tokens=len(prompt),
+                                 fingerprint=fingerprint, num_tokens=len(prompt),
                                  first_position=first)
         sender = KvSender(self._channel(request.decode_address), header, asyncio.get_running_loop(),
                           layerwise=self.layerwise, max_chunk_bytes=self.max_chunk_bytes)
@@ -147,15 +152,17 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                 metadata=tracing.metadata((("x-request-id", rid),), push)))
             pulled = 0
             try:
-                kv = await self._pull(request, prompt, span) \
+                kv = await self._pull(request, prompt, fingerprint, span) \
                     if params.prompt_logprobs is None else None
 
                 def queue(engine):
                     nonlocal pulled
                     if kv is not None:
                         start, layers = kv
-                        pulled = max(0, engine.import_prefix(prompt, start, layers) - start)
-                    engine.add_request(rid, prompt, params, export_kv=True, prefill_only=True)
+                        pulled = max(0, engine.import_prefix(prompt, start, layers,
+                                                             lora=lora) - start)
+                    engine.add_request(rid, prompt, params, export_kv=True, prefill_only=True,
+                                       lora=lora)
 
                 try:
                     await self.loop.call(queue)
@@ -197,7 +204,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
                                                                        out.prompt_logprobs))
         return response
 
-    async def _pull(self, request, prompt: list[int], parent=None):
+    async def _pull(self, request, prompt: list[int], fingerprint, parent=None):
         """(start, per layer K and V) of the positions the decode worker holds cached
         beyond this worker's cached prefix, when that is at least a block; else None.
         Any failure is logged and answered with None: the prompt is then computed here,
@@ -205,7 +212,8 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         wanted, block = request.decode_cached_tokens, self.engine.blocks.block_size
         if not self.pull_kv or wanted < block:
             return None
-        start = await self.loop.call(lambda e: e.cached_prefix_tokens(prompt))
+        start = await self.loop.call(lambda e: e.cached_prefix_tokens(
+            prompt, lora=request.lora or None))
         if wanted - start < block:
             return None
         shape, count = self._shape, wanted - start
@@ -219,7 +227,7 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             call = stub.PullKv(kv_pb2.PullKvRequest(
                 lease_id=request.lease_id, request_id=request.request_id,
-                fingerprint=self.fingerprint, first_position=start, end_position=wanted),
+                fingerprint=fingerprint, first_position=start, end_position=wanted),
                 metadata=tracing.metadata((("x-request-id", request.request_id),), span),
                 timeout=self.transfer_timeout)
             async for chunk in call:
@@ -302,4 +310,11 @@ class PrefillService(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def Health(self, request, context):
         return health_response("prefill", self.loop, self.fingerprint.model_digest, request,
-                               draining=self.drain.draining)
+                               draining=self.drain.draining,
+                               loras=self.adapters.health_entries())
+
+    async def LoadLora(self, request, context):
+        return await self.adapters.load(request, context)
+
+    async def UnloadLora(self, request, context):
+        return await self.adapters.unload(request, context)

@@ -23,10 +23,12 @@ from model_store.paths import DEFAULT_MODEL_NAME, default_model_dir, is_complete
 from pdserve_config import tracing
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from server import openapi_schema
+from server.adapters import GatewayAdapters
 from server.admission import Admission
 from server.api_keys import ApiKeys
 from server.errors import APIError
 from server.gateway import GatewayConfig
+from server.lora_api import lora_routes
 from server.metrics import GatewayMetrics
 from server.openai_api import openai_routes
 from server.pool import WorkerPool
@@ -118,6 +120,7 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     app.state.config = config
     app.state.model_name = config.served_model_name or name
     app.state.model_aliases = {app.state.model_name, config.model, name}
+    app.state.adapters = GatewayAdapters(decode, prefill, app.state.model_aliases)
     app.state.tokenizer = tokenizer
     app.state.metrics = metrics
     app.state.admission = Admission(config.max_inflight, config.max_queue,
@@ -137,6 +140,7 @@ def create_app(config: GatewayConfig, security: SecurityConfig = NO_SECURITY) ->
     app.state.started = int(time.time())
     app.include_router(openai_routes)
     app.include_router(responses_routes)
+    app.include_router(lora_routes)
     _install_handlers(app, config, api_keys)
     return app
 
@@ -225,9 +229,15 @@ def _install_handlers(app: FastAPI, config: GatewayConfig, api_keys: ApiKeys) ->
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": app.state.model_name, "object": "model", "created": app.state.started,
-             "owned_by": "pdserve", "max_model_len": _max_context(app)}]}
+        """The base model and every LoRA adapter a request may name in `model`, with
+        vLLM's `root` (where it was loaded from) and `parent` (an adapter's base)."""
+        state = app.state
+        entry = {"object": "model", "created": state.started, "owned_by": "pdserve",
+                 "max_model_len": _max_context(app)}
+        base = {"id": state.model_name, **entry, "root": state.config.model, "parent": None}
+        return {"object": "list", "data": [base, *(
+            {"id": name, **entry, "root": path or name, "parent": state.model_name}
+            for name, path in state.adapters.known().items())]}
 
 
 def _check_request(request: Request, config: GatewayConfig,

@@ -57,8 +57,10 @@ class StreamBroken(Exception):
 
 class Generation:
     def __init__(self, router: Router, tokenizer, request_id: str, choices: list[Choice], *,
-                 stop: list[str], want_logprobs: bool, skip_special_tokens: bool, recorder):
+                 stop: list[str], want_logprobs: bool, skip_special_tokens: bool, recorder,
+                 lora: str | None = None):
         self.router = router
+        self.lora = lora  # the LoRA adapter every choice runs under (None: the base model)
         self.tokenizer = tokenizer
         self.request_id = request_id
         self.choices = choices
@@ -116,7 +118,7 @@ class Generation:
         tokens = 0
         cached = 0  # prompt tokens the worker that computed the prompt took from its cache
         try:
-            async for event in self.router.generate(rid, choice.prompt, params):
+            async for event in self.router.generate(rid, choice.prompt, params, self.lora):
                 if isinstance(event, PrefillEvent):
                     self.recorder.prefill(event.compute_seconds, event.transfer_seconds,
                                           event.kv_bytes, event.kv_bytes_skipped)

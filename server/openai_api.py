@@ -114,18 +114,26 @@ def _has_lone_surrogate(body) -> bool:
     return False
 
 
-def check_model(state, model: str) -> None:
-    if model not in state.model_aliases:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves "
-                            f"{state.model_name!r}", param="model", code="model_not_found")
+def check_model(state, model: str) -> str | None:
+    """The LoRA adapter `model` names (None: the base model); a 404 in OpenAI's shape
+    for a name that is neither."""
+    if model in state.model_aliases:
+        return None
+    adapters = state.adapters.known()
+    if model in adapters:
+        return model
+    served = ", ".join(repr(name) for name in [state.model_name, *adapters])
+    raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
+                   param="model", code="model_not_found")
 
 
-def _check_pools(state, prompts: list[list[int]]) -> None:
+def _check_pools(state, lora: str | None) -> None:
     """503 up front, so that a streaming request gets a status instead of a broken stream.
     Only the decode pool is needed: without a healthy prefill worker, decode workers
     prefill the prompts themselves (server.router)."""
-    if not state.decode.healthy():
-        raise APIError(503, "no healthy decode worker", code="no_worker",
+    if not state.decode.serving(lora):
+        holding = f" with LoRA adapter {lora!r}" if lora is not None else ""
+        raise APIError(503, f"no healthy decode worker{holding}", code="no_worker",
                        headers={"Retry-After": "1"})
 
 
@@ -164,7 +172,10 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
     grammar = protocol.output_grammar(req)
     if grammar is not None:
         await check_grammar(*grammar)
-    _check_pools(state, prompts)
+    lora = check_model(state, req.model)
+    if lora is not None:
+        await state.adapters.ensure(lora)
+    _check_pools(state, lora)
     room = _context_check(state, prompts, req)
     default_max = room if chat else min(16, room)
     params = protocol.sampling_params(
@@ -190,10 +201,12 @@ async def serve(request: Request, req, prompts, *, chat: bool, echo_texts,
     recorder.queued(ticket.queue_seconds)
     gen = Generation(state.router, state.tokenizer, rid, choices, stop=req.stop_list,
                      want_logprobs=params.HasField("logprobs"),
-                     skip_special_tokens=req.skip_special_tokens, recorder=recorder)
+                     skip_special_tokens=req.skip_special_tokens, recorder=recorder,
+                     lora=lora)
     shape = output
     if shape is None:
-        view = ResponseView(rid, state.model_name, chat, req, prompts, echo_texts,
+        view = ResponseView(rid, req.model if lora else state.model_name, chat, req,
+                            prompts, echo_texts,
                             tools=req.callable_tools if chat else [])
         shape = Output(lambda g, r: sse_events(g, view, r), lambda g, r: collect(g, view, r))
     if req.stream:

@@ -12,12 +12,23 @@ status in OpenAI's error shape.
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server.lora_api import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses_protocol import ResponsesRequest
 
 REQUEST_BODIES = {"/v1/completions": CompletionRequest,
                   "/v1/chat/completions": ChatCompletionRequest,
                   "/v1/responses": ResponsesRequest}
+# The LoRA admin endpoints (vLLM's): a plain-text answer, and their own errors.
+ADMIN_BODIES = {"/v1/load_lora_adapter": (LoadLoraAdapterRequest, {
+                    "400": "the folder is missing or corrupt on a worker (the message names "
+                           "the file), or the name is the base model's",
+                    "401": "missing or wrong API key",
+                    "502": "a worker failed to load it",
+                    "503": "no healthy worker"}),
+                "/v1/unload_lora_adapter": (UnloadLoraAdapterRequest, {
+                    "400": "invalid request", "401": "missing or wrong API key",
+                    "404": "no adapter of that name"})}
 _REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {
     "400": "invalid request: the field at fault is named in `param`",
@@ -71,4 +82,15 @@ def add_request_bodies(document: dict) -> None:
             **{status: {"description": text, "content": {"application/json": {
                 "schema": {"$ref": _REF.format(model="Error")}}}}
                for status, text in ERROR_STATUSES.items()}}
+    for path, (model, errors) in ADMIN_BODIES.items():
+        schemas[model.__name__] = model.model_json_schema(ref_template=_REF)
+        operation = document["paths"][path]["post"]
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": _REF.format(model=model.__name__)}}}}
+        operation["responses"] = {
+            "200": {"description": "done", "content": {"text/plain": {
+                "schema": {"type": "string"}}}},
+            **{status: {"description": text, "content": {"application/json": {
+                "schema": {"$ref": _REF.format(model="Error")}}}}
+               for status, text in errors.items()}}
     schemas["Error"] = ERROR_SCHEMA

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class Worker:
     restarts: int = 0  # times its Health said a new process answers at this address
     draining: bool = False  # shutting down: it finishes what it holds, takes nothing new
     listed: bool = True  # still behind one of the pool's names
+    # LoRA adapters registered on it, name -> digest, from Health and from this gateway's
+    # LoadLora/UnloadLora; a report from a poll sent before the last of those changed
+    # them is older than what the gateway knows and leaves them alone.
+    loras: dict[str, str] = field(default_factory=dict)
+    loras_changed_at: float = 0.0
 
     @property
     def in_rotation(self) -> bool:
@@ -81,9 +87,18 @@ class Worker:
         reported = self.health.running + self.health.waiting if self.health else 0
         return reported + self.pending_requests
 
-    def take_report(self, health) -> bool:
+    def set_lora(self, name: str, digest: str | None) -> None:
+        """This gateway loaded (digest) or unloaded (None) an adapter on the worker."""
+        if digest is None:
+            self.loras.pop(name, None)
+        else:
+            self.loras[name] = digest
+        self.loras_changed_at = time.monotonic()
+
+    def take_report(self, health, asked_at: float = math.inf) -> bool:
         """A Health answer replaces the estimates (it already counts what was sent).
-        True when it comes from a new process at this address (a restart)."""
+        True when it comes from a new process at this address (a restart). `asked_at`:
+        when the poll was sent."""
         restarted = bool(self.health and self.health.instance_id and health.instance_id
                          and self.health.instance_id != health.instance_id)
         if restarted:
@@ -93,6 +108,8 @@ class Worker:
         if health.prefix_blocks_sent or not health.prefix_namespace:
             self.prefix_blocks = frozenset(health.prefix_blocks)
         self.prefix_version = health.prefix_version
+        if asked_at > self.loras_changed_at or restarted:
+            self.loras = {lora.name: lora.digest for lora in health.loras}
         self.pending_prompt_tokens = self.pending_blocks = self.pending_requests = 0
         self.epoch += 1
         self.seen_at = time.monotonic()
@@ -212,6 +229,7 @@ class WorkerPool:
 
     async def _poll(self, worker: Worker) -> None:
         restarted = False
+        asked_at = time.monotonic()
         try:
             health = await worker.stub.Health(
                 common_pb2.HealthRequest(known_prefix_version=worker.prefix_version),
@@ -219,7 +237,7 @@ class WorkerPool:
             if not worker.healthy:
                 log.info("%s worker %s is healthy", self.role, worker.address)
             worker.healthy, worker.failures = True, 0
-            restarted = worker.take_report(health)
+            restarted = worker.take_report(health, asked_at)
             if restarted:
                 log.warning("%s worker %s was restarted (restart %d seen by this gateway)",
                             self.role, worker.address, worker.restarts)
@@ -254,16 +272,24 @@ class WorkerPool:
     def pick(self, exclude: set[str] = frozenset(), prompt: PromptBlocks | None = None) -> Worker:
         return self.place(exclude, prompt).worker
 
+    def serving(self, lora: str | None) -> list[Worker]:
+        """The workers in the rotation that can run a request under `lora` (None: the
+        base model, which every worker serves)."""
+        return [w for w in self.healthy() if lora is None or lora in w.loras]
+
     def place(self, exclude: set[str] = frozenset(),
               prompt: PromptBlocks | None = None) -> Placement:
-        """The worker for `prompt` by server.placement's rule, with the score it won on.
-        Both roles count what this gateway sent since the last report; ties go to fewer
-        in-flight requests, so an idle pool is used round-robin-like."""
-        candidates = [w for w in self.healthy() if w.address not in exclude]
+        """The worker for `prompt` by server.placement's rule, with the score it won on,
+        among those that hold the prompt's LoRA adapter. Both roles count what this
+        gateway sent since the last report; ties go to fewer in-flight requests, so an
+        idle pool is used round-robin-like."""
+        lora = prompt.lora if prompt is not None else None
+        candidates = [w for w in self.serving(lora) if w.address not in exclude]
         if not candidates:
             known = ", ".join(f"{w.address} ({w.last_error or 'starting'})"
                               for w in self.workers.values()) or "none resolved"
-            raise NoWorkerError(f"no healthy {self.role} worker (known: {known})")
+            holding = f" with LoRA adapter {lora!r}" if lora is not None else ""
+            raise NoWorkerError(f"no healthy {self.role} worker{holding} (known: {known})")
         best = best_decode if self.role == "decode" else best_prefill
         return best(candidates, prompt)
 

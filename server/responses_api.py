@@ -38,7 +38,7 @@ async def create_response(request: Request):
     state = request.app.state
     state.metrics.endpoint("responses")
     req = parse_responses_request(await json_body(request))
-    check_model(state, req.model)
+    lora = check_model(state, req.model)
     history = []
     if req.previous_response_id is not None:
         history = (await _stored(state, req.previous_response_id,
@@ -49,9 +49,9 @@ async def create_response(request: Request):
     try:
         chat = protocol.parse_chat_request(chat_body(req, system + history + messages))
         prompt = await chat_prompt(state, chat)
-        turn = ResponseTurn(new_id("resp"), state.model_name, req, len(prompt),
-                            chat.callable_tools, None if req.parallel_tool_calls else 1,
-                            save=None)
+        turn = ResponseTurn(new_id("resp"), req.model if lora else state.model_name, req,
+                            len(prompt), chat.callable_tools,
+                            None if req.parallel_tool_calls else 1, save=None)
         if req.store:
             turn.save = functools.partial(_save, state.response_store, turn,
                                           items, history + messages)

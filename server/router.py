@@ -50,21 +50,25 @@ class Router:
         self.migration_limit = migration_limit
         self.on_migrate = on_migrate
 
-    def remote(self, num_uncached_tokens: int, failed_prefill: set[str] = frozenset()) -> bool:
+    def remote(self, num_uncached_tokens: int, failed_prefill: set[str] = frozenset(),
+               lora: str | None = None) -> bool:
         """Whether a prompt with this many tokens to compute goes to a prefill worker:
-        long enough, and a healthy one that has not failed this request is there (else
-        the decode worker prefills it: slower, but the request is served)."""
+        long enough, and a healthy one that holds its LoRA adapter and has not failed
+        this request is there (else the decode worker prefills it: slower, but the
+        request is served)."""
         return self.prefill is not None and prefill_remotely(
             num_uncached_tokens, self.local_prefill_max_tokens,
-            (w for w in self.prefill.healthy() if w.address not in failed_prefill))
+            (w for w in self.prefill.serving(lora) if w.address not in failed_prefill))
 
-    async def generate(self, request_id: str, prompt: list[int], params) -> AsyncIterator:
+    async def generate(self, request_id: str, prompt: list[int], params,
+                       lora: str | None = None) -> AsyncIterator:
         """TokenEvent..., (PrefillEvent before the first token when disaggregated),
         then one FinishEvent. Raises APIError before the first event; after it, an
         APIError means the stream broke (the caller reports it in-stream): a decode
         worker failing mid-stream is answered by migration, up to migration_limit
-        times, before that."""
-        blocks = PromptBlocks(prompt)
+        times, before that. `lora`: the LoRA adapter to run under (None: the base
+        model); only workers that hold it take the request."""
+        blocks = PromptBlocks(prompt, lora)
         sent: list[int] = []
         failed: set[str] = set()
         span = tracing.start("generate", attributes={"pdserve.request_id": request_id,
@@ -113,7 +117,8 @@ class Router:
                 with tracing.ending(span):
                     worker, call, first = await self.calls.open(
                         rid, prompt, params, blocks, remote_for=lambda w: self.remote(
-                            len(prompt) - blocks.matched_tokens(w), failed_prefill),
+                            len(prompt) - blocks.matched_tokens(w), failed_prefill,
+                            blocks.lora),
                         span=span)
                     if not first.HasField("reserved"):
                         events = self.calls.colocated(worker, call, first, len(prompt))

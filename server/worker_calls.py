@@ -101,7 +101,7 @@ class WorkerCalls:
             call = worker.stub.Generate(
                 decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                            params=params, remote_prefill=remote,
-                                           resume_token_ids=resume),
+                                           resume_token_ids=resume, lora=blocks.lora or ""),
                 metadata=tracing.metadata((("x-request-id", request_id),), span),
                 timeout=self.request_timeout)
             try:
@@ -170,7 +170,7 @@ class WorkerCalls:
                     prefill_pb2.PrefillRequest(
                         request_id=request_id, prompt_token_ids=prompt, params=params,
                         decode_address=decode.address, lease_id=reserved.lease_id,
-                        decode_cached_tokens=reserved.cached_tokens),
+                        decode_cached_tokens=reserved.cached_tokens, lora=blocks.lora or ""),
                     metadata=tracing.metadata((("x-request-id", request_id),), span),
                     timeout=self.request_timeout)
             except grpc.aio.AioRpcError as exc:

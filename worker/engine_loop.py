@@ -55,6 +55,11 @@ class EngineStats:
     prefix_hit_tokens: int
     prefix_evictions: int
     idle_blocks: int
+    # Speculative decoding (engine.speculative): drafts verified, tokens drafted and
+    # tokens of them accepted; zeros with --speculative none.
+    spec_drafts: int = 0
+    spec_drafted_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class EngineLoop:
@@ -233,10 +238,13 @@ class EngineLoop:
         queued += sum(s.num_uncomputed_tokens for s in list(sched.running)
                       if s.num_uncomputed_tokens > 1)
         blocks = engine.blocks
+        drafter = engine.drafter
+        spec = ((drafter.num_drafts, drafter.num_drafted_tokens, drafter.num_accepted_tokens)
+                if drafter is not None else (0, 0, 0))
         return EngineStats(blocks.num_free_blocks, blocks.num_blocks, len(sched.running),
                            len(sched.waiting), queued, blocks.version,
                            blocks.num_queried_tokens, blocks.num_hit_tokens,
-                           blocks.num_evictions, blocks.num_idle_blocks)
+                           blocks.num_evictions, blocks.num_idle_blocks, *spec)
 
 
 def _set_result(future: asyncio.Future, result) -> None:

@@ -30,9 +30,10 @@ INSTANCE_ID = uuid.uuid4().hex
 
 
 def health_response(role: str, engine_loop: EngineLoop, model_digest: str, request,
-                    leases: int = 0, draining: bool = False):
+                    leases: int = 0, draining: bool = False, loras=()):
     """The load report both workers answer Health with (read without blocking the engine):
-    with the names of the cached blocks when the caller's copy is older than ours."""
+    with the names of the cached blocks when the caller's copy is older than ours, and
+    `loras` (common_pb2.LoraAdapter), the adapters registered."""
     stats, engine = engine_loop.stats, engine_loop.engine
     blocks = engine.blocks
     response = common_pb2.HealthResponse(
@@ -43,7 +44,7 @@ def health_response(role: str, engine_loop: EngineLoop, model_digest: str, reque
         prefix_namespace=blocks.namespace or b"", prefix_version=stats.prefix_version,
         prefix_queried_tokens=stats.prefix_queried_tokens,
         prefix_hit_tokens=stats.prefix_hit_tokens, prefix_evictions=stats.prefix_evictions,
-        instance_id=INSTANCE_ID, draining=draining)
+        instance_id=INSTANCE_ID, draining=draining, loras=loras)
     if blocks.namespace is not None and request.known_prefix_version != stats.prefix_version:
         response.prefix_blocks_sent = True
         response.prefix_blocks.extend(short(name) for name in _names(blocks))

@@ -50,6 +50,10 @@ class _LoadCollector:
             ("prefix_cache_hit_ratio", "Share of prompt tokens found in the prefix cache.",
              stats.prefix_hit_tokens / stats.prefix_queried_tokens
              if stats.prefix_queried_tokens else 0.0),
+            ("spec_acceptance_ratio", "Share of speculatively drafted tokens the model "
+             "accepted, since the worker started.",
+             stats.spec_accepted_tokens / stats.spec_drafted_tokens
+             if stats.spec_drafted_tokens else 0.0),
         )
         for name, doc, value in gauges:
             family = GaugeMetricFamily(f"pdserve_{name}", doc, labels=["role"])
@@ -62,6 +66,12 @@ class _LoadCollector:
              stats.prefix_hit_tokens),
             ("prefix_cache_evictions", "Cached KV blocks evicted for room.",
              stats.prefix_evictions),
+            ("spec_drafts", "Speculative drafts verified (one sequence's draft in one step).",
+             stats.spec_drafts),
+            ("spec_draft_tokens", "Tokens drafted by speculative decoding.",
+             stats.spec_drafted_tokens),
+            ("spec_accepted_tokens", "Drafted tokens the model accepted (each one a token "
+             "gained without a step of its own).", stats.spec_accepted_tokens),
         )
         for name, doc, value in counters:
             family = CounterMetricFamily(f"pdserve_{name}", doc, labels=["role"])
@@ -114,6 +124,10 @@ class WorkerMetrics:
         self.step_batch = Histogram("pdserve_engine_step_sequences",
                                     "Sequences that got a token in one step.", ["role"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        # More than the sequences where speculative drafts were accepted.
+        self.step_tokens = Histogram("pdserve_engine_step_tokens",
+                                     "Tokens emitted by one step.", ["role"],
+                                     buckets=BATCH_BUCKETS, registry=r)
         self.tokens = Counter("pdserve_worker_generated_tokens",
                               "Tokens sampled on this worker.", ["role"], registry=r)
         self.finished = Counter("pdserve_worker_requests",
@@ -121,7 +135,7 @@ class WorkerMetrics:
                                 ["role", "finish_reason"], registry=r)
         # Every series exists from the first scrape (at zero), so dashboards and rate()
         # see a worker before its first request.
-        for metric in (self.step_seconds, self.step_batch, self.tokens):
+        for metric in (self.step_seconds, self.step_batch, self.step_tokens, self.tokens):
             metric.labels(role)
         for reason in ("stop", "length", "abort", "error", "prefilled"):
             self.finished.labels(role, reason)
@@ -129,8 +143,11 @@ class WorkerMetrics:
 
     def observe_step(self, seconds: float, outputs) -> None:
         tokens = sum(1 for out in outputs if out.token_id is not None)
+        sequences = len({(out.request_id, out.sample_index) for out in outputs
+                         if out.token_id is not None})
         self.step_seconds.labels(self.role).observe(seconds)
-        self.step_batch.labels(self.role).observe(tokens)
+        self.step_batch.labels(self.role).observe(sequences)
+        self.step_tokens.labels(self.role).observe(tokens)
         if tokens:
             self.tokens.labels(self.role).inc(tokens)
         for out in outputs:

@@ -5,7 +5,7 @@ of gRPC; `status_of` maps each kind to its status in one table.
 
 import grpc
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, UnknownLoraError
 from engine.llm_engine import NoCapacityError
 from kvtransfer.codec import KvFormatError, KvMismatchError, KvProtocolError
 
@@ -24,6 +24,9 @@ class StatusError(Exception):
 
 
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    # Before InvalidRequestError, its base: a name not registered is NOT_FOUND (a corrupt
+    # adapter folder, LoraError, stays INVALID_ARGUMENT with the engine's message).
+    (UnknownLoraError, grpc.StatusCode.NOT_FOUND),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (NoCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (KvProtocolError, grpc.StatusCode.INVALID_ARGUMENT),

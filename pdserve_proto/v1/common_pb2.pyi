@@ -95,7 +95,7 @@ class HealthRequest(_message.Message):
     def __init__(self, known_prefix_version: _Optional[int] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("role", "model_digest", "queued_prompt_tokens", "free_kv_blocks", "total_kv_blocks", "block_size", "running", "waiting", "leases", "max_seq_len", "prefix_namespace", "prefix_version", "prefix_blocks_sent", "prefix_blocks", "prefix_queried_tokens", "prefix_hit_tokens", "prefix_evictions", "instance_id", "draining")
+    __slots__ = ("role", "model_digest", "queued_prompt_tokens", "free_kv_blocks", "total_kv_blocks", "block_size", "running", "waiting", "leases", "max_seq_len", "prefix_namespace", "prefix_version", "prefix_blocks_sent", "prefix_blocks", "prefix_queried_tokens", "prefix_hit_tokens", "prefix_evictions", "instance_id", "draining", "loras")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class HealthResponse(_message.Message):
     PREFIX_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_digest: str
     queued_prompt_tokens: int
@@ -134,4 +135,39 @@ class HealthResponse(_message.Message):
     prefix_evictions: int
     instance_id: str
     draining: bool
-    def __init__(self, role: _Optional[str] = ..., model_digest: _Optional[str] = ..., queued_prompt_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., leases: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., prefix_namespace: _Optional[bytes] = ..., prefix_version: _Optional[int] = ..., prefix_blocks_sent: _Optional[bool] = ..., prefix_blocks: _Optional[_Iterable[int]] = ..., prefix_queried_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_evictions: _Optional[int] = ..., instance_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
+    def __init__(self, role: _Optional[str] = ..., model_digest: _Optional[str] = ..., queued_prompt_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., leases: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., prefix_namespace: _Optional[bytes] = ..., prefix_version: _Optional[int] = ..., prefix_blocks_sent: _Optional[bool] = ..., prefix_blocks: _Optional[_Iterable[int]] = ..., prefix_queried_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_evictions: _Optional[int] = ..., instance_id: _Optional[str] = ..., draining: _Optional[bool] = ..., loras: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "digest", "resident")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    resident: bool
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., resident: _Optional[bool] = ...) -> None: ...
+
+class LoadLoraRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class LoadLoraResponse(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class UnloadLoraRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadLoraResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

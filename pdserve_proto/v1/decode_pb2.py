@@ -27,23 +27,23 @@ from pdserve_proto.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 from pdserve_proto.v1 import kv_pb2 as pdserve_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\x1a\x13pdserve/v1/kv.proto\"\xbc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0eremote_prefill\x18\x04 \x01(\x08\x12\x1d\n\x15lease_timeout_seconds\x18\x05 \x01(\x02\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\x05\"e\n\x08Reserved\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x02 \x01(\x02\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"\xa3\x01\n\x08\x46inished\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x17\n\x0fkv_wait_seconds\x18\x04 \x01(\x01\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05J\x04\x08\x01\x10\x02\"\xc9\x01\n\x10GenerateResponse\x12(\n\x08reserved\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.ReservedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.TokenH\x00\x12(\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.FinishedH\x00\x12\x35\n\x0fprompt_logprobs\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobsH\x00\x42\x06\n\x04item*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x98\x02\n\rDecodeService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x41\n\x06PushKv\x12\x19.pdserve.v1.PushKvRequest\x1a\x1a.pdserve.v1.PushKvResponse(\x01\x12:\n\x06PullKv\x12\x19.pdserve.v1.PullKvRequest\x1a\x13.pdserve.v1.KvChunk0\x01\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\x1a\x13pdserve/v1/kv.proto\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0eremote_prefill\x18\x04 \x01(\x08\x12\x1d\n\x15lease_timeout_seconds\x18\x05 \x01(\x02\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04lora\x18\x07 \x01(\t\"e\n\x08Reserved\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x02 \x01(\x02\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"\xa3\x01\n\x08\x46inished\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x17\n\x0fkv_wait_seconds\x18\x04 \x01(\x01\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05J\x04\x08\x01\x10\x02\"\xc9\x01\n\x10GenerateResponse\x12(\n\x08reserved\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.ReservedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.TokenH\x00\x12(\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.FinishedH\x00\x12\x35\n\x0fprompt_logprobs\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobsH\x00\x42\x06\n\x04item*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xac\x03\n\rDecodeService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x41\n\x06PushKv\x12\x19.pdserve.v1.PushKvRequest\x1a\x1a.pdserve.v1.PushKvResponse(\x01\x12:\n\x06PullKv\x12\x19.pdserve.v1.PullKvRequest\x1a\x13.pdserve.v1.KvChunk0\x01\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12\x45\n\x08LoadLora\x12\x1b.pdserve.v1.LoadLoraRequest\x1a\x1c.pdserve.v1.LoadLoraResponse\x12K\n\nUnloadLora\x12\x1d.pdserve.v1.UnloadLoraRequest\x1a\x1e.pdserve.v1.UnloadLoraResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=749
-  _globals['_FINISHREASON']._serialized_end=869
+  _globals['_FINISHREASON']._serialized_start=763
+  _globals['_FINISHREASON']._serialized_end=883
   _globals['_GENERATEREQUEST']._serialized_start=86
-  _globals['_GENERATEREQUEST']._serialized_end=274
-  _globals['_RESERVED']._serialized_start=276
-  _globals['_RESERVED']._serialized_end=377
-  _globals['_FINISHED']._serialized_start=380
-  _globals['_FINISHED']._serialized_end=543
-  _globals['_GENERATERESPONSE']._serialized_start=546
-  _globals['_GENERATERESPONSE']._serialized_end=747
-  _globals['_DECODESERVICE']._serialized_start=872
-  _globals['_DECODESERVICE']._serialized_end=1152
+  _globals['_GENERATEREQUEST']._serialized_end=288
+  _globals['_RESERVED']._serialized_start=290
+  _globals['_RESERVED']._serialized_end=391
+  _globals['_FINISHED']._serialized_start=394
+  _globals['_FINISHED']._serialized_end=557
+  _globals['_GENERATERESPONSE']._serialized_start=560
+  _globals['_GENERATERESPONSE']._serialized_end=761
+  _globals['_DECODESERVICE']._serialized_start=886
+  _globals['_DECODESERVICE']._serialized_end=1314
 # @@protoc_insertion_point(module_scope)

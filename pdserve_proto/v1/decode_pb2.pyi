@@ -22,20 +22,22 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "remote_prefill", "lease_timeout_seconds", "resume_token_ids")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "remote_prefill", "lease_timeout_seconds", "resume_token_ids", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
     LEASE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     remote_prefill: bool
     lease_timeout_seconds: float
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., remote_prefill: _Optional[bool] = ..., lease_timeout_seconds: _Optional[float] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    lora: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., remote_prefill: _Optional[bool] = ..., lease_timeout_seconds: _Optional[float] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., lora: _Optional[str] = ...) -> None: ...
 
 class Reserved(_message.Message):
     __slots__ = ("lease_id", "expires_in_seconds", "model_digest", "cached_tokens")

@@ -57,6 +57,16 @@ class DecodeServiceStub:
                 request_serializer=pdserve_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_common__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.LoadLora = channel.unary_unary(
+                '/pdserve.v1.DecodeService/LoadLora',
+                request_serializer=pdserve_dot_v1_dot_common__pb2.LoadLoraRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_common__pb2.LoadLoraResponse.FromString,
+                _registered_method=True)
+        self.UnloadLora = channel.unary_unary(
+                '/pdserve.v1.DecodeService/UnloadLora',
+                request_serializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -101,6 +111,20 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLora(self, request, context):
+        """Register a LoRA adapter at run time (common.proto LoadLoraRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLora(self, request, context):
+        """Forget a LoRA adapter (common.proto UnloadLoraRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +147,16 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=pdserve_dot_v1_dot_common__pb2.HealthRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
+            ),
+            'LoadLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLora,
+                    request_deserializer=pdserve_dot_v1_dot_common__pb2.LoadLoraRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_common__pb2.LoadLoraResponse.SerializeToString,
+            ),
+            'UnloadLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLora,
+                    request_deserializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,6 +267,60 @@ class DecodeService:
             '/pdserve.v1.DecodeService/Health',
             pdserve_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
             pdserve_dot_v1_dot_common__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeService/LoadLora',
+            pdserve_dot_v1_dot_common__pb2.LoadLoraRequest.SerializeToString,
+            pdserve_dot_v1_dot_common__pb2.LoadLoraResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeService/UnloadLora',
+            pdserve_dot_v1_dot_common__pb2.UnloadLoraRequest.SerializeToString,
+            pdserve_dot_v1_dot_common__pb2.UnloadLoraResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from pdserve_proto.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xb4\x01\n\rKvFingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0elayout_version\x18\x06 \x01(\x05\x12\x14\n\x0cmodel_digest\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\"\x8c\x01\n\x08KvHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12.\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.KvFingerprint\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x16\n\x0e\x66irst_position\x18\x05 \x01(\x05\"X\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"G\n\tKvTrailer\x12&\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x11.pdserve.v1.Token\x12\x12\n\nnum_chunks\x18\x02 \x01(\x05\"\x8f\x01\n\rPushKvRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KvHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.KvChunkH\x00\x12(\n\x07trailer\x18\x03 \x01(\x0b\x32\x15.pdserve.v1.KvTrailerH\x00\x42\x06\n\x04item\"A\n\x0ePushKvResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\x12\x17\n\x0freceive_seconds\x18\x02 \x01(\x01\"\x93\x01\n\rPullKvRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.KvFingerprint\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\x05\x12\x14\n\x0c\x65nd_position\x18\x05 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13pdserve/v1/kv.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xdc\x01\n\rKvFingerprint\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\x05\x12\x10\n\x08head_dim\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0elayout_version\x18\x06 \x01(\x05\x12\x14\n\x0cmodel_digest\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x11\n\tlora_name\x18\t \x01(\t\x12\x13\n\x0blora_digest\x18\n \x01(\t\"\x8c\x01\n\x08KvHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12.\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.KvFingerprint\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x16\n\x0e\x66irst_position\x18\x05 \x01(\x05\"X\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\"G\n\tKvTrailer\x12&\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x11.pdserve.v1.Token\x12\x12\n\nnum_chunks\x18\x02 \x01(\x05\"\x8f\x01\n\rPushKvRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KvHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.pdserve.v1.KvChunkH\x00\x12(\n\x07trailer\x18\x03 \x01(\x0b\x32\x15.pdserve.v1.KvTrailerH\x00\x42\x06\n\x04item\"A\n\x0ePushKvResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\x12\x17\n\x0freceive_seconds\x18\x02 \x01(\x01\"\x93\x01\n\rPullKvRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12.\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.KvFingerprint\x12\x16\n\x0e\x66irst_position\x18\x04 \x01(\x05\x12\x14\n\x0c\x65nd_position\x18\x05 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kv_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVFINGERPRINT']._serialized_start=61
-  _globals['_KVFINGERPRINT']._serialized_end=241
-  _globals['_KVHEADER']._serialized_start=244
-  _globals['_KVHEADER']._serialized_end=384
-  _globals['_KVCHUNK']._serialized_start=386
-  _globals['_KVCHUNK']._serialized_end=474
-  _globals['_KVTRAILER']._serialized_start=476
-  _globals['_KVTRAILER']._serialized_end=547
-  _globals['_PUSHKVREQUEST']._serialized_start=550
-  _globals['_PUSHKVREQUEST']._serialized_end=693
-  _globals['_PUSHKVRESPONSE']._serialized_start=695
-  _globals['_PUSHKVRESPONSE']._serialized_end=760
-  _globals['_PULLKVREQUEST']._serialized_start=763
-  _globals['_PULLKVREQUEST']._serialized_end=910
+  _globals['_KVFINGERPRINT']._serialized_end=281
+  _globals['_KVHEADER']._serialized_start=284
+  _globals['_KVHEADER']._serialized_end=424
+  _globals['_KVCHUNK']._serialized_start=426
+  _globals['_KVCHUNK']._serialized_end=514
+  _globals['_KVTRAILER']._serialized_start=516
+  _globals['_KVTRAILER']._serialized_end=587
+  _globals['_PUSHKVREQUEST']._serialized_start=590
+  _globals['_PUSHKVREQUEST']._serialized_end=733
+  _globals['_PUSHKVRESPONSE']._serialized_start=735
+  _globals['_PUSHKVRESPONSE']._serialized_end=800
+  _globals['_PULLKVREQUEST']._serialized_start=803
+  _globals['_PULLKVREQUEST']._serialized_end=950
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvFingerprint(_message.Message):
-    __slots__ = ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype", "layout_version", "model_digest", "quantization")
+    __slots__ = ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype", "layout_version", "model_digest", "quantization", "lora_name", "lora_digest")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class KvFingerprint(_message.Message):
     LAYOUT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LORA_DIGEST_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_layers: int
     num_kv_heads: int
@@ -25,7 +27,9 @@ class KvFingerprint(_message.Message):
     layout_version: int
     model_digest: str
     quantization: str
-    def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., layout_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
+    lora_name: str
+    lora_digest: str
+    def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., layout_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., quantization: _Optional[str] = ..., lora_name: _Optional[str] = ..., lora_digest: _Optional[str] = ...) -> None: ...
 
 class KvHeader(_message.Message):
     __slots__ = ("request_id", "lease_id", "fingerprint", "num_tokens", "first_position")

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from pdserve_proto.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xb2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x06 \x01(\x05\"\xb1\x02\n\x0fPrefillResponse\x12&\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x11.pdserve.v1.Token\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1d\n\x15transfer_tail_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x03\x12\x15\n\rcached_tokens\x18\x07 \x01(\x05\x12\x18\n\x10kv_bytes_skipped\x18\x08 \x01(\x03\x12\x33\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobs\x12\x15\n\rpulled_tokens\x18\n \x01(\x05\x32\x95\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xc0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04lora\x18\x07 \x01(\t\"\xb1\x02\n\x0fPrefillResponse\x12&\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x11.pdserve.v1.Token\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1d\n\x15transfer_tail_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x03\x12\x15\n\rcached_tokens\x18\x07 \x01(\x05\x12\x18\n\x10kv_bytes_skipped\x18\x08 \x01(\x03\x12\x33\n\x0fprompt_logprobs\x18\t \x01(\x0b\x32\x1a.pdserve.v1.PromptLogprobs\x12\x15\n\rpulled_tokens\x18\n \x01(\x05\x32\xa9\x02\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12\x45\n\x08LoadLora\x12\x1b.pdserve.v1.LoadLoraRequest\x1a\x1c.pdserve.v1.LoadLoraResponse\x12K\n\nUnloadLora\x12\x1d.pdserve.v1.UnloadLoraRequest\x1a\x1e.pdserve.v1.UnloadLoraResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.prefill_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=66
-  _globals['_PREFILLREQUEST']._serialized_end=244
-  _globals['_PREFILLRESPONSE']._serialized_start=247
-  _globals['_PREFILLRESPONSE']._serialized_end=552
-  _globals['_PREFILLSERVICE']._serialized_start=555
-  _globals['_PREFILLSERVICE']._serialized_end=704
+  _globals['_PREFILLREQUEST']._serialized_end=258
+  _globals['_PREFILLRESPONSE']._serialized_start=261
+  _globals['_PREFILLRESPONSE']._serialized_end=566
+  _globals['_PREFILLSERVICE']._serialized_start=569
+  _globals['_PREFILLSERVICE']._serialized_end=866
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,16 @@ class PrefillServiceStub:
                 request_serializer=pdserve_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_common__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.LoadLora = channel.unary_unary(
+                '/pdserve.v1.PrefillService/LoadLora',
+                request_serializer=pdserve_dot_v1_dot_common__pb2.LoadLoraRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_common__pb2.LoadLoraResponse.FromString,
+                _registered_method=True)
+        self.UnloadLora = channel.unary_unary(
+                '/pdserve.v1.PrefillService/UnloadLora',
+                request_serializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -57,7 +67,8 @@ class PrefillServiceServicer:
         Errors: INVALID_ARGUMENT (bad request), ABORTED (the decode worker became
         unreachable: this worker is fine), NOT_FOUND (lease unknown or expired),
         FAILED_PRECONDITION (model mismatch), DATA_LOSS (KV rejected in transit),
-        UNAVAILABLE (this worker is draining or gone), CANCELLED.
+        UNAVAILABLE (this worker is draining or gone), CANCELLED, NOT_FOUND also when the
+        request's LoRA adapter is not registered here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,6 +76,20 @@ class PrefillServiceServicer:
 
     def Health(self, request, context):
         """Load report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadLora(self, request, context):
+        """Register a LoRA adapter at run time (common.proto LoadLoraRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLora(self, request, context):
+        """Forget a LoRA adapter (common.proto UnloadLoraRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +107,16 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=pdserve_dot_v1_dot_common__pb2.HealthRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_common__pb2.HealthResponse.SerializeToString,
+            ),
+            'LoadLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLora,
+                    request_deserializer=pdserve_dot_v1_dot_common__pb2.LoadLoraRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_common__pb2.LoadLoraResponse.SerializeToString,
+            ),
+            'UnloadLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLora,
+                    request_deserializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_common__pb2.UnloadLoraResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +173,60 @@ class PrefillService:
             '/pdserve.v1.PrefillService/Health',
             pdserve_dot_v1_dot_common__pb2.HealthRequest.SerializeToString,
             pdserve_dot_v1_dot_common__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillService/LoadLora',
+            pdserve_dot_v1_dot_common__pb2.LoadLoraRequest.SerializeToString,
+            pdserve_dot_v1_dot_common__pb2.LoadLoraResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillService/UnloadLora',
+            pdserve_dot_v1_dot_common__pb2.UnloadLoraRequest.SerializeToString,
+            pdserve_dot_v1_dot_common__pb2.UnloadLoraResponse.FromString,
             options,
             channel_credentials,
             insecure,

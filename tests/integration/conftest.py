@@ -1,6 +1,8 @@
 """Shared fixtures for the integration tests: the default model, the golden prompts
 (chat-templated and raw, 5 to 600 tokens) and transformers' greedy output for them,
-computed once per session."""
+computed once per session; and the float32 1P1D stack that test_adapter_serving.py
+and then test_gateway.py use (one start fewer for the suite; the last test of
+test_gateway.py stops it)."""
 
 import pytest
 import torch
@@ -8,8 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.sampling_params import SamplingParams
 from model_store.default_model import ensure_default_model
+from tests.support.stack import Stack
 
 MAX_NEW = 40
+GATEWAY_KEY = "test-key"
+LOCAL_PREFILL_MAX = 16  # the shared stack prefills shorter prompts on the decode worker
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0)
 
 CHAT = [
@@ -73,3 +78,15 @@ def expected(hf_model, prompts) -> list[list[int]]:
                                 max_new_tokens=MAX_NEW, do_sample=False)
         result.append(out[0, len(prompt):].tolist())
     return result
+
+
+@pytest.fixture(scope="session")
+def gateway_stack():
+    """`pdserve up` with one prefill and one decode worker, float32 unquantized as
+    transformers computes (`auto` quantizes the default model where pdserve's kernels are
+    fast, and its int8 LM head moves logprobs by ~0.05), behind an API key."""
+    stack = Stack("--prefill", "1", "--decode", "1", "--dtype", "float32", "--quantization",
+                  "none", "--kv-cache-tokens", "8192", "--max-inflight", "8", "--max-queue", "24",
+                  "--local-prefill-max-tokens", str(LOCAL_PREFILL_MAX), api_key=GATEWAY_KEY)
+    yield stack
+    stack.stop()

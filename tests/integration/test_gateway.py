@@ -14,23 +14,17 @@ import httpx
 import openai
 import pytest
 
+from tests.integration.conftest import GATEWAY_KEY as KEY
 from tests.integration.conftest import MAX_NEW
-from tests.support.stack import ROOT, Stack, free_port
+from tests.support.stack import ROOT, free_port
 from tests.support.stack import scrape as scrape_url
 
-KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def stack():
-    # float32 unquantized, as transformers computes: `auto` quantizes the default model
-    # where pdserve's kernels are fast, and its int8 LM head moves logprobs by ~0.05.
-    stack = Stack("--prefill", "1", "--decode", "1", "--dtype", "float32", "--quantization",
-                  "none", "--kv-cache-tokens", "8192", "--max-inflight", "8", "--max-queue", "24",
-                  "--local-prefill-max-tokens", "16", api_key=KEY)
-    yield stack
-    stack.stop()
+def stack(gateway_stack):
+    return gateway_stack
 
 
 @pytest.fixture(scope="module")

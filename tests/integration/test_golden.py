@@ -21,9 +21,11 @@ def tokens(results) -> list[list[int]]:
     return [samples[0].output_token_ids for samples in results]
 
 
-def test_one_by_one(prompts, expected):
-    engine = make_engine()
+def test_one_by_one_speculating(prompts, expected):
+    """With n-gram drafts verified (plain decoding: the batched tests below)."""
+    engine = make_engine(speculative="ngram")
     assert [tokens(engine.generate([p], GREEDY))[0] for p in prompts] == expected
+    assert engine.drafter.num_accepted_tokens > 0  # drafts were verified, and some kept
 
 
 def test_all_together_with_staggered_arrivals(prompts, expected):

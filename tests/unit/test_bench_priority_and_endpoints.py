@@ -1,9 +1,12 @@
 """`pdserve bench`'s priority mix and Responses endpoint: the mix's syntax, classes drawn
-by share without changing the prompts, TTFT reported by class, and Responses events read
-as the chunks the timing code takes."""
+by share without changing the prompts, TTFT reported by class, Responses events read
+as the chunks the timing code takes, and the rag-quote workload's prompts and endpoint."""
+
+import argparse
 
 import pytest
 
+from bench.cli import endpoint_of
 from bench.client import _as_chunk
 from bench.stats import RequestResult, summarize
 from bench.workload import build_requests, parse_priority_mix
@@ -15,6 +18,20 @@ class WordTokenizer:
 
     def decode(self, ids):
         return " ".join(f"w{i}" for i in ids)
+
+
+def test_rag_quote_asks_to_repeat_a_passage_over_chat():
+    requests = build_requests(WordTokenizer(), 5, workload="rag-quote", seed=1)
+    instruction = "Repeat the following text exactly, word for word:\n\n"
+    for request in requests:
+        assert request.prompt.startswith(instruction)
+        assert len(request.prompt.split()) > 150  # the passage itself
+        assert request.prompt_tokens == len(WordTokenizer().encode(request.prompt))
+        assert 64 <= request.max_tokens <= 128
+    assert endpoint_of(argparse.Namespace(workload="rag-quote", endpoint=None)) == "chat"
+    assert endpoint_of(argparse.Namespace(workload="chat", endpoint=None)) == "completions"
+    assert endpoint_of(argparse.Namespace(workload="rag-quote",
+                                          endpoint="completions")) == "completions"
 
 
 def test_the_mix_parses_and_refuses_bad_shares():

@@ -205,3 +205,15 @@ def test_up_passes_the_tracing_settings_to_every_process():
     for argv in (worker, gateway):
         assert argv[argv.index("--otlp-endpoint") + 1] == "http://127.0.0.1:4317"
         assert argv[argv.index("--trace-sample-ratio") + 1] == "0.5"
+
+
+def test_up_passes_the_lora_adapters_to_every_worker_and_not_to_the_gateway():
+    args = build_parser().parse_args(["up", "--lora", "sql=/a/sql", "--lora", "chat=/b/chat",
+                                      "--max-loras", "2"])
+    gateway = stack._gateway_argv(args, {"decode": ["127.0.0.1:1"], "prefill": []})
+    assert "--lora" not in gateway and "--max-loras" not in gateway
+    for role in ("prefill", "decode"):
+        worker = stack._worker_argv(role, args, threads=1)
+        again = build_parser().parse_args(worker[worker.index(role):])
+        engine = config_from_args(EngineConfig, again)
+        assert (engine.lora, engine.max_loras) == (("sql=/a/sql", "chat=/b/chat"), 2)

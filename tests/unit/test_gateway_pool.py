@@ -1,5 +1,7 @@
 """Worker pool picking and address handling, without any worker (pure logic)."""
 
+import time
+
 import pytest
 
 from pdserve.stack import core_shares
@@ -143,3 +145,47 @@ def test_reports_replace_the_names_only_when_they_carry_them():
     w.take_report(common_pb2.HealthResponse(prefix_namespace=b"ns", prefix_version=4,
                                             prefix_blocks_sent=True))
     assert w.prefix_blocks == frozenset()  # sent, and empty: everything was evicted
+
+
+def test_a_lora_request_goes_only_to_workers_holding_the_adapter_named_in_its_namespace():
+    from pdserve_proto.prefix import adapter_namespace, block_hashes, short
+    from server.prefix_index import PromptBlocks
+
+    prompt = list(range(1, 100))
+    p = pool("decode", a=dict(free_kv_blocks=90), b=dict(free_kv_blocks=10),
+             c=dict(free_kv_blocks=50))
+    for name in "abc":
+        p.workers[name].take_report(common_pb2.HealthResponse(
+            free_kv_blocks=p.workers[name].health.free_kv_blocks, block_size=16,
+            prefix_namespace=b"ns", loras=[common_pb2.LoraAdapter(name="sql", digest="d1")]
+            if name != "a" else []))
+    assert p.pick().address == "a"  # the base model: every worker
+    sql = PromptBlocks(prompt, "sql")
+    assert p.pick(prompt=sql).address == "c"  # a lacks it: of b and c, the most room
+    # b holds 5 blocks of the prompt under the adapter: named in the adapter's namespace,
+    # not the base model's, whose names on c match nothing of the adapter's prompt.
+    b, c = p.workers["b"], p.workers["c"]
+    b.prefix_blocks = frozenset(short(n) for n in block_hashes(
+        prompt, 16, adapter_namespace(b"ns", "d1"))[:5])
+    c.prefix_blocks = frozenset(short(n) for n in block_hashes(prompt, 16, b"ns"))
+    assert (sql.matched_tokens(b), sql.matched_tokens(c)) == (80, 0)
+    assert PromptBlocks(prompt).matched_tokens(c) == 96
+    assert p.pick(prompt=sql).address == "b"
+    with pytest.raises(NoWorkerError, match="no healthy decode worker with LoRA adapter "
+                                            "'poet'"):
+        p.pick(prompt=PromptBlocks(prompt, "poet"))
+
+
+def test_a_report_asked_before_the_gateway_changed_the_adapters_leaves_them_alone():
+    w = Worker("a", "decode", None, None)
+    asked = time.monotonic()
+    w.set_lora("poet", "d2")  # loaded through the admin endpoint after the poll was sent
+    w.take_report(common_pb2.HealthResponse(), asked_at=asked)
+    assert w.loras == {"poet": "d2"}
+    w.set_lora("poet", None)
+    w.take_report(common_pb2.HealthResponse(loras=[common_pb2.LoraAdapter(
+        name="poet", digest="d2")]), asked_at=asked)
+    assert w.loras == {}  # the unload stands against an older report
+    w.take_report(common_pb2.HealthResponse(loras=[common_pb2.LoraAdapter(
+        name="sql", digest="d1")]), asked_at=time.monotonic())
+    assert w.loras == {"sql": "d1"}

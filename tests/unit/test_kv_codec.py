@@ -17,6 +17,7 @@ from kvtransfer.codec import (
     make_fingerprint,
     shape_of,
     tokens_per_chunk,
+    with_adapter,
 )
 from pdserve_proto.v1 import kv_pb2
 
@@ -175,6 +176,20 @@ def test_fingerprint_mismatch():
     assert fingerprint_mismatch(ours, theirs) == (
         "architecture: sender 'qwen', receiver 'llama'; num_layers: sender 5, receiver 3; "
         "dtype: sender 'float32', receiver 'bfloat16'; model_digest: sender 'xyz', receiver 'abc'")
+
+
+def test_fingerprint_of_another_lora_adapter_or_the_base_model_is_refused():
+    base = make_fingerprint("llama", shape(), "abc")
+    sql = with_adapter(base, "sql", "d1" * 16)
+    assert (sql.lora_name, sql.model_digest) == ("sql", "abc") and not base.lora_name
+    assert fingerprint_mismatch(sql, with_adapter(base, "sql", "d1" * 16)) is None
+    assert fingerprint_mismatch(base, with_adapter(base, None, None)) is None
+    assert fingerprint_mismatch(sql, base) == (
+        "LoRA adapter: sender none (the base model), receiver 'sql' (digest d1d1d1d1d1d1)")
+    # The same name over other weights (reloaded from another folder) is another adapter.
+    assert fingerprint_mismatch(sql, with_adapter(base, "sql", "e2" * 16)) == (
+        "LoRA adapter: sender 'sql' (digest e2e2e2e2e2e2), receiver 'sql' (digest "
+        "d1d1d1d1d1d1)")
 
 
 def test_coverage_complete_only_when_every_position_of_every_layer_arrived():

@@ -78,3 +78,14 @@ def test_responses_name_every_status_and_the_error_shape(document, path):
                          ["schema"]["$ref"])
         body = APIError(int(status), "x", param="p", code="c").body()
         assert set(schema["properties"]["error"]["required"]) == set(body["error"])
+
+
+def test_the_lora_admin_endpoints_document_vllms_bodies(document):
+    for path, required in (("/v1/load_lora_adapter", {"lora_name", "lora_path"}),
+                           ("/v1/unload_lora_adapter", {"lora_name"})):
+        operation = document["paths"][path]["post"]
+        schema = resolve(document, operation["requestBody"]["content"]["application/json"]
+                         ["schema"]["$ref"])
+        assert set(schema["required"]) == required, path
+        assert "text/plain" in operation["responses"]["200"]["content"]
+        assert "401" in operation["responses"]

@@ -1,6 +1,6 @@
 """The internal token on a real gRPC server on loopback: the interceptor the workers
 install (worker.auth) against the channels every caller dials (pdserve_config.security),
-for each shape of call a worker serves: unary (Health), server-streaming (Generate),
+for each shape of call a worker serves: unary (Health, LoadLora), server-streaming (Generate),
 client-streaming (PushKv)."""
 
 import asyncio
@@ -35,6 +35,10 @@ class Decode(decode_pb2_grpc.DecodeServiceServicer):
         received = [message async for message in request_iterator]
         return kv_pb2.PushKvResponse(bytes_received=len(received))
 
+    async def LoadLora(self, request, context):  # an admin call: behind the token too
+        self.calls += 1
+        return common_pb2.LoadLoraResponse(digest="d")
+
 
 async def calls(server_token: str | None, client: SecurityConfig):
     """(code of each call kind or 'OK', details, calls the servicer saw)."""
@@ -59,7 +63,9 @@ async def calls(server_token: str | None, client: SecurityConfig):
                 return await stub.PushKv(messages())
 
             for kind, call in (("health", lambda: stub.Health(common_pb2.HealthRequest())),
-                               ("generate", generate), ("push", push)):
+                               ("generate", generate), ("push", push),
+                               ("load_lora", lambda: stub.LoadLora(common_pb2.LoadLoraRequest(
+                                   name="a", path="/a")))):
                 try:
                     await call()
                     results[kind] = ("OK", "")
@@ -77,13 +83,14 @@ async def calls(server_token: str | None, client: SecurityConfig):
 def test_no_token_configured_lets_every_call_in():
     results, seen = asyncio.run(calls(None, SecurityConfig()))
     assert {kind: code for kind, (code, _) in results.items()} == {
-        "health": "OK", "generate": "OK", "push": "OK", "grpc.health.v1": "SERVING"}
-    assert seen == 3
+        "health": "OK", "generate": "OK", "push": "OK", "load_lora": "OK",
+        "grpc.health.v1": "SERVING"}
+    assert seen == 4
 
 
 def test_a_call_without_the_token_is_unauthenticated_before_its_handler_runs():
     results, seen = asyncio.run(calls(TOKEN, SecurityConfig()))
-    for kind in ("health", "generate", "push"):
+    for kind in ("health", "generate", "push", "load_lora"):
         assert results[kind] == ("UNAUTHENTICATED", MISSING), kind
     assert seen == 0
     # Kubelet's native probes cannot send metadata: the standard health service is open.
@@ -92,7 +99,7 @@ def test_a_call_without_the_token_is_unauthenticated_before_its_handler_runs():
 
 def test_a_wrong_token_is_unauthenticated():
     results, seen = asyncio.run(calls(TOKEN, SecurityConfig(internal_token=TOKEN + "x")))
-    for kind in ("health", "generate", "push"):
+    for kind in ("health", "generate", "push", "load_lora"):
         assert results[kind] == ("UNAUTHENTICATED", WRONG), kind
     assert seen == 0
     # A prefix of the token is no better than any other wrong one.
@@ -103,8 +110,9 @@ def test_a_wrong_token_is_unauthenticated():
 def test_the_right_token_passes_on_every_kind_of_call():
     results, seen = asyncio.run(calls(TOKEN, SecurityConfig(internal_token=TOKEN)))
     assert {kind: code for kind, (code, _) in results.items()} == {
-        "health": "OK", "generate": "OK", "push": "OK", "grpc.health.v1": "SERVING"}
-    assert seen == 3
+        "health": "OK", "generate": "OK", "push": "OK", "load_lora": "OK",
+        "grpc.health.v1": "SERVING"}
+    assert seen == 4
 
 
 def test_blocking_channels_carry_the_token_too():

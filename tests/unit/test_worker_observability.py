@@ -29,9 +29,10 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def test_worker_metrics_follow_the_engine():
+def decode_five(**config) -> tuple[dict[str, float], dict[str, float]]:
+    """Scrapes before and after 5 greedy tokens of a 6-token prompt on the tiny model."""
     async def scenario():
-        engine = tiny_engine(kv_cache_tokens=256, seed=1)
+        engine = tiny_engine(kv_cache_tokens=256, seed=1, **config)
         loop = EngineLoop(engine, asyncio.get_running_loop())
         metrics = WorkerMetrics("decode", loop, "random:tiny")
         port = metrics.serve("127.0.0.1", 0)
@@ -47,7 +48,11 @@ def test_worker_metrics_follow_the_engine():
             loop.stop()
         return before, scrape(port)
 
-    before, after = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_worker_metrics_follow_the_engine():
+    before, after = decode_five(speculative="none")
     role = "{role=decode}"
     assert before[f"pdserve_kv_blocks_total{role}"] == 64
     assert before[f"pdserve_kv_blocks_free{role}"] == 64
@@ -60,6 +65,26 @@ def test_worker_metrics_follow_the_engine():
     assert after["pdserve_worker_requests_total{finish_reason=length,role=decode}"] == 1
     assert after[f"pdserve_kv_blocks_free{role}"] == 64
     assert after[f"pdserve_batch_size{role}"] == 0
+    assert after[f"pdserve_spec_draft_tokens_total{role}"] == 0
+
+
+def test_speculative_decoding_metrics():
+    before, after = decode_five(speculative="ngram")
+    role = "{role=decode}"
+    assert before[f"pdserve_spec_draft_tokens_total{role}"] == 0
+    assert before[f"pdserve_spec_acceptance_ratio{role}"] == 0
+    # The tiny model (seed 1) answers 10, the prompt's last token, again and again: the
+    # second step drafts 10s, as many as max_tokens=5 leaves room for (3, and 1 sampled
+    # after them), all accepted: 5 tokens in 2 steps.
+    assert after[f"pdserve_worker_generated_tokens_total{role}"] == 5
+    assert after[f"pdserve_spec_drafts_total{role}"] == 1
+    assert after[f"pdserve_spec_draft_tokens_total{role}"] == 3
+    assert after[f"pdserve_spec_accepted_tokens_total{role}"] == 3
+    assert after[f"pdserve_spec_acceptance_ratio{role}"] == 1.0
+    assert after[f"pdserve_engine_step_seconds_count{role}"] == 2
+    assert after[f"pdserve_engine_step_tokens_sum{role}"] == 5
+    assert after[f"pdserve_engine_step_sequences_sum{role}"] == 2
+    assert after[f"pdserve_kv_blocks_free{role}"] == 64
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
