@@ -104,6 +104,7 @@ def compare_speculative(args, tokenizer_of) -> None:
     """Decode tok/s of each --speculative setting on rag-quote and chat prompts."""
     engines = {method: LLMEngine(EngineConfig(
         model="default", device="cpu", speculative=method,
+        num_speculative_tokens=args.num_speculative_tokens,
         kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens + 64),
         max_num_seqs=max(args.streams), max_num_batched_tokens=2048, prefix_caching=False))
         for method in args.speculative}
@@ -209,6 +210,8 @@ def parse_args() -> argparse.Namespace:
                         help="also int8/int4 with --no-native-kernels (PyTorch's kernels)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--transformers", action="store_true")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4,
+                        help="with --speculative: most tokens drafted per sequence and step")
     parser.add_argument("--speculative", nargs="+", default=None, choices=["none", "ngram"],
                         help="compare these speculative decoding settings instead "
                              "(rag-quote and chat prompts; dtype and quantization auto)")

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                 best[label] = max(best[label], rate)
     print(cpu_description())
     runner = engine.runner
-    print(f"{engine.files.name} ({runner.dtype}, quantization {runner.quantization}), "
+    print(f"{engine.files.name} ({str(runner.dtype).removeprefix('torch.')}, "
+          f"quantization {runner.quantization}), "
           f"{args.threads} threads, {args.streams} streams, rank {args.rank}, "
           f"{args.new_tokens} new tokens each, best of {args.rounds} alternating rounds")
     base = best["base model"]

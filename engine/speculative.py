@@ -12,12 +12,14 @@ the most recent earlier occurrence of its last n tokens (n = MAX_NGRAM down to
 MIN_NGRAM), and the tokens that followed it are proposed. An index per sequence, grown by
 the tokens added since the last look, makes a lookup O(1) whatever the prompt's length.
 
-A draft is cheap but not free: verifying 1 + k tokens takes the prompt path of the
-model instead of the decode path. A sequence whose drafts keep failing (text that does
-not repeat) stops drafting (an exponential moving average of its acceptance below
-OFF_BELOW) and tries again only RETRY_AFTER_TOKENS tokens later. And a step that is
-already compute-bound (many sequences) gains nothing from more rows: the tokens drafted
-in one step are bounded by `step_allowance`, which falls to 0 for large batches.
+A draft is cheap but not free: verifying 1 + k tokens adds k decode rows to the step,
+each a few percent of a one-row step. So a draft is as long as the sequence's drafts
+have earned: k times an exponential moving average of their acceptance (at least one
+token). A sequence whose drafts keep failing (text that does not repeat) stops drafting
+(the average below OFF_BELOW) and tries one token again RETRY_AFTER_TOKENS tokens later,
+twice as late after each retry that fails. And a step that is already compute-bound
+(many sequences) gains nothing from more rows: the tokens drafted in one step are
+bounded by `step_allowance`, which falls to 0 for large batches.
 """
 
 from dataclasses import dataclass, field
@@ -27,12 +29,14 @@ from engine.sequence import Sequence
 MAX_NGRAM = 3
 MIN_NGRAM = 1
 # Acceptance EMA: weight of the newest draft, where a sequence starts, and the level
-# below which it stops drafting. From the start, two wholly rejected drafts turn it off.
+# below which it stops drafting: a first draft is k / 2 tokens, and one wholly rejected
+# draft from the start turns drafting off.
 EMA_WEIGHT = 0.5
-EMA_START = 1.0
+EMA_START = 0.5
 OFF_BELOW = 0.3
 # Output tokens after which a sequence that stopped drafting tries once more (its EMA
-# then starts just above OFF_BELOW, so that one more failure turns it off again).
+# then starts just above OFF_BELOW, so that one more failure turns it off again, and
+# the next wait is twice as long).
 RETRY_AFTER_TOKENS = 32
 # Most tokens drafted in one step, by the number of running sequences: beyond that many
 # sequences a step's GEMMs are compute-bound on a CPU and extra rows cost their full
@@ -89,6 +93,7 @@ class SpeculationState:
     index: NgramIndex = field(default_factory=NgramIndex)
     acceptance: float = EMA_START
     retry_at: int | None = None  # output count at which an off sequence tries again
+    retry_after: int = RETRY_AFTER_TOKENS  # the next wait, doubled by each failed retry
 
     def sync(self, seq: Sequence) -> None:
         """Add the tokens `seq` gained since the last look (outputs only ever grow)."""
@@ -107,11 +112,18 @@ class SpeculationState:
         self.retry_at, self.acceptance = None, OFF_BELOW + 1e-3
         return True
 
+    def length(self, k: int) -> int:
+        """The draft this sequence has earned: k scaled by its acceptance, at least 1."""
+        return max(1, min(k, round(k * self.acceptance)))
+
     def record(self, drafted: int, accepted: int, num_output_tokens: int) -> None:
         rate = accepted / drafted
         self.acceptance = (1 - EMA_WEIGHT) * self.acceptance + EMA_WEIGHT * rate
         if self.acceptance < OFF_BELOW:
-            self.retry_at = num_output_tokens + RETRY_AFTER_TOKENS
+            self.retry_at = num_output_tokens + self.retry_after
+            self.retry_after *= 2
+        elif accepted:
+            self.retry_after = RETRY_AFTER_TOKENS
 
 
 class Drafter:
@@ -153,7 +165,7 @@ class Drafter:
         if not state.enabled(seq.num_output_tokens):
             return []
         state.sync(seq)
-        draft = state.index.propose(limit)
+        draft = state.index.propose(min(limit, state.length(self.k)))
         if draft and seq.matcher is not None:
             # A token the grammar refuses can never be accepted: do not spend a row on it.
             draft = draft[:seq.matcher.valid_prefix(draft)]

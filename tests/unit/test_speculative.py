@@ -90,6 +90,8 @@ def test_drafts_respect_max_tokens_the_context_and_the_roles():
     assert drafter.propose(seq, 8) == [4]  # 3 - 1 output = 2 to go: 1 drafted + 1 sampled
     assert Drafter(4, max_seq_len=seq.num_tokens + 2).propose(seq, 8) == [4]
     seq.params = SamplingParams(max_tokens=50)
+    assert drafter.propose(seq, 8) == [4, 5]  # a new sequence has earned k / 2
+    seq.speculation.acceptance = 1.0
     assert drafter.propose(seq, 8) == [4, 5, 6, 4]
     assert drafter.propose(seq, 2) == [4, 5]
     seq.prefill_only = True
@@ -249,14 +251,29 @@ def test_abort_mid_speculation_frees_every_block():
 
 def test_failed_drafts_turn_speculation_off_until_a_retry():
     state = SpeculationState()
-    state.record(drafted=4, accepted=0, num_output_tokens=10)
-    assert state.enabled(11)
-    state.record(drafted=4, accepted=0, num_output_tokens=11)
-    assert not state.enabled(12)
-    assert not state.enabled(11 + RETRY_AFTER_TOKENS - 1)
-    assert state.enabled(11 + RETRY_AFTER_TOKENS)
-    state.record(drafted=4, accepted=0, num_output_tokens=50)  # one more failure: off
+    assert state.length(4) == 2  # a new sequence drafts k / 2
+    state.record(drafted=2, accepted=0, num_output_tokens=10)  # one failure: off
+    assert not state.enabled(11)
+    assert not state.enabled(10 + RETRY_AFTER_TOKENS - 1)
+    assert state.enabled(10 + RETRY_AFTER_TOKENS)
+    assert state.length(4) == 1  # a retry risks one token
+    state.record(drafted=1, accepted=0, num_output_tokens=50)  # fails: off, twice as long
     assert state.acceptance < OFF_BELOW and not state.enabled(51)
+    assert not state.enabled(50 + 2 * RETRY_AFTER_TOKENS - 1)
+    assert state.enabled(50 + 2 * RETRY_AFTER_TOKENS)
+    state.record(drafted=1, accepted=1, num_output_tokens=120)  # a success: wait reset
+    assert state.retry_after == RETRY_AFTER_TOKENS
+
+
+def test_a_draft_is_as_long_as_its_acceptance_has_earned():
+    state = SpeculationState()
+    for expected in (2, 3, 4):  # every draft wholly accepted: 2, 3, then k tokens
+        length = state.length(4)
+        assert length == expected
+        state.record(drafted=length, accepted=length, num_output_tokens=10)
+    assert state.length(4) == 4
+    state.record(drafted=4, accepted=0, num_output_tokens=13)  # one miss halves it
+    assert state.length(4) == 2
 
 
 def test_drafts_that_keep_failing_stop():
