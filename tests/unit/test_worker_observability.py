@@ -74,16 +74,17 @@ def test_speculative_decoding_metrics():
     assert before[f"pdserve_spec_draft_tokens_total{role}"] == 0
     assert before[f"pdserve_spec_acceptance_ratio{role}"] == 0
     # The tiny model (seed 1) answers 10, the prompt's last token, again and again: the
-    # second step drafts 10s, as many as max_tokens=5 leaves room for (3, and 1 sampled
-    # after them), all accepted: 5 tokens in 2 steps.
+    # second step drafts two 10s (a new sequence's first draft is k / 2), both accepted,
+    # and 1 sampled after them; the third has room for one token only (max_tokens=5),
+    # which it decodes without a draft: 5 tokens in 3 steps.
     assert after[f"pdserve_worker_generated_tokens_total{role}"] == 5
     assert after[f"pdserve_spec_drafts_total{role}"] == 1
-    assert after[f"pdserve_spec_draft_tokens_total{role}"] == 3
-    assert after[f"pdserve_spec_accepted_tokens_total{role}"] == 3
+    assert after[f"pdserve_spec_draft_tokens_total{role}"] == 2
+    assert after[f"pdserve_spec_accepted_tokens_total{role}"] == 2
     assert after[f"pdserve_spec_acceptance_ratio{role}"] == 1.0
-    assert after[f"pdserve_engine_step_seconds_count{role}"] == 2
+    assert after[f"pdserve_engine_step_seconds_count{role}"] == 3
     assert after[f"pdserve_engine_step_tokens_sum{role}"] == 5
-    assert after[f"pdserve_engine_step_sequences_sum{role}"] == 2
+    assert after[f"pdserve_engine_step_sequences_sum{role}"] == 3
     assert after[f"pdserve_kv_blocks_free{role}"] == 64
 
 
