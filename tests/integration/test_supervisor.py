@@ -74,7 +74,8 @@ def test_the_gateway_is_restarted_on_its_port_like_a_worker(capsys):
     runner.start()
     try:
         deadline = time.monotonic() + 20
-        while not ports and time.monotonic() < deadline:
+        # `ports` fills as the restart begins; the list holds the new child only after.
+        while not (ports and children[0].alive) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ports == [4568] and children[0].alive
     finally:
