@@ -1,4 +1,4 @@
-"""`pdserve bench soak`, bounded: half a minute of mixed traffic with client drops on
+"""`pdserve bench soak`, bounded: about a minute of mixed traffic with client drops on
 its own `pdserve up` (tiny random model, 1 prefill and 2 decode workers) and one decode
 worker killed with SIGKILL mid-run. It must pass (no request failed, the killed worker
 came back, every process idle again with its blocks free, its tasks and fds where they
@@ -24,7 +24,7 @@ def test_a_bounded_soak_with_a_worker_kill_passes(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pdserve", "--log-level", "WARNING", "bench", "soak",
          "--model", "random:tiny", "--prefill", "1", "--decode", "2",
-         "--duration", "30", "--warmup", "8", "--kill-interval", "12",
+         "--duration", "45", "--warmup", "12", "--kill-interval", "15",
          "--sample-interval", "2", "--min-samples", "5", "--concurrency", "3",
          "--drop-share", "0.25", "--rss-growth", "1024", "--no-progress",
          "--output", str(out)],
