@@ -40,8 +40,13 @@ class Probe:
 
 
 def proc_rss(pid: int) -> int | None:
+    """RSS of a live process; None once it is exiting or a zombie. A process that was
+    killed gives up its memory before its files (the kernel's do_exit), so reading fds
+    first and this second never pairs a dead process's 0 fds with a live RSS."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
         for line in status:
+            if line.startswith("State:") and line.split()[1] in ("Z", "X"):
+                return None
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return None
@@ -76,8 +81,9 @@ def sample(probe: Probe, t: float, phase: str, headers: dict | None = None) -> d
     url = probe.metrics_url()
     metrics = scrape(url, headers) if url else {}
     if pid is not None:
-        rss, fds, lifetime = proc_rss(pid), proc_fds(pid), f"pid {pid}"
-        if rss is None:  # it exited between the look-up and the read
+        fds = proc_fds(pid)
+        rss, lifetime = proc_rss(pid), f"pid {pid}"
+        if rss is None or not fds:  # it exited between the look-up and the reads
             return None
     elif not probe.local and "process_start_time_seconds" in metrics:
         rss = metrics.get("process_resident_memory_bytes")

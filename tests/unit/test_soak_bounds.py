@@ -4,6 +4,8 @@ worker is judged only against itself, and a run too short to judge does not pass
 
 import math
 import random
+import subprocess
+import time
 
 import pytest
 
@@ -174,6 +176,35 @@ def test_a_local_process_not_found_is_not_sampled_from_its_metrics(monkeypatch):
         "process_start_time_seconds": 1.7e9, "process_resident_memory_bytes": 5e8})
     probe = Probe("decode-1", lambda: None, lambda: "http://worker/metrics")
     assert soak_sampler.sample(probe, 1.0, LOAD) is None
+
+
+def test_a_killed_process_not_yet_reaped_is_not_sampled(monkeypatch):
+    # Between a kill and the restart the worker is a zombie: no RSS, no open fds. Its
+    # sample would read 0 fds (not a level the process ever had), so there is none.
+    monkeypatch.setattr(soak_sampler, "scrape", lambda url, headers=None: {})
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        probe = Probe("decode-1", lambda: child.pid, lambda: None)
+        live = soak_sampler.sample(probe, 1.0, LOAD)
+        assert live["rss_bytes"] > 0 and live["fds"] > 0
+        child.kill()
+        deadline = time.monotonic() + 10
+        while "Z" not in _state(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "Z" in _state(child.pid)
+        assert soak_sampler.sample(probe, 2.0, LOAD) is None
+        # Read in the instant between its memory going and its files closing, or
+        # with the RSS read just before it died: still no sample.
+        monkeypatch.setattr(soak_sampler, "proc_rss", lambda pid: 5 * MIB)
+        assert soak_sampler.sample(probe, 3.0, LOAD) is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as status:
+        return next(line for line in status if line.startswith("State:"))
 
 
 def test_kills_take_decode_and_prefill_in_turn_and_spare_a_lone_decode_worker():
