@@ -17,6 +17,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.cpu_linear import linear, prepack, prepare_quantized
 from engine.kv_cache import KVCache
 from engine.lora_batch import LoraBatch
+from engine.lora_stack import StackAdapters
 from engine.model_config import ModelConfig
 from engine.quantized_weights import QuantizedWeight
 from engine.rotary import RotaryEmbedding, apply_rotary
@@ -145,21 +146,23 @@ class LlamaModel(nn.Module):
         self._quantized_head = None
         self._packed_head: torch.Tensor | None = None
         # Every layer of a decode step in one C++ call (engine/kernels/decode_stack.cc),
-        # where all linear layers run pdserve's quantized kernels; set by use_native_kernels().
+        # where all linear layers run pdserve's quantized kernels, and the LoRA adapters
+        # it holds; set by use_native_kernels().
         self._decode_stack = None
+        self._stack_adapters: StackAdapters | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, on_layer_kv: LayerKVCallback | None = None):
         """Hidden states after the final norm for every token of the flat batch."""
-        # The C++ stack has no LoRA deltas: a step with adapter rows runs layer by layer.
         if (self._decode_stack is not None and on_layer_kv is None and not meta.prefills
-                and meta.lora is None and meta.num_decode <= native_kernels.MAX_ROWS):
+                and meta.num_decode <= native_kernels.MAX_ROWS):
             hidden = self.embed_tokens(input_ids)
             cos, sin = self.rotary.tables(positions, hidden.dtype)
+            row_lora = self._stack_adapters.row_slots(meta.lora, hidden.shape[0])
             hidden = self._decode_stack.forward(hidden, cos, sin, kv_cache.tensor,
                                                 meta.slot_mapping, meta.decode_slots,
-                                                meta.decode_mask)
+                                                meta.decode_mask, row_lora)
             return self.norm(hidden)
         return self.run_layers(input_ids, positions, kv_cache.layer, meta, on_layer_kv)
 
@@ -219,6 +222,8 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             layer.native = on
         self._decode_stack = self._build_decode_stack() if on else None
+        self._stack_adapters = (StackAdapters(self._decode_stack)
+                                if self._decode_stack is not None else None)
         return on
 
     def _build_decode_stack(self):

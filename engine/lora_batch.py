@@ -33,7 +33,7 @@ STACK_CACHE_ENTRIES = 4
 class _Stacked:
     """One fused layer's weights for a combination of adapters."""
 
-    a_t: torch.Tensor       # [in, total rank]
+    a_t: torch.Tensor       # [in, total rank] (a transposed view)
     b_t: torch.Tensor       # [total rank, out]
     columns: torch.Tensor   # [total rank]: which group (index) each column belongs to
     layout: tuple           # (group, rank) per block of columns: the mask's cache key
@@ -92,7 +92,7 @@ class LoraBatch:
         if self.row_groups is None:
             pair = self.adapters[0].layers[layer].get(name)
             if pair is not None:
-                out.add_((x @ pair[0]) @ pair[1])
+                out.add_((x @ pair[0].t()) @ pair[1])
             return out
         stacks = self._stacks[layer]
         if name not in stacks:
@@ -112,9 +112,9 @@ class LoraBatch:
                    if name in w.layers[layer]]
         if not present:
             return None
-        layout = tuple((group, a_t.shape[1]) for group, (a_t, _) in present)
+        layout = tuple((group, a.shape[0]) for group, (a, _) in present)
         columns = torch.tensor([group for group, rank in layout for _ in range(rank)],
                                device=device)
-        return _Stacked(torch.cat([a_t for _, (a_t, _) in present], dim=1).contiguous(),
+        return _Stacked(torch.cat([a for _, (a, _) in present]).t(),
                         torch.cat([b_t for _, (_, b_t) in present], dim=0).contiguous(),
                         columns, layout)

@@ -48,7 +48,7 @@ _TENSOR_NAME = re.compile(
 @dataclass
 class LoraWeights:
     """One adapter as the engine applies it. `layers[i]` maps a fused linear layer's
-    name ('qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj') to (A^T [in, R], B^T
+    name ('qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj') to (A [R, in], B^T
     [R, out] with the scales folded in); a layer the adapter leaves alone has no entry."""
 
     digest: str
@@ -98,8 +98,9 @@ def load_adapter(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
             rows = slice(out_at[part], out_at[part] + part_b.shape[0])
             b[rows, rank_at:rank_at + rank] = part_b * scale
             rank_at += rank
-        # Stored transposed: a step multiplies x @ A^T @ B^T.
-        layers[layer][fused] = (a.t().to(device, dtype).contiguous(),
+        # A as PEFT holds it and B transposed: a step multiplies x @ A^T @ B^T, and the
+        # C++ decode stack reads both a rank row at a time (engine/kernels/lora_delta.cc).
+        layers[layer][fused] = (a.to(device, dtype).contiguous(),
                                 b.t().to(device, dtype).contiguous())
     max_rank = max((found[p][0].shape[0] for found in parts.values() for p in found),
                    default=0)

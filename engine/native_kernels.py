@@ -36,7 +36,7 @@ KERNELS = Path(__file__).resolve().parent / "kernels"
 # The kernels themselves (no PyTorch), then their PyTorch side (operators, the stack).
 KERNEL_SOURCES = tuple(KERNELS / name for name in (
     "quantized_linear.cc", "decode_attention.cc", "prefill_attention.cc", "layer_steps.cc",
-    "targets.cc"))
+    "lora_delta.cc", "targets.cc"))
 SOURCES = KERNEL_SOURCES + (KERNELS / "torch_ops.cc", KERNELS / "decode_stack.cc")
 HEADERS = (KERNELS / "kernels.h", KERNELS / "simd-inl.h")
 # The standalone check of the kernels against a scalar reference (tests, ARM64 under qemu).

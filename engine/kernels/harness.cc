@@ -233,6 +233,56 @@ void check_layer_steps() {
   report("silu_mul " + name, max_error(want, floats(out)), step * largest(want));
 }
 
+// ---- LoRA deltas: rows under two adapters of different ranks and none, in double. The
+// second adapter's B is block-diagonal, as a fused layer's is: its first half of rank
+// writes columns [0, 40), its second half [40, n).
+
+template <typename T>
+void check_lora_delta() {
+  const int64_t rows = 5, k = 100, n = 283;  // neither a multiple of any vector's lanes
+  const int64_t ranks[2] = {3, 8}, split = 40;
+  std::vector<std::vector<T>> a, b;
+  std::vector<std::vector<int64_t>> spans;
+  for (int g = 0; g < 2; ++g) {
+    a.push_back(as<T>(randoms(ranks[g] * k, 0.2f)));
+    std::vector<float> bf = randoms(ranks[g] * n, 0.2f);
+    std::vector<int64_t> span;
+    for (int64_t c = 0; c < ranks[g]; ++c) {
+      const int64_t begin = g == 0 ? 0 : (c < ranks[g] / 2 ? 0 : split);
+      const int64_t end = g == 0 ? n : (c < ranks[g] / 2 ? split : n);
+      for (int64_t j = 0; j < n; ++j)
+        if (j < begin || j >= end) bf[c * n + j] = 0.f;
+      span.insert(span.end(), {begin, end});
+    }
+    b.push_back(as<T>(bf));
+    spans.push_back(span);
+  }
+  const std::vector<int64_t> rows_of[2] = {{0, 3}, {2, 4}};  // row 1 runs the base model alone
+  std::vector<LoraGroup<T>> groups;
+  for (int g = 0; g < 2; ++g)
+    groups.push_back({a[g].data(), b[g].data(), spans[g].data(), ranks[g], rows_of[g].data(),
+                      static_cast<int64_t>(rows_of[g].size())});
+  const std::vector<T> x = as<T>(randoms(rows * k)), before = as<T>(randoms(rows * n));
+  std::vector<double> want(rows * n);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) want[r * n + j] = value(before[r * n + j]);
+  for (int g = 0; g < 2; ++g)
+    for (int64_t r : rows_of[g])
+      for (int64_t c = 0; c < ranks[g]; ++c) {
+        double h = 0;
+        for (int64_t i = 0; i < k; ++i) h += double(value(x[r * k + i])) * value(a[g][c * k + i]);
+        for (int64_t j = 0; j < n; ++j) want[r * n + j] += h * value(b[g][c * n + j]);
+      }
+  std::vector<T> y = before;
+  lora_delta(x.data(), rows, k, groups.data(), 2, n, y.data(), serial);
+  const double step = std::is_same_v<T, float> ? 1e-5 : 2e-2;
+  report(std::string("lora_delta ") + type_name<T>(), max_error(want, floats(y)),
+         step * largest(want));
+  const bool base_kept = std::memcmp(y.data() + n, before.data() + n, n * sizeof(T)) == 0;
+  report(std::string("lora_delta ") + type_name<T>() + " leaves a base row as it was (bits)",
+         base_kept ? 0 : 1, 0);
+}
+
 template <typename T>
 void check_type() {
   for (int64_t rows : {1, 2, 3, 4, 5, 8, 13, 16}) {
@@ -241,6 +291,7 @@ void check_type() {
   }
   for (int64_t dim : {16, 64, 128}) check_attention<T>(dim);
   check_layer_steps<T>();
+  check_lora_delta<T>();
 }
 
 }  // namespace

@@ -146,4 +146,23 @@ void silu_mul(Rows<const float> gate_up, int64_t rows, int64_t size, float* out,
 void silu_mul(Rows<const bf16> gate_up, int64_t rows, int64_t size, bf16* out,
               const Parallel& parallel);
 
+// ---- LoRA deltas (lora_delta.cc): y [rows, n] += (x [rows, k] A^T) B for the rows of
+// each adapter of the step, under that adapter: a [rank, k] and b [rank, n] row-major
+// (the scale folded into b), b's row c zero outside columns [spans[2c], spans[2c + 1]).
+// The low-rank activations and the delta are rounded to T as the eager x @ A^T @ B then
+// y + delta round them. Rows of no group are left as they are.
+template <typename T>
+struct LoraGroup {
+  const T* a;
+  const T* b;
+  const int64_t* spans;
+  int64_t rank;
+  const int64_t* rows;
+  int64_t num_rows;
+};
+void lora_delta(const float* x, int64_t rows, int64_t k, const LoraGroup<float>* groups,
+                int64_t num_groups, int64_t n, float* y, const Parallel& parallel);
+void lora_delta(const bf16* x, int64_t rows, int64_t k, const LoraGroup<bf16>* groups,
+                int64_t num_groups, int64_t n, bf16* y, const Parallel& parallel);
+
 }  // namespace pdserve

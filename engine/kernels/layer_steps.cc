@@ -24,15 +24,6 @@ HWY_BEFORE_NAMESPACE();
 namespace pdserve {
 namespace HWY_NAMESPACE {
 
-// f(i, vector of x[i..]) over [0, size) a vector at a time, then g(i) for the tail.
-template <class Vector, class Scalar>
-HWY_INLINE void ForEach(int64_t size, Vector vector, Scalar scalar) {
-  const int64_t lanes = hn::Lanes(DF());
-  int64_t i = 0;
-  for (; i + lanes <= size; i += lanes) vector(i);
-  for (; i < size; ++i) scalar(i);
-}
-
 // weight * T(x * rsqrt(mean(x^2) + eps)), the statistics in float32 (as the eager
 // RMSNorm: torch.rms_norm on x.float(), rounded to T, then times the weight in T).
 template <typename T>

@@ -98,6 +98,17 @@ HWY_INLINE hn::Vec<D> RoundedVec(D d, hn::Vec<D> v) {
   }
 }
 
+// ---- loops
+
+// vector(i) over [0, size) a DF vector at a time, then scalar(i) for the tail.
+template <class Vector, class Scalar>
+HWY_INLINE void ForEach(int64_t size, Vector vector, Scalar scalar) {
+  const int64_t lanes = hn::Lanes(DF());
+  int64_t i = 0;
+  for (; i + lanes <= size; i += lanes) vector(i);
+  for (; i < size; ++i) scalar(i);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace pdserve
 HWY_AFTER_NAMESPACE();

@@ -76,9 +76,10 @@ def test_bad_inputs_are_refused_with_a_message():
     hidden = torch.zeros(2, cfg.hidden_size)
     cos = sin = torch.zeros(2, 1, cfg.head_dim)
     slots, table, mask = torch.tensor([0, 1]), torch.tensor([[0], [1]]), torch.zeros(2, 1, 1, 1)
+    none = torch.empty(0, dtype=torch.long)  # no LoRA rows (tests/unit/test_lora_stack.py)
     with pytest.raises(RuntimeError, match="lies outside the cache"):
-        stack.forward(hidden, cos, sin, kv, slots + kv.shape[2], table, mask)
+        stack.forward(hidden, cos, sin, kv, slots + kv.shape[2], table, mask, none)
     with pytest.raises(RuntimeError, match="1 to 16 rows, got 17"):
-        stack.forward(torch.zeros(17, cfg.hidden_size), cos, sin, kv, slots, table, mask)
+        stack.forward(torch.zeros(17, cfg.hidden_size), cos, sin, kv, slots, table, mask, none)
     with pytest.raises(RuntimeError, match="kv must be the contiguous KV cache"):
-        stack.forward(hidden, cos, sin, kv[:, :1], slots, table, mask)
+        stack.forward(hidden, cos, sin, kv[:, :1], slots, table, mask, none)

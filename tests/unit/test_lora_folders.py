@@ -67,8 +67,8 @@ def refused(folder, match: str) -> None:
 def test_a_good_folder_loads_into_fused_layers(good):
     weights = load_adapter(good, TINY, F32, CPU)
     assert weights.max_rank == 4 and len(weights.layers) == TINY.num_layers
-    a_t, b_t = weights.layers[0]["qkv_proj"]
-    assert a_t.shape == (64, 4) and b_t.shape == (4, 64 + 2 * 32)
+    a, b_t = weights.layers[0]["qkv_proj"]
+    assert a.shape == (4, 64) and b_t.shape == (4, 64 + 2 * 32)
     assert b_t[:, 64:].abs().sum() == 0 and b_t[:, :64].abs().sum() > 0  # q's slice only
     assert set(weights.layers[0]) == {"qkv_proj", "down_proj"} and weights.layers[1] == {}
 
