@@ -15,7 +15,7 @@ import pytest
 
 from pdserve.launch import ChildProcess, pdserve_argv
 from tests.support.stack import ROOT, free_port, scrape
-from tests.support.workers import Worker
+from tests.support.workers import Worker, start_workers
 
 MODEL = "SmolLM2-135M-Instruct"
 BOUND = 120.0
@@ -74,9 +74,10 @@ class Throttle:
 
 @pytest.fixture(scope="module")
 def rig():
-    prefill = Worker("prefill", "--dtype", "float32", "--kv-cache-tokens", "8192")
-    decode = Worker("decode", "--dtype", "float32", "--kv-cache-tokens", "8192",
-                    "--lease-timeout", "4", "--no-prefix-caching")
+    prefill, decode = start_workers(
+        ("prefill", "--dtype", "float32", "--kv-cache-tokens", "8192"),
+        ("decode", "--dtype", "float32", "--kv-cache-tokens", "8192", "--lease-timeout", "4",
+         "--no-prefix-caching"))
     proxy = Throttle(decode.address)
     port = free_port()
     gateway = ChildProcess("gateway", pdserve_argv(

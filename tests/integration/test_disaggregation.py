@@ -12,7 +12,7 @@ from engine import native_kernels
 from engine.cpu_features import auto_dtype
 from engine.sampling_params import SamplingParams
 from tests.integration.conftest import GREEDY, MAX_NEW
-from tests.support.workers import Worker, colocated, disaggregated
+from tests.support.workers import Worker, colocated, disaggregated, start_workers
 
 ENGINE_ARGS = ("--model", "default", "--dtype", "float32", "--quantization", "none",
                "--kv-cache-tokens", "16384")
@@ -26,8 +26,7 @@ AUTO_ARGS = ("--model", "default", "--dtype", "auto", "--quantization", "auto",
 
 @pytest.fixture(scope="module")
 def workers():
-    prefill = Worker("prefill", *ENGINE_ARGS)
-    decode = Worker("decode", *ENGINE_ARGS)
+    prefill, decode = start_workers(("prefill", *ENGINE_ARGS), ("decode", *ENGINE_ARGS))
     yield prefill, decode
     prefill.stop()
     decode.stop()
@@ -97,7 +96,7 @@ def test_prefill_reports_kv_size_and_timings(workers, prompts):
 
 
 def test_the_automatic_choice_gives_the_tokens_of_colocated_on_both_workers(prompts):
-    prefill, decode = Worker("prefill", *AUTO_ARGS), Worker("decode", *AUTO_ARGS)
+    prefill, decode = start_workers(("prefill", *AUTO_ARGS), ("decode", *AUTO_ARGS))
     try:
         batch = prompts[:3] + prompts[-2:]  # chat prompts and the two longest
         remote = [disaggregated(prefill, decode, f"q-{i}", p, GREEDY)

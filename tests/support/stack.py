@@ -34,9 +34,9 @@ def kv_transfer_bytes(url: str) -> float:
 
 class Stack:
     def __init__(self, *args: str, api_key: str | None = None, timeout: float = 240,
-                 security: SecurityConfig = NO_SECURITY):
+                 security: SecurityConfig = NO_SECURITY, wait: bool = True):
         """`security`: the gRPC token and TLS of every process, and of the test's own
-        channels to the workers."""
+        channels to the workers. With `wait`, returns once it is up (else call `up()`)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -50,9 +50,14 @@ class Stack:
                                "up", "--port", str(self.port), *args), cwd=ROOT, env=env)
         self.proc = self.child.proc
         self.workers: dict[str, str] = {}
-        deadline = time.monotonic() + timeout
+        self._deadline = time.monotonic() + timeout
+        if wait:
+            self.up()
+
+    def up(self) -> "Stack":
+        """Once `pdserve up` says it is up: the workers' addresses."""
         while not any("pdserve is up" in line for line in self.child.lines):
-            if not self.child.alive or time.monotonic() > deadline:
+            if not self.child.alive or time.monotonic() > self._deadline:
                 self.stop()
                 raise RuntimeError("pdserve up did not come up:\n" + self.child.output()[-4000:])
             time.sleep(0.2)
@@ -60,6 +65,7 @@ class Stack:
             address = listening_address(line)
             if address is not None and "worker listening on" in line:
                 self.workers[line.split("]", 1)[0].lstrip("[")] = address
+        return self
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -106,10 +112,12 @@ def colocated_and_1p1d(*args: str):
     """{"colocated": a stack of one decode worker, "1P1D": one prefill and one decode
     worker with every prompt prefilled remotely}, both with `args`; stopped at exit."""
     started = {}
-    try:
-        started["colocated"] = Stack("--prefill", "0", "--decode", "1", *args)
+    try:  # side by side: a start is mostly one process loading the model
+        started["colocated"] = Stack("--prefill", "0", "--decode", "1", *args, wait=False)
         started["1P1D"] = Stack("--prefill", "1", "--decode", "1",
-                                "--local-prefill-max-tokens", "0", *args)
+                                "--local-prefill-max-tokens", "0", *args, wait=False)
+        for stack in started.values():
+            stack.up()
         yield started
     finally:
         for stack in started.values():

@@ -42,18 +42,27 @@ def security_env(security: SecurityConfig, environ=os.environ) -> dict[str, str]
 
 
 class Worker:
-    def __init__(self, role: str, *args: str, security: SecurityConfig = NO_SECURITY):
+    def __init__(self, role: str, *args: str, security: SecurityConfig = NO_SECURITY,
+                 wait: bool = True):
+        """Started, and with `wait` listening (else call `ready()`)."""
         self.role = role
+        self.security = security
         self.child = ChildProcess(
             role, pdserve_argv("--log-level", os.environ.get("PDSERVE_TEST_LOG_LEVEL", "INFO"),
                                role, "--port", "0", "--num-threads", "1", *args),
             cwd=ROOT, env=security_env(security))
         self.proc = self.child.proc
+        if wait:
+            self.ready()
+
+    def ready(self) -> "Worker":
+        """Once it listens: its address and a channel to it."""
         self.address = self.child.wait_listening(START_TIMEOUT)
-        self.channel = security.channel(self.address)
-        stub = decode_pb2_grpc.DecodeServiceStub if role == "decode" else \
+        self.channel = self.security.channel(self.address)
+        stub = decode_pb2_grpc.DecodeServiceStub if self.role == "decode" else \
             prefill_pb2_grpc.PrefillServiceStub
         self.stub = stub(self.channel)
+        return self
 
     def health(self):
         return self.stub.Health(common_pb2.HealthRequest(), timeout=10)
@@ -73,8 +82,22 @@ class Worker:
         self.child.kill()
 
     def stop(self) -> None:
-        self.channel.close()
+        if hasattr(self, "channel"):
+            self.channel.close()
         self.child.stop(timeout=15)
+
+
+def start_workers(*specs: tuple[str, ...]) -> list[Worker]:
+    """Workers of (role, *args) started side by side, each on one thread, then waited
+    for: a start is mostly one thread loading and quantizing the model, so two on two
+    cores take about as long as one. If one fails to start, all are stopped."""
+    workers = [Worker(*spec, wait=False) for spec in specs]
+    try:
+        return [worker.ready() for worker in workers]
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
 
 
 @dataclass
