@@ -38,6 +38,11 @@ class Linear(nn.Linear):
         # (TorchScript cannot hold a oneDNN tensor as a constant).
         self.register_buffer("packed", None, persistent=False)
 
+    def reset_parameters(self) -> None:
+        """Nothing: every weight is then loaded or set by LlamaModel.init_random
+        (load_weights refuses a checkpoint that misses one), and nn.Linear's own random
+        init of the default model cost a worker 0.7 s at every start."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed, self.quantized)
 
