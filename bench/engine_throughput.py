@@ -26,7 +26,7 @@ with the dtype and quantization `auto` picks: decode tok/s of `--streams` greedy
 on rag-quote prompts (a corpus passage of `--prompt-tokens` tokens to repeat word for
 word, in the model's chat template: the answer copies its prompt) and on chat prompts
 (the corpus windows above), each setting's ratio to the first, and the share of drafted
-tokens accepted.
+tokens accepted. Several `--num-speculative-tokens` give one ngram engine each (ngram/K).
 """
 
 import argparse
@@ -102,12 +102,14 @@ def quote_prompts(tokenizer, streams: int, length: int) -> list[list[int]]:
 
 def compare_speculative(args, tokenizer_of) -> None:
     """Decode tok/s of each --speculative setting on rag-quote and chat prompts."""
-    engines = {method: LLMEngine(EngineConfig(
-        model="default", device="cpu", speculative=method,
-        num_speculative_tokens=args.num_speculative_tokens,
+    settings = [(method, k) for method in args.speculative
+                for k in (args.num_speculative_tokens if method != "none" else [1])]
+    engines = {(method if len(args.num_speculative_tokens) == 1 or method == "none"
+                else f"{method}/{k}"): LLMEngine(EngineConfig(
+        model="default", device="cpu", speculative=method, num_speculative_tokens=k,
         kv_cache_tokens=max(args.streams) * (max(args.prompt_tokens) + args.new_tokens + 64),
         max_num_seqs=max(args.streams), max_num_batched_tokens=2048, prefix_caching=False))
-        for method in args.speculative}
+        for method, k in settings}
     for engine in engines.values():
         engine.record_decode_graphs()
     first = next(iter(engines.values()))
@@ -137,7 +139,7 @@ def compare_speculative(args, tokenizer_of) -> None:
                         after = _spec_counts(engine)
                         drafted[method] = tuple(a - b + c for a, b, c in
                                                 zip(after, before, drafted[method], strict=True))
-                base = best[args.speculative[0]]
+                base = best[next(iter(engines))]
                 for method in engines:
                     tried, kept = drafted[method]
                     share = f"{kept / tried:8.2f}" if tried else f"{'-':>8}"
@@ -210,8 +212,9 @@ def parse_args() -> argparse.Namespace:
                         help="also int8/int4 with --no-native-kernels (PyTorch's kernels)")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--transformers", action="store_true")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4,
-                        help="with --speculative: most tokens drafted per sequence and step")
+    parser.add_argument("--num-speculative-tokens", type=int, nargs="+", default=[4],
+                        help="with --speculative: most tokens drafted per sequence and step; "
+                             "several values: one engine each (ngram/K)")
     parser.add_argument("--speculative", nargs="+", default=None, choices=["none", "ngram"],
                         help="compare these speculative decoding settings instead "
                              "(rag-quote and chat prompts; dtype and quantization auto)")

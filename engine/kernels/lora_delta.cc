@@ -72,13 +72,16 @@ HWY_INLINE void Dot4(const T* x, const T* a, int64_t k, float* out) {
     s3 = hn::MulAdd(x0, LoadF32(df, a + 3 * k + i), s3);
     t3 = hn::MulAdd(x1, LoadF32(df, a + 3 * k + i + lanes), t3);
   }
-  const decltype(s0) sums[4] = {hn::Add(s0, t0), hn::Add(s1, t1), hn::Add(s2, t2),
-                                hn::Add(s3, t3)};
-  for (int c = 0; c < 4; ++c) {
+  // No arrays of vectors: SVE's have no size.
+  const auto finish = [&](int c, hn::Vec<DF> sum) HWY_ATTR {
     float tail = 0.f;
     for (int64_t j = i; j < k; ++j) tail += ToF32(x[j]) * ToF32(a[c * k + j]);
-    out[c] = hn::GetLane(hn::SumOfLanes(df, sums[c])) + tail;
-  }
+    out[c] = hn::GetLane(hn::SumOfLanes(df, sum)) + tail;
+  };
+  finish(0, hn::Add(s0, t0));
+  finish(1, hn::Add(s1, t1));
+  finish(2, hn::Add(s2, t2));
+  finish(3, hn::Add(s3, t3));
 }
 
 // y += the delta of one adapter's rows on columns [j0, j1), four rows at a time: each
@@ -117,12 +120,16 @@ void GroupPiece(const LoraGroup<T>& g, const float* h, int64_t stride, int64_t n
         hv = hn::Set(df, hr[3][c]);
         a3 = hn::MulAdd(hv, left, a3), b3 = hn::MulAdd(hv, right, b3);
       }
-      const decltype(a0) lefts[4] = {a0, a1, a2, a3}, rights[4] = {b0, b1, b2, b3};
-      for (int64_t i = 0; i < block; ++i) {
-        StoreF32(df, hn::Add(LoadF32(df, yr[i] + j), RoundedVec<T>(df, lefts[i])), yr[i] + j);
-        StoreF32(df, hn::Add(LoadF32(df, yr[i] + j + lanes), RoundedVec<T>(df, rights[i])),
+      const auto add = [&](int64_t i, hn::Vec<DF> left, hn::Vec<DF> right) HWY_ATTR {
+        if (i >= block) return;
+        StoreF32(df, hn::Add(LoadF32(df, yr[i] + j), RoundedVec<T>(df, left)), yr[i] + j);
+        StoreF32(df, hn::Add(LoadF32(df, yr[i] + j + lanes), RoundedVec<T>(df, right)),
                  yr[i] + j + lanes);
-      }
+      };
+      add(0, a0, b0);  // no arrays of vectors: SVE's have no size
+      add(1, a1, b1);
+      add(2, a2, b2);
+      add(3, a3, b3);
     }
     for (; j < j1; ++j)
       for (int64_t i = 0; i < block; ++i) {

@@ -4,9 +4,12 @@ through the admin endpoint (`--lora` at start: tests/unit/test_lora_folders.py):
 the OpenAI client picks an adapter by `model` and gets transformers + PEFT's greedy
 output on both paths; /v1/models lists adapters under their base; an adapter loaded at
 run time through the admin endpoint serves, then is gone once unloaded (404); a corrupt
-folder is a 400 naming the file; every KV block is free afterwards."""
+folder is a 400 naming the file; a decode worker restarted after the load (kill -9) is
+asked to load the adapter when a request names it; every KV block is free afterwards."""
 
+import os
 import shutil
+import signal
 
 import httpx
 import openai
@@ -15,7 +18,7 @@ import torch
 
 from tests.integration.conftest import LOCAL_PREFILL_MAX
 from tests.support.peft_adapters import greedy_with_adapter, make_adapter
-from tests.support.stack import Stack, kv_transfer_bytes
+from tests.support.stack import Stack, kv_transfer_bytes, metric, pid_listening_on, wait_for
 
 MAX_NEW = 12
 SHORT = "The capital of France is"  # colocated
@@ -23,16 +26,11 @@ CHAT = "Name three rivers of Europe and say where each one ends."  # templated: 
 
 
 @pytest.fixture(scope="module")
-def hf(hf_model):
-    return hf_model
-
-
-@pytest.fixture(scope="module")
-def folders(hf, tmp_path_factory):
+def folders(hf_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"sql": make_adapter(hf, root / "sql", seed=1),
+    return {"sql": make_adapter(hf_model, root / "sql", seed=1),
             # Another rank, alpha and target set, loaded at run time.
-            "poet": make_adapter(hf, root / "poet", seed=2, rank=4, alpha=32,
+            "poet": make_adapter(hf_model, root / "poet", seed=2, rank=4, alpha=32,
                                  targets=("q_proj", "v_proj", "down_proj"))}
 
 
@@ -47,13 +45,14 @@ def prompts(tokenizer) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def expected(hf, folders, prompts, tokenizer) -> dict[str | None, dict[str, str]]:
+def expected(hf_model, folders, prompts, tokenizer) -> dict[str | None, dict[str, str]]:
     """adapter (None: the base model) -> prompt name -> transformers' greedy text."""
     names = list(prompts)
     texts = {}
     for adapter in (None, *folders):
-        outputs = (greedy_with_adapter(hf, folders[adapter], list(prompts.values()), MAX_NEW)
-                   if adapter else [_greedy(hf, p) for p in prompts.values()])
+        outputs = (greedy_with_adapter(hf_model, folders[adapter], list(prompts.values()),
+                                       MAX_NEW)
+                   if adapter else [_greedy(hf_model, p) for p in prompts.values()])
         texts[adapter] = {name: tokenizer.decode(out, skip_special_tokens=True)
                           for name, out in zip(names, outputs, strict=True)}
     return texts
@@ -153,6 +152,22 @@ def test_an_adapter_loaded_at_run_time_serves_until_unloaded(stack, client, fold
                                                    "lora_path": str(corrupt)})
     assert r.status_code == 400 and "adapter_model.safetensors" in r.json()["error"]["message"]
     assert "bad" not in {m.id for m in client.models.list().data}
+    assert_every_block_free(stack)
+
+
+def test_a_restarted_worker_is_asked_to_load_the_adapter_a_request_names(stack, client,
+                                                                          expected):
+    # "sql" came through the admin endpoint: a worker restarted since has lost it.
+    address = stack.workers["decode-1"]
+    restarts = metric(stack.url, "pdserve_worker_restarts_total", worker=address)
+    os.kill(pid_listening_on(address), signal.SIGKILL)
+    wait_for(lambda: metric(stack.url, "pdserve_worker_restarts_total", worker=address)
+             > restarts, 120, "the restart")
+    wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=address) == 1, 60, "rejoin")
+    assert "sql" not in {a.name for a in stack.health("decode-1").loras}
+    # The request waits for the load on the one decode worker, then gets its text.
+    assert answer(client, "sql", SHORT, chat=False) == expected["sql"]["short"]
+    assert "sql" in {a.name for a in stack.health("decode-1").loras}
     assert_every_block_free(stack)
 
 

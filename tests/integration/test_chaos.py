@@ -4,7 +4,9 @@ of the decode worker serving greedy streams, a decode worker that stops answerin
 clients leaving mid-stream. After each: every request finished (migrated where its
 worker failed) with the text of an undisturbed run, none past a time bound, every
 surviving worker's blocks free, the gateway's counts consistent, and a killed worker
-back in the pool, restarted by `pdserve up`."""
+back in the pool, restarted by `pdserve up`. The decode workers speculate (n-gram), so a
+migrated stream resumes speculating: its text is still the undisturbed one (and
+speculation never changes greedy text: tests/integration/test_golden.py)."""
 
 import os
 import signal
@@ -21,7 +23,9 @@ MODEL = "SmolLM2-135M-Instruct"
 BOUND = 90.0  # seconds any one request may take, faults included
 PROMPTS = [f"Write a long story about a {thing}." for thing in (
     "lighthouse keeper", "lost cat", "robot chef", "mountain village", "river pilot",
-    "clockmaker", "night train", "desert garden")]
+    "clockmaker", "night train", "desert garden")] + [
+    # Text to copy: drafts from the prompt are accepted.
+    "Repeat this list ten times: red apple, green pear, blue plum, yellow lemon."]
 LONG = "Summarize the following notes. " + "The committee met and discussed budgets. " * 20
 
 
@@ -29,7 +33,7 @@ LONG = "Summarize the following notes. " + "The committee met and discussed budg
 def stack():
     stack = Stack("--prefill", "1", "--decode", "2", "--dtype", "float32",
                   "--kv-cache-tokens", "8192", "--local-prefill-max-tokens", "16",
-                  "--max-inflight", "32")
+                  "--max-inflight", "32", "--speculative", "ngram", "--worker-metrics")
     yield stack
     stack.stop()
 
@@ -71,6 +75,11 @@ def run_streams(stack, fault=None) -> list[str]:
     return texts
 
 
+def accepted_drafts(stack, name: str) -> float:
+    return sum(value for key, value in stack.worker_metrics(name).items()
+               if key.startswith("pdserve_spec_accepted_tokens_total"))
+
+
 def busiest_decode(stack) -> str:
     names = [n for n in stack.workers if n.startswith("decode")]
     return max(names, key=lambda n: stack.health(n).running)
@@ -98,8 +107,13 @@ def test_kill_9_of_a_decode_worker_migrates_its_streams_and_it_comes_back(stack,
         os.kill(pid_listening_on(stack.workers[name]), signal.SIGKILL)
 
     migrations = metric(stack.url, "pdserve_migrations_total")
+    accepted = {name: accepted_drafts(stack, name) for name in stack.workers
+                if name.startswith("decode")}
     assert run_streams(stack, kill) == reference
     assert killed["running"] >= 1
+    # The surviving decode worker, which took the migrated streams, accepted drafts.
+    survivor = next(name for name in accepted if name != killed["name"])
+    assert accepted_drafts(stack, survivor) > accepted[survivor]
     assert metric(stack.url, "pdserve_migrations_total") - migrations >= killed["running"]
     # Out of the pool: shown down with no load (never the batch it died with)...
     address = killed["address"]

@@ -1,7 +1,9 @@
 """The compose stack's own services as local processes: gateway, 2 prefill and 2 decode
 replicas started from deploy/docker-compose.yml (see tests/support/compose_local.py), a real
-Prometheus server scraping them with the shipped config, and the Grafana dashboard's
-metric names checked against what /metrics exposes."""
+Prometheus server scraping them with the shipped config, the Grafana dashboard's
+metric names checked against what /metrics exposes, and with the operator's
+PDSERVE_OTLP_ENDPOINT pointing at a test OTLP/gRPC collector in Jaeger's place, one
+trace per request across the three services."""
 
 import concurrent.futures
 import json
@@ -17,6 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.compose_local import DEPLOY, LocalCompose, prometheus_binary
+from tests.support.otlp_collector import OtlpCollector, check_tree
 
 WORDS = ("river stone lantern harbor meadow copper violin orchard glacier compass "
          "thunder saffron quarry beacon").split()
@@ -49,10 +52,24 @@ def names(samples: dict[str, float]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def stack():
-    local = LocalCompose({"prefill": 2, "decode": 2, "gateway": 1})
+def collector():
+    with OtlpCollector() as collector:
+        yield collector
+
+
+@pytest.fixture(scope="module")
+def stack(collector):
+    # `localhost`, not 127.0.0.1, which stands for each replica's own address here.
+    endpoint = f"http://localhost:{collector.grpc_port}"
+    local = LocalCompose({"prefill": 2, "decode": 2, "gateway": 1},
+                         {"PDSERVE_OTLP_ENDPOINT": endpoint})
     try:
-        local.up()
+        for service in ("gateway", "prefill", "decode"):
+            assert all(r.env["PDSERVE_OTLP_ENDPOINT"] == endpoint
+                       for r in local.replicas[service])
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s
+            local.up()
         url = local.gateway_url()
         # The gateway polls every worker: wait until it counts all four as up.
         deadline = time.monotonic() + 60
@@ -170,3 +187,28 @@ def test_removing_a_decode_replica_keeps_requests_succeeding(stack, traffic):
     after = scrape(stack.metrics_urls("decode")[1])
     key = "pdserve_worker_generated_tokens_total{role=decode}"
     assert after[key] - before[key] == 6 * 5
+
+
+def test_each_request_is_one_trace_across_the_three_services(stack, collector):
+    # Over the gateway's colocated-prefill threshold: prefilled on a prefill worker,
+    # decoded on a decode worker.
+    prompt = "Tracing through the compose stack: " + " ".join(["river stone"] * 30)
+    r = httpx.post(f"{stack.gateway_url()}/v1/completions", timeout=120,
+                   headers={"X-Request-Id": "deploy-trace"}, json={
+                       "model": "default", "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+    def mine(spans):
+        roots = [s for s in spans if s.attributes.get("pdserve.request_id")
+                 == "deploy-trace" and s.parent_span_id is None]
+        if len(roots) != 1:
+            return []
+        trace = [s for s in spans if s.trace_id == roots[0].trace_id]
+        return trace if {s.service for s in trace} == {
+            "pdserve-gateway", "pdserve-prefill", "pdserve-decode"} else []
+    trace = mine(collector.wait_for(mine, timeout=30))
+    root = check_tree(trace)
+    assert (root.service, root.name) == ("pdserve-gateway", "POST /v1/completions")
+    names = {(s.service, s.name) for s in trace}
+    assert {("pdserve-prefill", "prefill"), ("pdserve-prefill", "kv push"),
+            ("pdserve-decode", "decode"), ("pdserve-decode", "kv import")} <= names

@@ -23,7 +23,6 @@ from pdserve.env_flags import apply_env_defaults
 from pdserve_config.tracing import TracingConfig
 from server.response_store import StoredResponse, open_store
 from tests.support.compose_local import LocalCompose, interpolate
-from tests.support.otlp_collector import OtlpCollector, check_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -686,43 +685,3 @@ def test_kubernetes_tracing_component_points_every_process_at_its_jaeger(base, t
             "containers"]
         store = [e["value"] for e in gateway["env"] if e["name"] == "PDSERVE_RESPONSE_STORE"]
         assert store == ["redis://pdserve-redis:6379/0"]
-
-
-def test_compose_services_export_one_trace_per_request_when_the_endpoint_is_set(monkeypatch):
-    """The compose file's gateway, prefill and decode as local processes, with the
-    operator's PDSERVE_OTLP_ENDPOINT pointing at a test OTLP/gRPC collector in Jaeger's
-    place: one request, one trace across the three services."""
-    with OtlpCollector() as collector:
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s
-        # `localhost`, not 127.0.0.1, which stands for each replica's own address here.
-        endpoint = f"http://localhost:{collector.grpc_port}"
-        local = LocalCompose({"prefill": 1, "decode": 1, "gateway": 1},
-                             {"PDSERVE_OTLP_ENDPOINT": endpoint})
-        try:
-            for role in ROLES:
-                assert local.replicas[role][0].env["PDSERVE_OTLP_ENDPOINT"] == endpoint
-            local.up()
-            # Over the gateway's colocated-prefill threshold: prefilled on the prefill
-            # worker, decoded on the decode worker.
-            prompt = "Tracing through the compose stack: " + " ".join(["river stone"] * 30)
-            r = httpx.post(f"{local.gateway_url()}/v1/completions", timeout=120,
-                           headers={"X-Request-Id": "deploy-trace"}, json={
-                               "model": "default", "prompt": prompt, "max_tokens": 2})
-            assert r.status_code == 200, r.text
-
-            def mine(spans):
-                roots = [s for s in spans if s.attributes.get("pdserve.request_id")
-                         == "deploy-trace" and s.parent_span_id is None]
-                if len(roots) != 1:
-                    return []
-                trace = [s for s in spans if s.trace_id == roots[0].trace_id]
-                return trace if {s.service for s in trace} == {
-                    "pdserve-gateway", "pdserve-prefill", "pdserve-decode"} else []
-            trace = mine(collector.wait_for(mine, timeout=30))
-            root = check_tree(trace)
-            assert (root.service, root.name) == ("pdserve-gateway", "POST /v1/completions")
-            names = {(s.service, s.name) for s in trace}
-            assert {("pdserve-prefill", "prefill"), ("pdserve-prefill", "kv push"),
-                    ("pdserve-decode", "decode"), ("pdserve-decode", "kv import")} <= names
-        finally:
-            local.down()

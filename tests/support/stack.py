@@ -67,6 +67,14 @@ class Stack:
                 self.workers[line.split("]", 1)[0].lstrip("[")] = address
         return self
 
+    def worker_metrics(self, name: str) -> dict[str, float]:
+        """Worker `name`'s /metrics as scrape() gives them (a stack started with
+        --worker-metrics; a restarted worker prints its new port, the last one counts)."""
+        urls = [line.rsplit(" on ", 1)[1].strip() for line in self.child.lines
+                if line.startswith(f"[{name}]") and "worker metrics on http" in line]
+        assert urls, f"{name} printed no metrics address (is --worker-metrics on?)"
+        return scrape(urls[-1].removesuffix("/metrics"))
+
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
