@@ -42,9 +42,8 @@ test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	# The committed gRPC stubs must match proto/: regenerate with `python proto/generate.py`.
 	$(BIN)/python proto/generate.py --check
-	# The slowest tests, so the suite's time (CI: about 15 minutes) is kept in view. The
-	# integration tests run in turn in one process, the unit tests beside them.
-	$(BIN)/python -m pytest -q --durations=30 -n 2 --dist loadgroup tests
+	# The slowest tests, so the suite's time (CI: about 15 minutes) is kept in view.
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -56,6 +56,9 @@ class Worker:
     pending_prompt_tokens: int = 0
     pending_blocks: int = 0
     pending_requests: int = 0
+    # Decode requests placed here whose first answer has not come yet (WorkerPool.placing):
+    # not in any report, nor counted in flight yet.
+    placing: int = 0
     epoch: int = 0
     seen_at: float = field(default_factory=time.monotonic)
     # The worker's cached block names (64 bits each) and their version, from Health.
@@ -85,7 +88,7 @@ class Worker:
 
     def sequences(self) -> int:
         reported = self.health.running + self.health.waiting if self.health else 0
-        return reported + self.pending_requests
+        return reported + self.pending_requests + self.placing
 
     def set_lora(self, name: str, digest: str | None) -> None:
         """This gateway loaded (digest) or unloaded (None) an adapter on the worker."""
@@ -292,6 +295,17 @@ class WorkerPool:
             raise NoWorkerError(f"no healthy {self.role} worker{holding} (known: {known})")
         best = best_decode if self.role == "decode" else best_prefill
         return best(candidates, prompt)
+
+    @contextlib.contextmanager
+    def placing(self, worker: Worker):
+        """Count a request placed on `worker` as one of its sequences until it is counted
+        in flight: a burst of requests placed before any first answer comes back would
+        otherwise all see the same pool and all go to the same worker."""
+        worker.placing += 1
+        try:
+            yield worker
+        finally:
+            worker.placing -= 1
 
     @contextlib.contextmanager
     def count_inflight(self, worker: Worker, prompt_tokens: int):

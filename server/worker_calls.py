@@ -105,7 +105,8 @@ class WorkerCalls:
                 metadata=tracing.metadata((("x-request-id", request_id),), span),
                 timeout=self.request_timeout)
             try:
-                first = await call.read()
+                with self.decode.placing(worker):
+                    first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 self._failed(self.decode, worker, exc)
                 last = api_error(exc, f"decode worker {worker.address}")

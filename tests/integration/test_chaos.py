@@ -23,9 +23,10 @@ MODEL = "SmolLM2-135M-Instruct"
 BOUND = 90.0  # seconds any one request may take, faults included
 PROMPTS = [f"Write a long story about a {thing}." for thing in (
     "lighthouse keeper", "lost cat", "robot chef", "mountain village", "river pilot",
-    "clockmaker", "night train", "desert garden")] + [
-    # Text to copy: drafts from the prompt are accepted.
-    "Repeat this list ten times: red apple, green pear, blue plum, yellow lemon."]
+    "clockmaker", "night train", "desert garden")]
+# Text to copy, whose drafts from the prompt are accepted; one stream, so that what the
+# surviving worker drafts after a kill is the migrated stream's.
+COPY = ["Repeat this list ten times: red apple, green pear, blue plum, yellow lemon."]
 LONG = "Summarize the following notes. " + "The committee met and discussed budgets. " * 20
 
 
@@ -59,13 +60,13 @@ def stream(stack, payload: dict, progress: list, index: int) -> str:
     return text
 
 
-def run_streams(stack, fault=None) -> list[str]:
-    """PROMPTS streamed at once; `fault(stack)` runs once every stream has tokens."""
-    progress = [0] * len(PROMPTS)
+def run_streams(stack, fault=None, prompts=PROMPTS) -> list[str]:
+    """`prompts` streamed at once; `fault(stack)` runs once every stream has tokens."""
+    progress = [0] * len(prompts)
     started = time.monotonic()
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+    with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(stream, stack, body(p), progress, i)
-                   for i, p in enumerate(PROMPTS)]
+                   for i, p in enumerate(prompts)]
         if fault is not None:
             while min(progress) < 4 and not any(f.done() for f in futures):
                 time.sleep(0.02)
@@ -73,6 +74,12 @@ def run_streams(stack, fault=None) -> list[str]:
         texts = [f.result(timeout=BOUND) for f in futures]
     assert time.monotonic() - started < BOUND
     return texts
+
+
+def wait_for_restart(stack, address: str, restarts: int) -> None:
+    wait_for(lambda: metric(stack.url, "pdserve_worker_restarts_total", worker=address)
+             >= restarts, 120, "the restart")
+    wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=address) == 1, 60, "rejoin")
 
 
 def accepted_drafts(stack, name: str) -> float:
@@ -107,20 +114,13 @@ def test_kill_9_of_a_decode_worker_migrates_its_streams_and_it_comes_back(stack,
         os.kill(pid_listening_on(stack.workers[name]), signal.SIGKILL)
 
     migrations = metric(stack.url, "pdserve_migrations_total")
-    accepted = {name: accepted_drafts(stack, name) for name in stack.workers
-                if name.startswith("decode")}
     assert run_streams(stack, kill) == reference
     assert killed["running"] >= 1
-    # The surviving decode worker, which took the migrated streams, accepted drafts.
-    survivor = next(name for name in accepted if name != killed["name"])
-    assert accepted_drafts(stack, survivor) > accepted[survivor]
     assert metric(stack.url, "pdserve_migrations_total") - migrations >= killed["running"]
     # Out of the pool: shown down with no load (never the batch it died with)...
     address = killed["address"]
     # ...then restarted by `pdserve up` on its port and back in the rotation.
-    wait_for(lambda: metric(stack.url, "pdserve_worker_restarts_total", worker=address) >= 1,
-             120, "the restart")
-    wait_for(lambda: metric(stack.url, "pdserve_worker_up", worker=address) == 1, 60, "rejoin")
+    wait_for_restart(stack, address, 1)
     assert any("restarted" in line for line in stack.child.lines)
     # Requests after the restart all succeed, and land on both workers again.
     assert run_streams(stack) == reference
@@ -197,4 +197,25 @@ def test_clients_leaving_mid_stream(stack, reference):
         results = list(pool.map(impatient, range(len(PROMPTS))))
     assert results == ["done" if i % 2 == 0 else None for i in range(len(PROMPTS))]
     assert leave.is_set()
+    assert_idle(stack)
+
+
+def test_kill_9_mid_speculation_resumes_speculating_with_the_same_text(stack):
+    reference = run_streams(stack, prompts=COPY)
+    decoders = [name for name in stack.workers if name.startswith("decode")]
+    killed: dict = {}
+
+    def kill(stack):
+        killed["name"] = busiest_decode(stack)
+        killed["address"] = stack.workers[killed["name"]]
+        os.kill(pid_listening_on(killed["address"]), signal.SIGKILL)
+
+    accepted = {name: accepted_drafts(stack, name) for name in decoders}
+    restarts = {name: metric(stack.url, "pdserve_worker_restarts_total",
+                             worker=stack.workers[name]) for name in decoders}
+    assert run_streams(stack, kill, prompts=COPY) == reference
+    # The survivor, idle before, took the stream on and went on drafting for it.
+    survivor = next(name for name in decoders if name != killed["name"])
+    assert accepted_drafts(stack, survivor) > accepted[survivor]
+    wait_for_restart(stack, killed["address"], restarts[killed["name"]] + 1)
     assert_idle(stack)

@@ -28,6 +28,18 @@ def test_decode_pick_most_free_blocks_counting_what_was_just_sent():
     assert a.free_blocks() == 100
 
 
+def test_a_burst_placed_before_any_first_answer_is_spread():
+    # Placed one after another, each waiting for its decode worker's first answer
+    # before it counts in flight: without the placing count all would go to a.
+    p = pool("decode", a=dict(free_kv_blocks=100), b=dict(free_kv_blocks=90))
+    with p.placing(p.pick()) as first:
+        assert first.address == "a" and first.sequences() == 1
+        with p.placing(p.pick()) as second:
+            assert second.address == "b"
+            assert p.pick().address == "a"  # one each: the most free blocks again
+    assert p.workers["a"].sequences() == p.workers["b"].sequences() == 0
+
+
 def test_a_report_replaces_the_pending_estimate():
     p = pool("decode", a=dict(free_kv_blocks=100))
     a = p.workers["a"]
