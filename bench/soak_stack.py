@@ -17,11 +17,10 @@ import urllib.parse
 from pathlib import Path
 
 from bench.soak_sampler import Probe
-from pdserve.launch import ChildProcess, listening_address, pdserve_argv
+from pdserve.launch import ChildProcess, listening_address, metrics_address, pdserve_argv
 
 ROLES = ("gateway", "prefill", "decode")
 _NAMED = re.compile(r"^\[(?P<name>[\w-]+)\] (?P<text>.*)$")
-_METRICS = re.compile(r"worker metrics on (\S+)\s*$")
 
 
 def free_port() -> int:
@@ -100,9 +99,8 @@ class SoakStack:
             return f"{self.url}/metrics"
         url = None
         for who, text in self._named_lines():
-            match = _METRICS.search(text)
-            if who == name and match:
-                url = match.group(1)  # the last one: a restarted worker prints a new one
+            if who == name and metrics_address(text):
+                url = metrics_address(text)  # the last: a restarted worker prints a new one
         return url
 
     def grpc_port(self, name: str) -> int | None:

@@ -15,6 +15,7 @@ import sys
 import threading
 
 _LISTENING = re.compile(r"\blistening on (\S+)\s*$")
+_METRICS = re.compile(r"\bworker metrics on (\S+)\s*$")
 _PR_SET_PDEATHSIG = 1
 # Set for a child started with die_with_parent: the pid of the process that started it.
 DIE_WITH_PARENT_ENV = "PDSERVE_DIE_WITH_PARENT"
@@ -23,6 +24,12 @@ DIE_WITH_PARENT_ENV = "PDSERVE_DIE_WITH_PARENT"
 def listening_address(line: str) -> str | None:
     """The address in a server's 'listening on ADDRESS' line, else None."""
     match = _LISTENING.search(line)
+    return match.group(1) if match else None
+
+
+def metrics_address(line: str) -> str | None:
+    """The URL in a worker's 'worker metrics on URL' line (`--metrics-port`), else None."""
+    match = _METRICS.search(line)
     return match.group(1) if match else None
 
 

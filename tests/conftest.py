@@ -8,4 +8,3 @@ from model_store.default_model import ensure_default_model
 @pytest.fixture(scope="session")
 def model_dir():
     return ensure_default_model()
-

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.launch import ChildProcess, listening_address, pdserve_argv
+from pdserve.launch import ChildProcess, listening_address, metrics_address, pdserve_argv
 from pdserve_config.security import NO_SECURITY, SecurityConfig
 from pdserve_proto.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tests.support.workers import security_env
@@ -70,8 +70,8 @@ class Stack:
     def worker_metrics(self, name: str) -> dict[str, float]:
         """Worker `name`'s /metrics as scrape() gives them (a stack started with
         --worker-metrics; a restarted worker prints its new port, the last one counts)."""
-        urls = [line.rsplit(" on ", 1)[1].strip() for line in self.child.lines
-                if line.startswith(f"[{name}]") and "worker metrics on http" in line]
+        urls = [metrics_address(line) for line in self.child.lines
+                if line.startswith(f"[{name}]") and metrics_address(line)]
         assert urls, f"{name} printed no metrics address (is --worker-metrics on?)"
         return scrape(urls[-1].removesuffix("/metrics"))
 

@@ -1,8 +1,9 @@
-"""The one parser of the line a pdserve server prints once it listens."""
+"""The one parser of the lines a pdserve server prints once it listens (and, for a worker
+with --metrics-port, where its /metrics are)."""
 
 import pytest
 
-from pdserve.launch import listening_address, pdserve_argv
+from pdserve.launch import listening_address, metrics_address, pdserve_argv
 
 
 @pytest.mark.parametrize("line, address", [
@@ -17,6 +18,18 @@ from pdserve.launch import listening_address, pdserve_argv
 ])
 def test_listening_address(line, address):
     assert listening_address(line) == address
+
+
+@pytest.mark.parametrize("line, url", [
+    ("pdserve decode worker metrics on http://127.0.0.1:9100/metrics\n",
+     "http://127.0.0.1:9100/metrics"),
+    ("[prefill-2] pdserve prefill worker metrics on http://[::1]:9101/metrics",
+     "http://[::1]:9101/metrics"),
+    ("pdserve decode worker listening on 127.0.0.1:41234\n", None),
+    ("", None),
+])
+def test_metrics_address(line, url):
+    assert metrics_address(line) == url
 
 
 def test_pdserve_argv_runs_the_package_with_this_python():
